@@ -1,0 +1,92 @@
+"""Conjugate kernel: inner products of a model's penultimate-layer features."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_afterkernel.errors import ModelError
+from lightning_afterkernel.kernels._model import (
+    State,
+    check_model,
+    check_options,
+    eval_mode,
+    mirror_upper,
+    prepare,
+)
+
+FEATURES_BATCH = 1024
+"""Examples per ``features`` call when ``batch_size`` is None."""
+
+
+def conjugate_kernel(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""Conjugate kernel :math:`K = \Phi(x_1) \Phi(x_2)^\top`, with :math:`\Phi(x)` = ``model.features(x)``
+    (the penultimate-layer features, flattened to (n, d)).
+
+    The model runs in eval mode under ``no_grad`` on copies of its tensors cast to ``dtype``; the model and
+    its train/eval flags are left as they were. Cost: n1 + n2 forward passes and n1 n2 d multiply-adds;
+    memory (n1 + n2) d + n1 n2 floats.
+
+    Args:
+        model: module with a method ``features(x)`` mapping a batch (n, ...) to features (n, ...).
+        x1: inputs (n1, ...).
+        x2: inputs (n2, ...) with x1's per-example shape; ``None`` gives the symmetric Gram matrix of ``x1``.
+        batch_size: examples per ``features`` call; ``None`` uses 1024.
+        dtype: floating dtype of the computation and of the result.
+        device: where to compute; ``None`` uses the model's device.
+
+    Returns:
+        The (n1, n2) kernel in ``dtype`` on the computation device; exactly symmetric when ``x2`` is None.
+    """
+    check_model(model, needs_trainable=False)
+    if not callable(getattr(model, "features", None)):
+        raise ModelError(
+            "conjugate_kernel needs model.features(x) returning the penultimate-layer features, shape "
+            f"(n, d); {type(model).__name__} has no such method. Add one that runs the network up to (not "
+            "including) its output layer, e.g. `def features(self, x): return self.body(x)`, and let "
+            "`forward` return `self.head(self.features(x))`."
+        )
+    check_options(dtype, batch_size=batch_size)
+    with eval_mode(model), torch.inference_mode(False), torch.no_grad():
+        x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
+        features = _Features(model)
+        state = {f"model.{name}": t for name, t in (*trainable.items(), *fixed.items())}
+        phi1 = _features(features, state, x1, batch_size or FEATURES_BATCH, dtype)
+        if x2 is None:
+            return mirror_upper(phi1 @ phi1.mT)
+        return phi1 @ _features(features, state, x2, batch_size or FEATURES_BATCH, dtype).mT
+
+
+class _Features(nn.Module):
+    """Module view of ``model.features`` so that :func:`functional_call` can run it on copied tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.features(x)
+
+
+def _features(features: _Features, state: State, x: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:
+    parts = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        phi = functional_call(features, state, (batch,))
+        if not isinstance(phi, Tensor) or phi.ndim == 0 or phi.shape[0] != len(batch):
+            shape = tuple(phi.shape) if isinstance(phi, Tensor) else type(phi).__name__
+            raise ModelError(
+                f"model.features must return one feature vector per example, shape (n, d); for an input of "
+                f"shape {tuple(batch.shape)} it returned {shape}."
+            )
+        parts.append(phi.reshape(len(batch), -1).to(dtype))
+    return torch.cat(parts)
