@@ -1,0 +1,258 @@
+"""Input validation and the result contract shared by every SVM backend.
+
+Kernels arrive as numpy arrays or torch tensors (any device, any real dtype) and leave as float64
+C-contiguous numpy arrays owned by the caller of these checks. Labels arrive in {0, 1}, {-1, +1} or
+bool and leave as y in {-1.0, +1.0} plus the original ``classes`` (``classes[1]`` maps to +1).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from lightning_afterkernel.errors import DataError, KernelError, NotSeparableError
+
+SYMMETRY_RTOL = 1e-4
+"""Largest accepted max_ij |K_ij - K_ji| relative to max_ij |K_ij|: room for float32 rounding in
+kernels built block by block, while a cross kernel passed by mistake is asymmetric at O(1).
+K is then symmetrised, (K + K^T) / 2."""
+
+MAX_NORM_SQ = 1e9
+"""Pre-check limit: training sets whose separators provably need ||w||^2 > MAX_NORM_SQ / mean K_ii
+are refused as not separable: a geometric margin below ~3e-5 of the mean feature norm (exact or
+near-exact duplicates). Duplicates blurred by float32 rounding beyond that are left to the solver's
+time limit."""
+
+PSD_CHECK_SIZE = 1000
+"""The negative-eigenvalue warning looks at a principal submatrix of at most this many evenly spaced
+examples: one Cholesky of m x m (m^3 / 3 flops) at any n. By Cauchy interlacing,
+lambda_min(K) <= lambda_min of any principal submatrix, so an eigenvalue found there is in K too."""
+
+PSD_RTOL = 1e-6
+"""Warn when (a principal submatrix of) K has an eigenvalue below -PSD_RTOL * lambda_max."""
+
+
+@dataclass(frozen=True)
+class DualResult:
+    """What a backend's ``fit_dual`` returns.
+
+    Attributes:
+        alpha: (n,) float64 dual variables, alpha_i >= 0, in the scale of the kernel the backend got.
+        intercept: bias b (0.0 without an intercept).
+        n_iter: solver iterations.
+        converged: False when the solver stopped at its iteration limit before its own tolerance.
+    """
+
+    alpha: np.ndarray
+    intercept: float
+    n_iter: int
+    converged: bool = True
+
+
+def _to_numpy(x: object, name: str) -> tuple[np.ndarray, bool]:
+    """Return (array, owned): torch tensors are copied to float64 on the CPU (owned=True)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise KernelError(f"{name} is a complex tensor; pass a real-valued kernel.")
+        return x.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy(), True
+    return np.asarray(x), False
+
+
+def _as_float64(x: object, name: str, *, copy: bool) -> np.ndarray:
+    arr, owned = _to_numpy(x, name)
+    if arr.dtype.kind not in "biuf":
+        raise KernelError(f"{name} must be a real numeric array; got dtype {arr.dtype}.")
+    if copy and not owned:
+        return np.array(arr, dtype=np.float64, order="C", copy=True)
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def _count_nonfinite(a: np.ndarray, name: str) -> None:
+    n_bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+    if n_bad:
+        raise KernelError(
+            f"{name} contains {n_bad} non-finite entries (NaN/inf) out of {a.size}; recompute the kernel "
+            "(a diverged model or a float16 overflow produces them)."
+        )
+
+
+def _symmetrize_inplace(K: np.ndarray, block: int = 512) -> float:
+    """Replace K by (K + K^T) / 2 block by block; return max_ij |K_ij - K_ji|."""
+    n = K.shape[0]
+    worst = 0.0
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        for j0 in range(i0, n, block):
+            j1 = min(j0 + block, n)
+            upper, lower_t = K[i0:i1, j0:j1], K[j0:j1, i0:i1].T
+            worst = max(worst, float(np.abs(upper - lower_t).max()))
+            avg = 0.5 * (upper + lower_t)
+            K[i0:i1, j0:j1] = avg
+            K[j0:j1, i0:i1] = avg.T
+    return worst
+
+
+def check_kernel(K: object, name: str = "K") -> np.ndarray:
+    """Validate a train-train kernel and return a symmetrised float64 copy owned by the caller.
+
+    Raises:
+        KernelError: not 2-D square, empty, not finite, all zeros, asymmetric beyond
+            ``SYMMETRY_RTOL``, a negative diagonal entry or none positive (K_ii = ||phi(x_i)||^2).
+    """
+    K = _as_float64(K, name, copy=True)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise KernelError(
+            f"{name} must be a square n x n train-train kernel; got shape {K.shape}. Compute it as K(X_train, X_train)."
+        )
+    if K.shape[0] == 0:
+        raise KernelError(f"{name} is empty (shape {K.shape}); pass at least one example per class.")
+    _count_nonfinite(K, name)
+    kmax = max(float(K.max()), -float(K.min()))
+    if kmax == 0.0:
+        raise KernelError(f"{name} is all zeros; the model's features or gradients vanished.")
+    asym = _symmetrize_inplace(K)
+    if asym > SYMMETRY_RTOL * kmax:
+        raise KernelError(
+            f"{name} is not symmetric: max |K_ij - K_ji| = {asym:.3g} ({asym / kmax:.2g} of max |K_ij|, "
+            f"tolerance {SYMMETRY_RTOL:g}). Pass the train-train kernel K(X_train, X_train), not a cross "
+            "kernel, and with rows and columns in the same order."
+        )
+    diag = np.diagonal(K)
+    if diag.max() <= 0.0:
+        raise KernelError(
+            f"{name} has no positive diagonal entry; a kernel's diagonal is ||phi(x_i)||^2, so all feature "
+            "vectors are zero. Check how the kernel was computed."
+        )
+    if diag.min() < 0.0:
+        i = int(np.argmin(diag))
+        raise KernelError(
+            f"{name} has {int(np.count_nonzero(diag < 0))} negative diagonal entries (e.g. {name}[{i}, {i}] = "
+            f"{diag[i]:.3g}); a kernel's diagonal is ||phi(x_i)||^2 >= 0. Check how the kernel was computed."
+        )
+    return K
+
+
+def check_cross_kernel(K_cross: object, n_train: int) -> np.ndarray:
+    """Validate a test-train kernel (n_test x n_train) and return it as float64."""
+    K_cross = _as_float64(K_cross, "K_cross", copy=False)
+    if K_cross.ndim != 2:
+        raise KernelError(
+            f"K_cross must be 2-D (n_test x n_train); got shape {K_cross.shape}. "
+            "For a single example pass K_cross[None, :]."
+        )
+    if K_cross.shape[1] != n_train:
+        raise KernelError(
+            f"K_cross must have n_train columns (one per training example) = {n_train}; got shape "
+            f"{K_cross.shape}. Compute it as K(X_test, X_train) with the training set used in fit."
+        )
+    _count_nonfinite(K_cross, "K_cross")
+    return K_cross
+
+
+def check_labels(y: object, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map binary labels to y in {-1, +1}.
+
+    Accepts {0, 1}, {-1, 1} (ints or floats) or bool. Returns (y_pm, classes) with
+    ``classes = [negative, positive]`` in the caller's encoding.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"y must be 1-D with one label per training example; got shape {y.shape}.")
+    if y.shape[0] != n:
+        raise DataError(f"y has {y.shape[0]} labels but K is {n} x {n}; pass one label per row of K.")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"y must hold labels in {{0, 1}}, {{-1, 1}} or bool; got dtype {y.dtype}.")
+    classes = np.unique(y)
+    values = set(classes.tolist())
+    if not (values <= {0, 1} or values <= {-1, 1}):
+        shown = ", ".join(repr(v) for v in classes[:5].tolist())
+        raise DataError(
+            f"y must hold binary labels in {{0, 1}}, {{-1, 1}} or bool; found {shown}"
+            f"{', ...' if classes.size > 5 else ''}. Map your two classes to 0 and 1."
+        )
+    if classes.size < 2:
+        raise DataError(f"y holds a single class ({classes[0]!r}); a classifier needs examples of both classes.")
+    return np.where(y == classes[1], 1.0, -1.0), classes
+
+
+def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, block: int = 1024) -> None:
+    """Refuse training sets that no hard margin can separate, before solving (O(n^2), no solve).
+
+    Two bounds on ||w||^2 of any separator, with d_ij = K_ii + K_jj - 2 K_ij = ||phi_i - phi_j||^2:
+    opposite labels force w . (phi_i - phi_j) = +-2 or more, so ||w||^2 >= 4 / d_ij; without a bias,
+    y_i w . phi_i >= 1 forces ||w||^2 >= 1 / K_ii. Either bound above ``MAX_NORM_SQ / mean K_ii``
+    (e.g. duplicated examples with opposite labels) raises.
+
+    Raises:
+        NotSeparableError: with the offending indices.
+    """
+    diag = np.diagonal(K)
+    limit = MAX_NORM_SQ / float(diag.mean())
+    if not fit_intercept:
+        tiny = np.flatnonzero(diag <= 1.0 / limit)
+        if tiny.size:
+            raise NotSeparableError(
+                f"{tiny.size} training examples have a (numerically) zero feature vector (e.g. K[{tiny[0]}, "
+                f"{tiny[0]}] = {diag[tiny[0]]:.3g}): without a bias their decision value is 0, so no hard "
+                "margin exists. Remove them or use fit_intercept=True."
+            )
+    pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y < 0)
+    d_limit = 4.0 / limit
+    for p0 in range(0, pos.size, block):
+        rows = pos[p0 : p0 + block]
+        dist = diag[rows, None] + diag[None, neg] - 2.0 * K[np.ix_(rows, neg)]
+        hit = np.argwhere(dist <= d_limit)
+        if hit.size:
+            i, j = int(rows[hit[0, 0]]), int(neg[hit[0, 1]])
+            raise NotSeparableError(
+                f"the training data is not separable by this kernel: at least {hit.shape[0]} pairs of examples with "
+                f"opposite labels have (numerically) identical feature vectors, e.g. examples {i} and {j} "
+                f"(||phi_i - phi_j||^2 = {dist[hit[0, 0], hit[0, 1]]:.3g}, mean K_ii = {diag.mean():.3g}). "
+                "Remove duplicated examples with conflicting labels, or fix the labels.",
+                best_margin=None,
+            )
+
+
+def warn_if_indefinite(K: np.ndarray) -> None:
+    """Warn (UserWarning) when K is clearly indefinite.
+
+    Checked on the principal submatrix S of ``PSD_CHECK_SIZE`` evenly spaced examples: lambda_max(S)
+    from 30 power iterations (a lower bound), then one Cholesky of S + PSD_RTOL * lambda_max * I, which
+    fails iff S has an eigenvalue below -PSD_RTOL * lambda_max; K then has one at least as negative.
+    """
+    n = K.shape[0]
+    idx = np.unique(np.linspace(0, n - 1, min(n, PSD_CHECK_SIZE)).astype(np.intp))
+    S = K[np.ix_(idx, idx)]
+    v = np.full(idx.size, 1.0 / np.sqrt(idx.size))
+    lam = 0.0
+    for _ in range(30):
+        v = S @ v
+        lam = float(np.linalg.norm(v))
+        if lam == 0.0:
+            return
+        v /= lam
+    S[np.diag_indices_from(S)] += PSD_RTOL * lam
+    try:
+        scipy.linalg.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        warnings.warn(
+            f"K is not positive semi-definite: it has an eigenvalue below -{PSD_RTOL:g} * lambda_max "
+            f"(lambda_max ~ {lam:.3g}). A hard-margin SVM assumes a PSD kernel; the solver may fail or return "
+            "a meaningless solution. Recompute the kernel in float64 or check how it was built.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def training_margins(K: np.ndarray, y: np.ndarray, alpha: np.ndarray, intercept: float) -> np.ndarray:
+    """Functional margins m_i = y_i (sum_j alpha_j y_j K_ij + b) in float64."""
+    sv = np.flatnonzero(alpha > 0)
+    return y * (K[:, sv] @ (alpha[sv] * y[sv]) + intercept)

@@ -1,0 +1,224 @@
+"""scikit-learn (libsvm SMO) backend: ``SVC(kernel="precomputed")`` with a huge box bound C.
+
+Hard margin = soft margin with C above every dual coefficient: C = ``C_REL / mean_i K_ii``.
+
+**With a bias** (``fit_intercept=True``) libsvm solves exactly the dual
+
+    max_a 1^T a - 1/2 a^T Q a   s.t.  y^T a = 0,  0 <= a <= C,   Q = diag(y) K diag(y).
+
+**Without a bias** (``fit_intercept=False``, the paper's formulation) the dual has no equality
+constraint, which libsvm always imposes. Adding a constant c to K does *not* remove it: under
+y^T a = 0, a^T Y (K + c 11^T) Y a = a^T Q a, so K + c gives the same alpha as K, i.e. the biased SVM.
+Instead we append two virtual examples that soak up y^T a at no cost: feature +s u with label +1 and
+-s u with label -1, u orthogonal to every phi(x_i), i.e. the (n + 2) x (n + 2) kernel
+
+    [[K, 0, 0], [0, s^2, -s^2], [0, -s^2, s^2]].
+
+Both have y phi = s u, so with A = a_+ + a_- and D = a_+ - a_- the augmented dual is
+
+    1^T a - 1/2 a^T Q a + (A - s^2 A^2 / 2)   s.t.  y^T a + D = 0,  |D| <= A.
+
+For fixed a, the bracket is maximised at A = 1/s^2 =: B, feasible whenever |y^T a| <= B; so the real
+alphas are *exactly* the no-bias optimum as long as |y^T a*| < B, and then both virtual examples are
+free support vectors, which forces libsvm's b to 0. We take B = ``ABSORBER_REL / mean_i K_ii`` and check
+|y^T a| < B / 2 afterwards (else SolverError). What is approximate is only what is approximate in libsvm
+itself: its tolerance ``tol`` and its float32 kernel cache (margins short of 1 by up to ~1e-2 on hard
+kernels); the estimator verifies the margins in float64.
+
+**Time limit**: libsvm cannot be interrupted, and on non-separable data with a huge C its SMO runs for
+~C iterations (alpha grows by O(1) per step). The fit therefore runs in a child process that is
+terminated at ``time_limit``: started with "fork" on Linux (K reaches the child copy-on-write, no
+copy), with "spawn" elsewhere (K is pickled to the child: one extra copy and ~1 s of start-up).
+Results (support indices, dual coefficients, intercept, iterations) come back through a pipe.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import SVC
+
+from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
+from lightning_afterkernel.svm._checks import DualResult, training_margins
+
+C_REL = 1e10
+"""Box bound C times mean_i K_ii: far above any dual coefficient of a solvable hard margin."""
+
+ABSORBER_REL = 1e9
+"""Capacity B of the no-bias emulation (B = 1 / s^2) times mean_i K_ii; B / 2 < C."""
+
+AT_BOUND_RTOL = 1e-6
+"""alpha_i >= C (1 - AT_BOUND_RTOL) counts as at the box bound."""
+
+START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
+"""How the time-limited child process starts (see the module docstring)."""
+
+
+def _cache_mb(n: int) -> float:
+    """libsvm kernel cache: room for all of Q in float32, between 200 MB and 4 GB."""
+    return float(min(max(200.0, 1.05 * 4.0 * n * n / 2**20 + 16.0), 4096.0))
+
+
+def _libsvm_fit(
+    K: np.ndarray, y: np.ndarray, C: float, tol: float, max_iter: int | None
+) -> tuple[np.ndarray, np.ndarray, float, int, bool, list[tuple[type[Warning], str]]]:
+    """One ``SVC`` fit; returns (support, dual_coef, intercept, n_iter, converged, other warnings)."""
+    svc = SVC(
+        kernel="precomputed",
+        C=C,
+        tol=tol,
+        max_iter=-1 if max_iter is None else max_iter,
+        cache_size=_cache_mb(K.shape[0]),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        svc.fit(K, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    others = [(w.category, str(w.message)) for w in caught if not issubclass(w.category, ConvergenceWarning)]
+    return svc.support_, svc.dual_coef_[0], float(svc.intercept_[0]), int(svc.n_iter_[0]), converged, others
+
+
+def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_with_time_limit(
+    fn: Callable[..., Any], args: tuple[Any, ...], time_limit: float | None, start_method: str | None = None
+) -> Any:
+    """Call ``fn(*args)`` in a child process and return its result, or raise ``TimeoutError``.
+
+    ``time_limit=None`` calls it in this process. ``fn`` and its result must be picklable (and, with
+    "spawn", ``args`` too). The child is terminated (SIGTERM, then SIGKILL) on timeout or interrupt.
+
+    Raises:
+        TimeoutError: no result within ``time_limit`` seconds.
+        ConfigurationError: called with a time limit from a daemonic process.
+        SolverError: the child raised (its traceback is in the message) or died.
+    """
+    if time_limit is None:
+        return fn(*args)
+    if multiprocessing.current_process().daemon:
+        raise ConfigurationError(
+            "time_limit needs a child process, which a daemonic process (e.g. a multiprocessing pool worker) "
+            "cannot start; pass time_limit=None there."
+        )
+    ctx = multiprocessing.get_context(start_method or START_METHOD)
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(sender, fn, args), daemon=True)
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(time_limit):
+            raise TimeoutError(f"no result within time_limit={time_limit:g} s")
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            proc.join(5)
+            raise SolverError(
+                f"the solver process died without a result (exit code {proc.exitcode}); it may have run out "
+                "of memory. Free memory or use a smaller training set."
+            ) from None
+    finally:
+        receiver.close()
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
+    if status == "error":
+        raise SolverError(f"the solver raised in its worker process:\n{payload}")
+    return payload
+
+
+def fit_dual(
+    K: np.ndarray,
+    y_pm: np.ndarray,
+    fit_intercept: bool,
+    tol: float,
+    max_iter: int | None,
+    time_limit: float | None,
+) -> DualResult:
+    """Solve the hard-margin dual on a float64 kernel with libsvm (see the module docstring).
+
+    Args:
+        K: (n, n) symmetric float64 kernel, mean diagonal > 0.
+        y_pm: (n,) labels in {-1.0, +1.0}.
+        fit_intercept: solve with a bias b (y^T a = 0) or without (the emulation above).
+        tol: libsvm's stopping tolerance on the KKT violation.
+        max_iter: libsvm iteration limit (None: no limit).
+        time_limit: seconds before the fit is abandoned (None: no limit, runs in this process).
+
+    Raises:
+        NotSeparableError: an alpha reached the box bound C.
+        SolverError: time limit hit, or the no-bias emulation saturated.
+    """
+    n = K.shape[0]
+    mean_diag = float(np.diagonal(K).mean())
+    C = C_REL / mean_diag
+    if fit_intercept:
+        K_solve, y_solve = K, y_pm
+    else:
+        capacity = ABSORBER_REL / mean_diag
+        K_solve = np.zeros((n + 2, n + 2))
+        K_solve[:n, :n] = K
+        K_solve[n:, n:] = np.array([[1.0, -1.0], [-1.0, 1.0]]) / capacity
+        y_solve = np.concatenate([y_pm, [1.0, -1.0]])
+    try:
+        support, dual_coef, intercept, n_iter, converged, others = run_with_time_limit(
+            _libsvm_fit, (K_solve, y_solve, C, tol, max_iter), time_limit
+        )
+    except TimeoutError:
+        raise SolverError(
+            f"libsvm hit the time limit (time_limit={time_limit:g} s) without a solution. The training data "
+            "may not be separable by this kernel (then no hard-margin SVM exists and libsvm never finishes); "
+            "if it is separable but hard, raise time_limit (None removes the limit)."
+        ) from None
+    for category, message in others:
+        warnings.warn(message, category, stacklevel=2)
+    alpha_all = np.zeros(K_solve.shape[0])
+    alpha_all[support] = dual_coef * y_solve[support]
+    alpha = alpha_all[:n]
+    if fit_intercept:
+        intercept = _best_intercept(K, y_pm, alpha)
+    else:
+        intercept = 0.0
+        y_dot_alpha = float(y_pm @ alpha)
+        if abs(y_dot_alpha) >= 0.5 * capacity:
+            raise SolverError(
+                f"the no-bias emulation saturated: |y^T alpha| = {y_dot_alpha:.3g} is not below half its "
+                f"capacity {capacity:.3g}, so libsvm's bias may not be 0. This kernel's no-bias hard margin is "
+                "extremely small; use fit_intercept=True or backend='torch' (coming)."
+            )
+    at_bound = alpha >= C * (1.0 - AT_BOUND_RTOL)
+    if at_bound.any():
+        best = float(training_margins(K, y_pm, alpha, intercept).min())
+        raise NotSeparableError(
+            f"the training data is not separable by this kernel (alphas at the box bound C): "
+            f"{int(at_bound.sum())} alphas reached C = {C:.3g}; best minimum training margin {best:.3g}. "
+            "A hard-margin SVM does not exist for these labels; check for mislabelled or duplicated examples.",
+            best_margin=best,
+        )
+    return DualResult(alpha=alpha, intercept=intercept, n_iter=n_iter, converged=converged)
+
+
+def _best_intercept(K: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
+    """The b maximising min_i y_i (f_i + b) for fixed alpha, in float64.
+
+    libsvm's own b comes from float32-cached gradients; for fixed w the best b balances the smallest
+    positive-class and negative-class margins: b = (min_{y=-1} (-f_i) - min_{y=+1} f_i) / 2.
+    """
+    f = training_margins(K, y, alpha, 0.0) * y
+    return 0.5 * (float(np.min(-f[y < 0])) - float(np.min(f[y > 0])))

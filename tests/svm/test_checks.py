@@ -1,0 +1,139 @@
+"""Every input error path: malformed kernels, labels, cross kernels, hyper-parameters and backends."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
+from lightning_afterkernel.svm import HardMarginSVM
+from lightning_afterkernel.svm._checks import check_kernel, warn_if_indefinite
+
+
+def test_non_square_kernel(separable):
+    with pytest.raises(KernelError, match=r"square .*shape \(300, 299\)"):
+        HardMarginSVM().fit(separable.K[:, :-1], separable.y)
+    with pytest.raises(KernelError, match="square"):
+        HardMarginSVM().fit(np.ones(5), np.array([0, 1, 0, 1, 0]))
+
+
+def test_non_finite_kernel_reports_the_count(separable):
+    K = separable.K.copy()
+    K[0, 5] = np.nan
+    K[3, 3] = np.inf
+    K[7, 2] = -np.inf
+    with pytest.raises(KernelError, match="K contains 3 non-finite entries"):
+        HardMarginSVM().fit(K, separable.y)
+
+
+def test_asymmetric_kernel_reports_the_asymmetry(separable):
+    K = separable.K.copy()
+    K[0, 1] += 0.5 * np.abs(K).max()
+    with pytest.raises(KernelError, match=r"not symmetric: max \|K_ij - K_ji\|"):
+        HardMarginSVM().fit(K, separable.y)
+
+
+def test_small_asymmetry_is_symmetrised(separable):
+    K = separable.K.copy()
+    K[0, 1] += 1e-6 * np.abs(K).max()
+    out = check_kernel(K)
+    np.testing.assert_array_equal(out, out.T)
+    assert out[0, 1] == pytest.approx(0.5 * (K[0, 1] + K[1, 0]))
+
+
+@pytest.mark.parametrize(
+    ("diag", "match"),
+    [
+        ([1.0, -1.0, 1.0, 1.0], r"1 negative diagonal entries \(e.g. K\[1, 1\] = -1\)"),
+        ([0.0] * 4, "no positive diagonal"),
+    ],
+    ids=["negative", "zero"],
+)
+def test_bad_diagonal(diag, match):
+    K = np.diag(diag)
+    K[0, 1] = K[1, 0] = 0.1
+    with pytest.raises(KernelError, match=match):
+        HardMarginSVM().fit(K, np.array([0, 1, 0, 1]))
+
+
+def test_non_numeric_kernel():
+    with pytest.raises(KernelError, match="real numeric"):
+        HardMarginSVM().fit(np.array([["a", "b"], ["b", "a"]]), np.array([0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (lambda y: y + 1, r"binary labels in \{0, 1\}, \{-1, 1\} or bool; found 1, 2"),
+        (lambda y: np.where(y == 1, "cat", "ship"), "dtype <U"),
+        (lambda y: y[:-1], "y has 299 labels but K is 300 x 300"),
+        (lambda y: y[:, None], r"1-D .*shape \(300, 1\)"),
+        (lambda y: np.zeros_like(y), "single class"),
+        (lambda y: np.where(y == 1, np.nan, 0.0), "binary labels"),
+    ],
+    ids=["one-two", "strings", "length", "2d", "one-class", "nan"],
+)
+def test_bad_labels(separable, labels, match):
+    with pytest.raises(DataError, match=match):
+        HardMarginSVM().fit(separable.K, labels(separable.y))
+
+
+def test_bad_cross_kernels(separable):
+    est = HardMarginSVM().fit(separable.K, separable.y)
+    with pytest.raises(KernelError, match=r"K_cross must have n_train columns .* = 300; got shape \(200, 299\)"):
+        est.decision_function(separable.K_test[:, :-1])
+    with pytest.raises(KernelError, match="2-D"):
+        est.predict(separable.K_test[0])
+    K_test = separable.K_test.copy()
+    K_test[4, 4] = np.nan
+    with pytest.raises(KernelError, match="K_cross contains 1 non-finite"):
+        est.predict(K_test)
+
+
+def test_unknown_backend(separable):
+    with pytest.raises(ConfigurationError, match=r"unknown backend='libsvm'; valid backends: 'auto', 'sklearn'"):
+        HardMarginSVM(backend="libsvm").fit(separable.K, separable.y)
+
+
+@pytest.mark.parametrize("name", ["torch", "cuml", "thundersvm"])
+def test_future_backends_not_available_yet(separable, name):
+    with pytest.raises(ConfigurationError, match=f"backend='{name}' is not available yet"):
+        HardMarginSVM(backend=name).fit(separable.K, separable.y)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"tol": 0.0}, "tol must be a positive"),
+        ({"tol": float("nan")}, "tol must be a positive"),
+        ({"max_iter": 0}, "max_iter must be a positive int"),
+        ({"max_iter": 2.5}, "max_iter must be a positive int"),
+        ({"time_limit": -1.0}, "time_limit must be a positive"),
+        ({"margin_tol": 1.0}, r"margin_tol must be in \[0, 1\)"),
+        ({"fit_intercept": "yes"}, "fit_intercept must be True or False"),
+        ({"normalize": None}, "normalize must be True or False"),
+    ],
+)
+def test_bad_hyper_parameters(separable, params, match):
+    with pytest.raises(ConfigurationError, match=match):
+        HardMarginSVM(**params).fit(separable.K, separable.y)
+
+
+def test_indefinite_kernel_warns():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 5))
+    v = rng.standard_normal(50)
+    K = X @ X.T - 1e-3 * np.outer(v, v)  # eigenvalue ~ -0.05 against lambda_max ~ 100
+    with pytest.warns(UserWarning, match="not positive semi-definite"):
+        warn_if_indefinite(K)
+
+
+def test_psd_kernels_do_not_warn():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 20))  # rank 20: 2,980 zero eigenvalues; checked on a 1,000 subset
+    K = (X @ X.T).astype(np.float32).astype(np.float64)  # float32 rounding noise is not a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_indefinite(K)

@@ -1,0 +1,109 @@
+"""Non-separable data and solver limits: every failure is bounded in time and raises with a reason."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
+from lightning_afterkernel.svm import HardMarginSVM, sklearn_backend
+
+
+def _overlapping(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two overlapping Gaussian classes in 5-D: not separable, yet no two examples coincide."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = rng.standard_normal((n, 5)) + 0.3 * (2 * y - 1)[:, None]
+    return X @ X.T, y
+
+
+@pytest.mark.parametrize("fit_intercept", [False, True])
+def test_duplicates_with_opposite_labels_fail_fast(fit_intercept):
+    rng = np.random.default_rng(0)
+    n = 2000
+    X = rng.standard_normal((n, 50))
+    y = rng.integers(0, 2, n)
+    X[1000] = X[7]
+    y[7], y[1000] = 1, 0
+    start = time.perf_counter()
+    with pytest.raises(NotSeparableError, match="examples 7 and 1000") as info:
+        HardMarginSVM(fit_intercept=fit_intercept).fit(X @ X.T, y)
+    assert time.perf_counter() - start < 10.0
+    assert "not separable" in str(info.value)
+
+
+def test_zero_feature_vector_cannot_be_separated_without_bias(separable):
+    K = separable.K.copy()
+    K[4, :] = 0.0
+    K[:, 4] = 0.0
+    with pytest.raises(NotSeparableError, match=r"zero feature vector .*K\[4, 4\]"):
+        HardMarginSVM(fit_intercept=False).fit(K, separable.y)
+
+
+def test_time_limit_bounds_a_hopeless_fit():
+    K, y = _overlapping()
+    start = time.perf_counter()
+    with pytest.raises(SolverError, match=r"time limit \(time_limit=2 s\).*may not be separable"):
+        HardMarginSVM(time_limit=2.0).fit(K, y)
+    assert time.perf_counter() - start < 2.0 + 5.0
+    assert multiprocessing.active_children() == []
+
+
+def test_alphas_at_the_box_bound_mean_not_separable(monkeypatch):
+    """With a small C libsvm finishes on non-separable data; alphas at C are reported as such."""
+    monkeypatch.setattr(sklearn_backend, "C_REL", 100.0)
+    K, y = _overlapping()
+    with pytest.raises(NotSeparableError, match=r"not separable by this kernel \(alphas at the box bound C\)") as info:
+        HardMarginSVM(time_limit=30.0).fit(K, y)
+    assert info.value.best_margin is not None and info.value.best_margin < 0.0
+
+
+def test_max_iter_turns_into_a_solver_error(separable):
+    with pytest.raises(SolverError, match="stopped at max_iter=2 before converging; raise max_iter"):
+        HardMarginSVM(max_iter=2).fit(separable.K, separable.y)
+
+
+def test_iteration_limit_is_accepted_when_the_solution_verifies(separable):
+    """A ConvergenceWarning alone is not an error: the float64 margin check decides."""
+    n_iter = HardMarginSVM().fit(separable.K, separable.y).n_iter_
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = HardMarginSVM(max_iter=n_iter - 2).fit(separable.K, separable.y)
+    assert est.n_iter_ == n_iter - 2
+    assert est.min_margin_ >= 1.0 - est.margin_tol
+
+
+def test_loose_tolerance_is_caught_by_the_margin_check(separable):
+    with pytest.raises(SolverError, match=r"minimum training margin is .* < 1 - margin_tol.*smaller tol"):
+        HardMarginSVM(tol=50.0).fit(separable.K, separable.y)
+
+
+def test_saturated_no_bias_emulation_is_reported(monkeypatch, separable):
+    monkeypatch.setattr(sklearn_backend, "ABSORBER_REL", 1e-3)
+    with pytest.raises(SolverError, match="no-bias emulation saturated"):
+        HardMarginSVM(fit_intercept=False).fit(separable.K, separable.y)
+
+
+def test_spawn_start_method_gives_the_same_fit(monkeypatch, separable):
+    ref = HardMarginSVM(time_limit=None).fit(separable.K, separable.y)
+    monkeypatch.setattr(sklearn_backend, "START_METHOD", "spawn")
+    est = HardMarginSVM(time_limit=60.0).fit(separable.K, separable.y)
+    np.testing.assert_array_equal(est.alpha_, ref.alpha_)
+
+
+def test_worker_errors_come_back_with_their_traceback():
+    with pytest.raises(SolverError, match="math domain error"):
+        sklearn_backend.run_with_time_limit(math.sqrt, (-1.0,), time_limit=10.0)
+    assert sklearn_backend.run_with_time_limit(math.sqrt, (4.0,), time_limit=10.0) == 2.0
+
+
+def test_time_limit_from_a_daemonic_process_is_refused():
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        with pytest.raises(ConfigurationError, match="daemonic process"):
+            pool.apply(sklearn_backend.run_with_time_limit, (math.sqrt, (4.0,), 5.0))
+        assert pool.apply(sklearn_backend.run_with_time_limit, (math.sqrt, (4.0,), None)) == 2.0
