@@ -1,0 +1,428 @@
+"""``AfterKernelCallback``: compute and judge the network's kernels at chosen epochs of ``fit``.
+
+The callback decides *when* to compute and *what* to log; the maths lives in
+:mod:`lightning_afterkernel.kernels` and :mod:`lightning_afterkernel.svm`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
+
+from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
+from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, kernel_alignment
+from lightning_afterkernel.svm import HardMarginSVM
+
+KernelName = Literal["ntk", "ck"]
+KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
+RESULTS_FILENAME = "afterkernel_results.json"
+
+
+def _check_epochs(epochs: Sequence[int]) -> list[int]:
+    out = list(epochs)
+    if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in out):
+        raise ConfigurationError(
+            f"epochs={out!r} must be non-negative integers: 0 is the initial kernel (before any step), "
+            "e the kernel after e training epochs."
+        )
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise ConfigurationError(f"epochs={out!r} must be strictly increasing, e.g. [0, 2, 10].")
+    return out
+
+
+def _check_kernels(kernels: Sequence[str]) -> list[str]:
+    out = [kernels] if isinstance(kernels, str) else list(kernels)
+    unknown = [k for k in out if k not in KERNEL_LABELS]
+    if not out or unknown or len(set(out)) != len(out):
+        raise ConfigurationError(
+            f"kernels={out!r} must be a non-empty list without repeats drawn from {list(KERNEL_LABELS)} "
+            "('ntk': empirical neural tangent kernel, 'ck': conjugate kernel of the penultimate features)."
+        )
+    return out
+
+
+def _atomic_write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, allow_nan=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class AfterKernelCallback(pl.Callback):
+    """Compute the network's kernels at chosen epochs and judge each with a hard-margin SVM.
+
+    At every scheduled point the callback takes fixed, seeded subsets of the training and test data
+    (``n_train``, ``n_test`` examples), computes for each requested kernel the train Gram matrix
+    K(X_train, X_train) and the cross kernel K(X_test, X_train), fits
+    :class:`~lightning_afterkernel.svm.HardMarginSVM` and logs, per kernel:
+
+    - ``afterkernel/<kernel>/svm_test_acc``: the SVM's test accuracy on the kernel test subset,
+    - ``afterkernel/<kernel>/svm_min_margin`` and ``svm_n_support``,
+    - ``afterkernel/<kernel>/alignment_to_initial``: uncentred alignment with the epoch-0 kernel,
+
+    plus ``afterkernel/alignment_ntk_ck`` (NTK vs CK on the train subset) and
+    ``afterkernel/network_test_acc`` (the network itself on the same test subset). ``ntk`` at epoch 0
+    is the *initial kernel*; later it is the *after kernel*.
+
+    Args:
+        epochs: when to compute. 0 = at the start of fit, before any optimisation step; e > 0 =
+            after e completed training epochs. Strictly increasing.
+        at_end: also compute once training ends (if that point is not already in ``epochs``).
+        kernels: any of ``"ntk"`` (empirical NTK) and ``"ck"`` (conjugate kernel; needs the model
+            to define ``features(x)``, otherwise it is skipped with a message).
+        n_train: size of the fixed training subset the SVM is trained on.
+        n_test: size of the fixed test subset it is evaluated on.
+        seed: seed of the subset draw (independent of the global RNG, so training is unaffected).
+        svm: keyword arguments for :class:`~lightning_afterkernel.svm.HardMarginSVM`.
+        kernel_batch_size: examples per chunk in the kernel computation (None: automatic).
+        dtype: ``"float32"`` or ``"float64"`` for the kernel computation.
+        dirpath: where ``afterkernel_results.json`` is written (None: the Trainer's log dir).
+        verbose: print the summary table at the end of fit.
+
+    Data: the test subset comes from ``datamodule.tensors("test")`` when the datamodule has it
+    (``BinaryPairDataModule`` does), else from ``datamodule.test_dataset`` / ``val_dataset`` or the
+    validation dataloader's dataset; the train subset likewise from the training data. Any
+    map-style dataset returning ``(x, y)`` with binary ``y`` works.
+
+    Distributed runs: the kernels are computed and logged on global rank 0 only.
+    """
+
+    def __init__(
+        self,
+        epochs: list[int] = [0],  # noqa: B006  (jsonargparse needs a literal default to show it)
+        at_end: bool = True,
+        kernels: list[KernelName] = ["ntk", "ck"],  # noqa: B006
+        n_train: int = 1000,
+        n_test: int = 500,
+        seed: int = 0,
+        svm: dict[str, Any] | None = None,
+        kernel_batch_size: int | None = None,
+        dtype: Literal["float32", "float64"] = "float32",
+        dirpath: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.epochs = _check_epochs(epochs)
+        self.kernels = _check_kernels(kernels)
+        if not self.epochs and not at_end:
+            raise ConfigurationError("Nothing to compute: epochs is empty and at_end is False.")
+        if not isinstance(n_train, int) or n_train < 2:
+            raise ConfigurationError(f"n_train={n_train!r} must be an integer >= 2 (the SVM needs both classes).")
+        if not isinstance(n_test, int) or n_test < 1:
+            raise ConfigurationError(f"n_test={n_test!r} must be a positive integer.")
+        if dtype not in ("float32", "float64"):
+            raise ConfigurationError(f"dtype={dtype!r} must be 'float32' or 'float64'.")
+        if kernel_batch_size is not None and kernel_batch_size < 1:
+            raise ConfigurationError(f"kernel_batch_size={kernel_batch_size} must be positive or None.")
+        self.svm_kwargs = dict(svm or {})
+        try:  # unknown SVM options fail here, not hours into training
+            HardMarginSVM(**self.svm_kwargs)
+        except TypeError as err:
+            raise ConfigurationError(
+                f"svm={self.svm_kwargs!r} is not a valid set of HardMarginSVM options: {err}"
+            ) from err
+        self.at_end = at_end
+        self.n_train = n_train
+        self.n_test = n_test
+        self.seed = seed
+        self.kernel_batch_size = kernel_batch_size
+        self.dtype = getattr(torch, dtype)
+        self.dirpath = dirpath
+        self.verbose = verbose
+
+        self.results: list[dict[str, Any]] = []
+        self._initial_kernels: dict[str, Tensor] = {}
+        self._indices: dict[str, Tensor] = {}
+        self._data: dict[str, tuple[Tensor, Tensor]] | None = None
+        self._active_kernels = list(self.kernels)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            epochs=self.epochs, kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed
+        )
+
+    @property
+    def done_epochs(self) -> list[int]:
+        """Completed-epoch counts at which the kernels have been evaluated (ascending)."""
+        return sorted({row["epoch"] for row in self.results})
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if "ck" in self.kernels and not callable(getattr(pl_module, "features", None)):
+            self._active_kernels = [k for k in self.kernels if k != "ck"]
+            rank_zero_warn(
+                f"AfterKernelCallback: the conjugate kernel is skipped because {type(pl_module).__name__} "
+                "has no `features(x)` method. Add one returning the penultimate features (n, d) to get the CK."
+            )
+            if not self._active_kernels:
+                raise ConfigurationError(
+                    "AfterKernelCallback: kernels=['ck'] but the model has no `features(x)` method; "
+                    "add it, or ask for kernels=['ntk']."
+                )
+        else:
+            self._active_kernels = list(self.kernels)
+        if trainer.datamodule is not None:
+            self._data = self._draw_subsets(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self._data is None:
+            self._data = self._draw_subsets(trainer)
+        completed = trainer.current_epoch
+        missed = [e for e in self.epochs if e < completed and e not in self.done_epochs]
+        if missed:
+            rank_zero_warn(
+                f"AfterKernelCallback: resuming after epoch {completed}; scheduled epochs {missed} were not "
+                "evaluated before the checkpoint and their weights are gone, so they are skipped."
+            )
+        if completed in self.epochs and completed not in self.done_epochs:
+            # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved before this
+            # callback ran (checkpoints are written at validation end, before on_train_epoch_end).
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        completed = trainer.current_epoch + 1
+        if completed in self.epochs and completed not in self.done_epochs:
+            self._evaluate(trainer, pl_module, epoch=completed)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.at_end or self._data is None:
+            return
+        completed = trainer.current_epoch
+        if completed not in self.done_epochs:
+            self._evaluate(trainer, pl_module, epoch=completed)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.results:
+            return
+        self._log_table(trainer)
+        if self.verbose:
+            self.print_summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "results": [dict(r) for r in self.results],
+            "initial_kernels": {k: v.cpu() for k, v in self._initial_kernels.items()},
+            "indices": {k: v.cpu() for k, v in self._indices.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.results = [dict(r) for r in state_dict.get("results", [])]
+        self._initial_kernels = dict(state_dict.get("initial_kernels", {}))
+        self._indices = dict(state_dict.get("indices", {}))
+        self._data = None  # re-drawn at the next on_train_start from the saved indices
+
+    # ---------------------------------------------------------------- data
+    def _source(self, trainer: pl.Trainer, split: str) -> tuple[Tensor, Tensor] | Any:
+        dm = trainer.datamodule
+        if dm is not None and callable(getattr(dm, "tensors", None)):
+            return dm.tensors(split)
+        names = ("train_dataset",) if split == "train" else ("test_dataset", "val_dataset")
+        for name in names:
+            ds = getattr(dm, name, None) if dm is not None else None
+            if ds is not None:
+                return ds
+        loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
+        if loaders is None and split == "train":
+            trainer.fit_loop.setup_data()
+            loaders = trainer.train_dataloader
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        ds = getattr(loaders, "dataset", None)
+        if ds is None:
+            what = "training" if split == "train" else "validation or test"
+            raise DataError(
+                f"AfterKernelCallback found no {what} data: give the Trainer a datamodule with `tensors(split)` "
+                f"or `{names[0]}`, or pass {what} dataloaders to fit()."
+            )
+        return ds
+
+    def _draw_subsets(self, trainer: pl.Trainer) -> dict[str, tuple[Tensor, Tensor]]:
+        data = {}
+        for split, n in (("train", self.n_train), ("test", self.n_test)):
+            source = self._source(trainer, split)
+            size = len(source[0]) if isinstance(source, tuple) else len(source)
+            if n > size:
+                raise ConfigurationError(
+                    f"AfterKernelCallback: n_{split}={n} is larger than the {size} {split} examples available; "
+                    f"lower n_{split} to at most {size}."
+                )
+            idx = self._indices.get(split)
+            if idx is None or len(idx) != n or int(idx.max()) >= size:
+                idx = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + (split == "test")))[:n]
+                self._indices[split] = idx
+            if isinstance(source, tuple):
+                x, y = source[0][idx], source[1][idx]
+            else:
+                items = [source[int(i)] for i in idx]
+                x = torch.stack([torch.as_tensor(it[0]) for it in items])
+                y = torch.as_tensor([int(it[1]) for it in items])
+            y = y.long().flatten()
+            classes = torch.unique(y).tolist()
+            if split == "train" and len(classes) != 2:
+                raise DataError(
+                    f"AfterKernelCallback: the {n}-example {split} subset has labels {classes}; the SVM needs two "
+                    "classes. Use a binary dataset, a larger n_train, or another seed."
+                )
+            data[split] = (x, y)
+        return data
+
+    # ---------------------------------------------------------------- evaluation
+    def _kernel(self, name: str, model: torch.nn.Module, x1: Tensor, x2: Tensor | None) -> Tensor:
+        fn = empirical_ntk if name == "ntk" else conjugate_kernel
+        k = fn(model, x1, x2, batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
+        return k.detach().to("cpu", torch.float64)
+
+    @rank_zero_only
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int = 0) -> None:
+        assert self._data is not None
+        x_tr, y_tr = self._data["train"]
+        x_te, y_te = self._data["test"]
+        with torch.no_grad():
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                logits = pl_module(x_te.to(pl_module.device)).reshape(-1).cpu()
+            finally:
+                pl_module.train(was_training)
+        network_acc = float(((logits > 0).long() == y_te).double().mean())
+
+        rows, train_grams = [], {}
+        for name in self._active_kernels:
+            t0 = time.perf_counter()
+            k_train = self._kernel(name, pl_module, x_tr, None)
+            k_test = self._kernel(name, pl_module, x_te, x_tr)
+            kernel_time = time.perf_counter() - t0
+            train_grams[name] = k_train
+            if epoch == 0 and name not in self._initial_kernels:
+                self._initial_kernels[name] = k_train.to(torch.float32)
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "step": trainer.global_step,
+                "kernel": name,
+                "network_test_acc": network_acc,
+                "kernel_time_s": kernel_time,
+            }
+            row.update(self._fit_svm(name, epoch, k_train, y_tr, k_test, y_te))
+            initial = self._initial_kernels.get(name)
+            row["alignment_to_initial"] = (
+                kernel_alignment(k_train, initial.to(torch.float64)) if initial is not None else math.nan
+            )
+            rows.append(row)
+        if {"ntk", "ck"} <= train_grams.keys():
+            align = kernel_alignment(train_grams["ntk"], train_grams["ck"])
+            for row in rows:
+                row["alignment_ntk_ck"] = align
+        self.results.extend(rows)
+        self._log(trainer, rows)
+        self._save(trainer)
+
+    def _fit_svm(
+        self, name: str, epoch: int, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            svm = HardMarginSVM(**self.svm_kwargs).fit(k_train, y_train)
+        except SolverError as err:  # NotSeparableError included: recorded, training goes on
+            rank_zero_warn(f"AfterKernelCallback: no hard-margin SVM for the {name} kernel at epoch {epoch}: {err}")
+            return {
+                "svm_test_acc": math.nan,
+                "svm_min_margin": math.nan,
+                "svm_n_support": -1,
+                "svm_separable": 0,
+                "svm_time_s": time.perf_counter() - t0,
+            }
+        return {
+            "svm_test_acc": float(svm.score(k_test, y_test)),
+            "svm_min_margin": float(svm.min_margin_),
+            "svm_n_support": int(svm.n_support_),
+            "svm_separable": 1,
+            "svm_time_s": time.perf_counter() - t0,
+        }
+
+    def _log(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
+        metrics: dict[str, float] = {"afterkernel/epoch": float(rows[0]["epoch"])}
+        metrics["afterkernel/network_test_acc"] = rows[0]["network_test_acc"]
+        for row in rows:
+            for key in ("svm_test_acc", "svm_min_margin", "svm_n_support", "svm_separable", "alignment_to_initial"):
+                metrics[f"afterkernel/{row['kernel']}/{key}"] = float(row[key])
+            if "alignment_ntk_ck" in row:
+                metrics["afterkernel/alignment_ntk_ck"] = row["alignment_ntk_ck"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @rank_zero_only
+    def _log_table(self, trainer: pl.Trainer) -> None:
+        """The whole results table, once, for loggers that take tables (W&B)."""
+        columns = sorted({key for row in self.results for key in row})
+        data = [[row.get(c, math.nan) for c in columns] for row in self.results]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="afterkernel/results", columns=columns, data=data)
+
+    def _results_path(self, trainer: pl.Trainer) -> Path:
+        root = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        return Path(root) / RESULTS_FILENAME
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        payload = {
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "seed": self.seed,
+            "kernels": self._active_kernels,
+            "model": type(trainer.lightning_module).__name__,
+            "results": self.results,
+        }
+        path = self._results_path(trainer)
+        try:
+            _atomic_write_json(path, payload)
+        except OSError as err:
+            rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; results stay in the logs.")
+
+    # ---------------------------------------------------------------- reporting
+    def summary_table(self) -> str:
+        """Kernel x epoch -> SVM test accuracy, beside the network's own test accuracy, as text."""
+        epochs = self.done_epochs
+        by_key = {(r["epoch"], r["kernel"]): r for r in self.results}
+        kernels = [k for k in self.kernels if any(r["kernel"] == k for r in self.results)]
+        header = ["kernel"] + [f"epoch {e}" + (" (initial)" if e == 0 else "") for e in epochs]
+
+        def pct(v: float) -> str:
+            return "not sep." if math.isnan(v) else f"{100 * v:.2f}%"
+
+        lines = []
+        for k in kernels:
+            label = KERNEL_LABELS[k]
+            cells = [pct(by_key[(e, k)]["svm_test_acc"]) if (e, k) in by_key else "-" for e in epochs]
+            lines.append([f"{label} SVM"] + cells)
+        net = {r["epoch"]: r["network_test_acc"] for r in self.results}
+        lines.append(["network itself"] + [pct(net[e]) for e in epochs])
+        widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        title = f"After-kernel summary: test accuracy on {self.n_test} test examples (SVM trained on {self.n_train})"
+        return "\n".join([title, rule, fmt.format(*header), rule] + [fmt.format(*r) for r in lines] + [rule])
+
+    @rank_zero_only
+    def print_summary(self) -> None:
+        print("\n" + self.summary_table(), flush=True)

@@ -1,0 +1,310 @@
+"""AfterKernelCallback in real Trainers: schedule, logging, state, resume, and every error path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers.logger import Logger
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_afterkernel.callbacks import AfterKernelCallback
+from lightning_afterkernel.errors import ConfigurationError, DataError
+from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk
+from lightning_afterkernel.models import MLPClassifier, VGGClassifier
+from lightning_afterkernel.svm import HardMarginSVM
+
+SHAPE = (1, 8, 8)
+
+
+def toy_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = 0.6 * torch.rand(n, *SHAPE, generator=g)
+    x[y == 1, :, :4] += 0.4
+    return x, y
+
+
+class ToyData(pl.LightningDataModule):
+    def __init__(self, n_train: int = 96, n_test: int = 48, flip_duplicates: bool = False) -> None:
+        super().__init__()
+        self.x_train, self.y_train = toy_data(n_train, 0)
+        self.x_test, self.y_test = toy_data(n_test, 1)
+        if flip_duplicates:  # the same image twice with opposite labels: no hard margin exists
+            self.x_train[1] = self.x_train[0]
+            self.y_train[1] = 1 - self.y_train[0]
+
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x_train, self.y_train), batch_size=16, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x_test, self.y_test), batch_size=16)
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def values(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.rows if key in m]
+
+
+class PlainLogit(pl.LightningModule):
+    """A user's own module: one logit, no `features` method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(self(x), y.float())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def make_trainer(tmp_path, callbacks, max_epochs=2, logger=None, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def wide_mlp(**kwargs) -> MLPClassifier:
+    """Width 64 > n_train = 40: generic CK features of 40 images span them, so the CK is separable."""
+    return MLPClassifier(input_shape=SHAPE, width=64, **kwargs)
+
+
+def small_callback(**kwargs) -> AfterKernelCallback:
+    options = {"epochs": [0, 1], "n_train": 40, "n_test": 24, "verbose": False}
+    options.update(kwargs)
+    return AfterKernelCallback(**options)
+
+
+# ---------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": [0, 3, 2]}, "strictly increasing"),
+        ({"epochs": [0, 0]}, "strictly increasing"),
+        ({"epochs": [-1]}, "non-negative"),
+        ({"kernels": ["ntk", "rbf"]}, "kernels"),
+        ({"kernels": []}, "kernels"),
+        ({"n_train": 1}, "n_train"),
+        ({"n_test": 0}, "n_test"),
+        ({"epochs": [], "at_end": False}, "Nothing to compute"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"svm": {"no_such_option": 1}}, "svm"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ConfigurationError, match=match):
+        AfterKernelCallback(**kwargs)
+
+
+# ---------------------------------------------------------------- end to end
+def test_schedule_logging_results_file_and_summary(tmp_path, capsys):
+    pl.seed_everything(0)
+    logger = MemoryLogger()
+    cb = small_callback(verbose=True, dirpath=str(tmp_path / "out"))
+    model = wide_mlp(lr=0.1)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=3, logger=logger)
+    trainer.fit(model, datamodule=ToyData())
+
+    assert cb.done_epochs == [0, 1, 3]  # 0 = initial, 1 scheduled, 3 = end of training
+    assert {(r["epoch"], r["kernel"]) for r in cb.results} == {(e, k) for e in (0, 1, 3) for k in ("ntk", "ck")}
+    for r in cb.results:
+        assert r["svm_separable"] == 1
+        assert 0.5 < r["svm_test_acc"] <= 1.0
+        assert r["svm_min_margin"] > 0.99
+        assert 0 < r["svm_n_support"] <= 40
+        assert 0 < r["alignment_ntk_ck"] <= 1
+        assert 0 < r["alignment_to_initial"] <= 1 + 1e-9
+    assert [r["alignment_to_initial"] for r in cb.results if r["epoch"] == 0] == pytest.approx([1.0, 1.0])
+
+    assert logger.values("afterkernel/epoch") == [0.0, 1.0, 3.0]
+    for k in ("ntk", "ck"):
+        assert len(logger.values(f"afterkernel/{k}/svm_test_acc")) == 3
+    assert len(logger.values("afterkernel/alignment_ntk_ck")) == 3
+    steps = [s for s, m in logger.rows if "afterkernel/epoch" in m]
+    assert steps == [0, 6, 18]  # 96 examples / 16 per batch = 6 steps per epoch
+
+    saved = json.loads((tmp_path / "out" / "afterkernel_results.json").read_text())
+    assert saved["n_train"] == 40 and len(saved["results"]) == 6
+    out = capsys.readouterr().out
+    assert "After-kernel summary" in out and "NTK SVM" in out and "CK SVM" in out and "network itself" in out
+
+
+def test_logged_accuracy_matches_an_independent_computation(tmp_path):
+    """The epoch-0 row equals kernels + SVM recomputed by hand on the same subsets."""
+    pl.seed_everything(0)
+    cb = small_callback(epochs=[0], at_end=False)
+    model = wide_mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    dm = ToyData()
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=dm)
+
+    model.load_state_dict(initial)
+    idx_tr, idx_te = cb._indices["train"], cb._indices["test"]
+    x_tr, y_tr = dm.x_train[idx_tr], dm.y_train[idx_tr]
+    x_te, y_te = dm.x_test[idx_te], dm.y_test[idx_te]
+    for name, fn in (("ntk", empirical_ntk), ("ck", conjugate_kernel)):
+        svm = HardMarginSVM().fit(fn(model, x_tr).double(), y_tr)
+        row = next(r for r in cb.results if r["kernel"] == name)
+        assert row["svm_test_acc"] == pytest.approx(svm.score(fn(model, x_te, x_tr).double(), y_te))
+        assert row["svm_n_support"] == svm.n_support_
+
+
+def test_training_is_unaffected_and_model_mode_restored(tmp_path):
+    class ModeSpy(pl.Callback):
+        modes: list[bool] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.modes.append(pl_module.training)
+
+    def run(callbacks):
+        pl.seed_everything(0)
+        model = VGGClassifier(input_shape=SHAPE, width=2, lr=0.1)
+        make_trainer(tmp_path, callbacks, max_epochs=2).fit(model, datamodule=ToyData())
+        return model.state_dict()
+
+    spy = ModeSpy()
+    with_cb = run([small_callback(), spy])
+    without = run([])
+    assert spy.modes == [True, True]  # the callback ran first at epoch ends and left train mode on
+    for key in without:
+        torch.testing.assert_close(with_cb[key], without[key], rtol=0, atol=0)
+
+
+def test_user_module_without_features_skips_ck_with_message(tmp_path):
+    cb = small_callback()
+    with pytest.warns(UserWarning, match="conjugate kernel is skipped.*features"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(PlainLogit(), datamodule=ToyData())
+    assert {r["kernel"] for r in cb.results} == {"ntk"}
+    assert cb.done_epochs == [0, 1]
+
+
+def test_ck_only_without_features_is_an_error(tmp_path):
+    cb = small_callback(kernels=["ck"])
+    with pytest.raises(ConfigurationError, match="features"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(PlainLogit(), datamodule=ToyData())
+
+
+def test_plain_dataloaders_without_datamodule(tmp_path):
+    x, y = toy_data(64, 0)
+    xv, yv = toy_data(32, 1)
+    cb = small_callback(epochs=[0], at_end=True, n_train=30, n_test=20)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(
+        wide_mlp(),
+        DataLoader(TensorDataset(x, y), batch_size=16),
+        DataLoader(TensorDataset(xv, yv), batch_size=16),
+    )
+    assert cb.done_epochs == [0, 1]
+
+
+def test_subset_larger_than_data_is_an_error_at_setup(tmp_path):
+    cb = small_callback(n_train=500)
+    with pytest.raises(ConfigurationError, match="n_train=500 is larger than the 96 train examples"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(MLPClassifier(input_shape=SHAPE, width=8), datamodule=ToyData())
+    assert cb.results == []
+
+
+def test_one_class_training_subset_is_an_error(tmp_path):
+    dm = ToyData()
+    dm.y_train = torch.zeros_like(dm.y_train)
+    with pytest.raises(DataError, match="two"):
+        make_trainer(tmp_path, [small_callback()], max_epochs=1).fit(
+            MLPClassifier(input_shape=SHAPE, width=8), datamodule=dm
+        )
+
+
+def test_non_separable_kernel_is_recorded_not_fatal(tmp_path):
+    cb = small_callback(epochs=[0], at_end=False, n_train=96)
+    with pytest.warns(UserWarning, match="no hard-margin SVM"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(
+            MLPClassifier(input_shape=SHAPE, width=8), datamodule=ToyData(flip_duplicates=True)
+        )
+    assert len(cb.results) == 2
+    for r in cb.results:
+        assert r["svm_separable"] == 0 and math.isnan(r["svm_test_acc"])
+    assert "not sep." in cb.summary_table()
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_resume_restores_results_and_initial_kernel(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = small_callback(epochs=[0, 1, 3], at_end=False)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    first = [dict(r) for r in cb.results]
+    assert cb.done_epochs == [0, 1]
+
+    resumed = small_callback(epochs=[0, 1, 3], at_end=False)
+    make_trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=3).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.done_epochs == [0, 1, 3]
+    assert json.dumps(resumed.results[: len(first)]) == json.dumps(first)  # restored, not recomputed
+    assert torch.equal(resumed._initial_kernels["ntk"], cb._initial_kernels["ntk"])
+    late = [r for r in resumed.results if r["epoch"] == 3]
+    assert all(0 < r["alignment_to_initial"] < 1 for r in late)
+
+
+def test_resume_catches_up_an_epoch_the_checkpoint_missed(tmp_path):
+    """A checkpoint written at validation end precedes on_train_epoch_end: the resumed run computes that epoch."""
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=False)
+    cb = small_callback(epochs=[0, 2], at_end=False)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    assert cb.done_epochs == [0, 2]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    assert sorted({r["epoch"] for r in state["results"]}) == [0]
+
+    resumed = small_callback(epochs=[0, 2], at_end=False)
+    make_trainer(tmp_path, [resumed], max_epochs=2).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert resumed.done_epochs == [0, 2]
+    again = {r["kernel"]: r["svm_test_acc"] for r in resumed.results if r["epoch"] == 2}
+    orig = {r["kernel"]: r["svm_test_acc"] for r in cb.results if r["epoch"] == 2}
+    assert again == pytest.approx(orig)  # same weights (end of epoch 2), same subsets, same answer
+
+
+def test_state_keys_differ_between_instances():
+    assert small_callback(seed=0).state_key != small_callback(seed=1).state_key

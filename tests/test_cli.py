@@ -1,0 +1,95 @@
+"""The command line: `python -m lightning_afterkernel fit --config ...` end to end, offline W&B."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_afterkernel.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI(args=...) warns when sys.argv also carries arguments (here: pytest's)."""
+    monkeypatch.setattr(sys, "argv", ["lightning_afterkernel"])
+
+
+def shrunk_quickstart(tmp_path: Path) -> Path:
+    """The quickstart config with a smaller schedule and every output under tmp_path."""
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["trainer"]["max_epochs"] = 1
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["callbacks"][0]["init_args"].update({"n_train": 150, "n_test": 100})
+    cfg["data"]["train_subset"] = 300
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_quickstart_config_runs_and_writes_an_offline_wandb_run(tmp_path, capsys):
+    cli = main(["fit", "--config", str(shrunk_quickstart(tmp_path))])
+    out = capsys.readouterr().out
+    assert "After-kernel summary" in out
+    assert "NTK SVM" in out and "CK SVM" in out and "network itself" in out
+    callback = cli.trainer.callbacks[0]
+    assert callback.done_epochs == [0, 1]
+    assert {(r["epoch"], r["kernel"]) for r in callback.results} == {(e, k) for e in (0, 1) for k in ("ntk", "ck")}
+    assert all(r["svm_separable"] == 1 and r["svm_test_acc"] > 0.8 for r in callback.results if r["kernel"] == "ntk")
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert (tmp_path / "run" / "config.yaml").exists()
+    # the model's input shape followed the dataset through the argument link
+    assert tuple(cli.model.hparams.input_shape) == (1, 28, 28)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_parses_and_builds(config, tmp_path):
+    cli = main(["--config", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    n = cli.model.num_parameters()
+    assert 90_000 <= n <= 102_000  # the paper's 1e5 budget
+    expected = (3, 32, 32) if "cifar10" in config.stem else (1, 28, 28)
+    assert tuple(cli.model.hparams.input_shape) == expected
+
+
+def test_module_entry_point_prints_config():
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_afterkernel", "fit", "--config", "configs/mnist_vgg.yaml", "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["class_path"] == "lightning_afterkernel.models.VGGClassifier"
+    assert printed["data"]["dataset"] == "mnist"
+
+
+def test_bad_dataset_on_the_command_line_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_afterkernel",
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--data.dataset=svhn",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "svhn" in result.stderr and "mnist" in result.stderr
