@@ -11,7 +11,11 @@ from lightning_afterkernel.models.base import BinaryClassifier, InitScheme, chec
 
 
 def vgg_budget_count(
-    input_shape: tuple[int, int, int], width: int, num_blocks: int, layers_per_block: int, kernel_size: int,
+    input_shape: tuple[int, int, int],
+    width: int,
+    num_blocks: int,
+    layers_per_block: int,
+    kernel_size: int,
     pool_size: int,
 ) -> float:
     """The paper code's approximate VGG parameter count, used only to choose the width.
@@ -33,14 +37,16 @@ def vgg_budget_count(
 
 
 def vgg_width_for_budget(
-    input_shape: tuple[int, int, int], num_parameters: int, num_blocks: int = 2, layers_per_block: int = 2,
-    kernel_size: int = 3, pool_size: int = 2,
+    input_shape: tuple[int, int, int],
+    num_parameters: int,
+    num_blocks: int = 2,
+    layers_per_block: int = 2,
+    kernel_size: int = 3,
+    pool_size: int = 2,
 ) -> int:
     """Smallest first-block channel count whose (paper-code) parameter count reaches the budget."""
     width = 4
-    while vgg_budget_count(input_shape, width, num_blocks, layers_per_block, kernel_size, pool_size) < (
-        num_parameters
-    ):
+    while vgg_budget_count(input_shape, width, num_blocks, layers_per_block, kernel_size, pool_size) < (num_parameters):
         width += 1
     return width
 

@@ -113,8 +113,12 @@ def test_training_reduces_logistic_loss_and_logs_accuracy(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
     model = MLPClassifier(width=16, lr=0.05)
     trainer = pl.Trainer(
-        max_epochs=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_epochs=15,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     before = trainer.validate(model, loader, verbose=False)[0]["val_loss"]
     trainer.fit(model, loader, loader)
