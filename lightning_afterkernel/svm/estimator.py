@@ -1,4 +1,4 @@
-"""``HardMarginSVM``: a hard-margin SVM on a precomputed kernel, scikit-learn style."""
+"""``HardMarginSVM`` and ``SoftMarginSVM``: SVMs on a precomputed kernel, scikit-learn style."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import importlib
 import math
 import sys
 import time
+import warnings
 from numbers import Integral, Real
 from types import ModuleType
 from typing import TYPE_CHECKING, Self
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
+from lightning_afterkernel.svm import sklearn_backend
 from lightning_afterkernel.svm._checks import (
     DualResult,
     check_cross_kernel,
@@ -23,6 +26,7 @@ from lightning_afterkernel.svm._checks import (
     check_separable_precheck,
     warn_if_indefinite,
 )
+from lightning_afterkernel.svm.lowrank import RANK_TOL, certify_separability
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
@@ -49,73 +53,11 @@ def _resolve_backend(name: object) -> tuple[str, ModuleType]:
     return name, importlib.import_module(_BACKENDS[name])
 
 
-class HardMarginSVM(ClassifierMixin, BaseEstimator):
-    """Hard-margin binary SVM on a precomputed kernel (by default without a bias, as in the paper).
+class _KernelSVM(ClassifierMixin, BaseEstimator):
+    """What ``HardMarginSVM`` and ``SoftMarginSVM`` share: input checks, normalisation, prediction.
 
-    Solves, with Q = diag(y) K diag(y) and y in {-1, +1},
-
-        max_a  1^T a - 1/2 a^T Q a   s.t.  a >= 0            (fit_intercept=False)
-                                        and y^T a = 0         (fit_intercept=True, bias b)
-
-    i.e. min ||w||^2 / 2 s.t. y_i (w . phi(x_i) + b) >= 1, with f(x) = sum_j a_j y_j K(x, x_j) + b.
-    With ``normalize=True`` K is first divided by s = (mean_i sqrt(K_ii))^2, i.e. features are divided
-    by their mean train norm; this rescales alpha by s and leaves the classifier unchanged.
-
-    Before the solve, inputs that no hard margin can separate (examples with opposite labels and
-    numerically identical feature vectors; without a bias, zero feature vectors) raise
-    ``NotSeparableError`` at once, and a clearly indefinite K warns. The solve is bounded by
-    ``time_limit``: on non-separable data a hard-margin solver never finishes. After the solve,
-    everything is verified in float64 on the normalised kernel: the minimum functional training
-    margin ``min_i y_i f(x_i)`` (1 for an exact solution) must be >= 1 - ``margin_tol``.
-
-    Args:
-        backend: "auto" (currently "sklearn") or "sklearn" (libsvm SMO; without a bias it solves the
-            exact no-bias dual through an augmented kernel, see ``sklearn_backend``).
-        fit_intercept: fit a bias b. False (default) is the paper's formulation.
-        normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
-        tol: the solver's stopping tolerance (libsvm: KKT violation).
-        max_iter: solver iteration limit, None for none.
-        time_limit: seconds before the solve is abandoned with SolverError (non-separable data with a
-            hard margin never converges); None for none.
-        margin_tol: accepted shortfall of the minimum training margin below 1. The default 1e-2 covers
-            libsvm's float32 kernel cache, which leaves margins short by up to ~1e-2 on hard kernels
-            whatever ``tol``; the true value is reported in ``min_margin_``.
-
-    Attributes:
-        alpha_: (n,) dual variables a >= 0, in the normalised kernel's scale.
-        dual_coef_: (n_support_,) a_i y_i of the support vectors (normalised kernel's scale).
-        support_: (n_support_,) indices of the training examples with a_i > 0.
-        n_support_: number of support vectors (int).
-        intercept_: b (0.0 when ``fit_intercept=False``).
-        min_margin_: min_i y_i f(x_i) on the training set, float64.
-        dual_objective_: 1^T a - 1/2 a^T Q a (normalised scale) = ||w||^2 / 2 at the optimum.
-        duality_gap_: (P - D) / P with P = ||w||^2 / (2 min_margin_^2), the objective of the feasible
-            primal point (w, b) / min_margin_, and D = ``dual_objective_``: a certified bound on the
-            relative suboptimality.
-        scale_: s (1.0 when ``normalize=False``).
-        classes_: the two labels in the caller's encoding; ``classes_[1]`` is the positive class.
-        n_iter_: solver iterations.
-        backend_: the backend used.
-        fit_time_: seconds spent in ``fit``.
+    Subclasses define ``__init__`` (their hyper-parameters), ``_check_params`` and ``_fit_normalized``.
     """
-
-    def __init__(
-        self,
-        backend: str = "auto",
-        fit_intercept: bool = False,
-        normalize: bool = True,
-        tol: float = 1e-3,
-        max_iter: int | None = None,
-        time_limit: float | None = 60.0,
-        margin_tol: float = 1e-2,
-    ) -> None:
-        self.backend = backend
-        self.fit_intercept = fit_intercept
-        self.normalize = normalize
-        self.tol = tol
-        self.max_iter = max_iter
-        self.time_limit = time_limit
-        self.margin_tol = margin_tol
 
     def __sklearn_tags__(self) -> Tags:
         """Mark the input as a precomputed (pairwise) kernel, so model selection slices it on both axes.
@@ -140,80 +82,45 @@ class HardMarginSVM(ClassifierMixin, BaseEstimator):
             raise ConfigurationError(
                 f"time_limit must be a positive number of seconds or None; got {self.time_limit!r}."
             )
-        if not (_real(self.margin_tol) and 0.0 <= self.margin_tol < 1.0):
-            raise ConfigurationError(f"margin_tol must be in [0, 1) (e.g. 1e-2); got {self.margin_tol!r}.")
 
-    def fit(self, K: object, y: object) -> Self:
-        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
-
-        Raises:
-            ConfigurationError: invalid hyper-parameters or backend.
-            KernelError, DataError: malformed K or y.
-            NotSeparableError: the data cannot be separated by this kernel.
-            SolverError: the solver stopped short of a hard margin (time/iteration limit, tolerance).
-        """
+    def _fit(self, K: object, y: object) -> Self:
         start = time.perf_counter()
         self._check_params()
-        backend, solver = _resolve_backend(self.backend)
         K = check_kernel(K)
         y_pm, classes = check_labels(y, K.shape[0])
         scale = float(np.sqrt(np.diagonal(K)).mean() ** 2) if self.normalize else 1.0
         if scale != 1.0:
             K /= scale
-        check_separable_precheck(K, y_pm, self.fit_intercept)
-        warn_if_indefinite(K)
-        result = solver.fit_dual(
-            K,
-            y_pm,
-            bool(self.fit_intercept),
-            float(self.tol),
-            None if self.max_iter is None else int(self.max_iter),
-            None if self.time_limit is None else float(self.time_limit),
-        )
-        self._verify_and_store(K, y_pm, result, backend)
+        self._fit_normalized(K, y_pm)
         self.scale_ = scale
         self.classes_ = classes
-        self.backend_ = backend
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    def _verify_and_store(self, K: np.ndarray, y: np.ndarray, result: DualResult, backend: str) -> None:
-        alpha, b = result.alpha, float(result.intercept)
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _solver_args(self, seconds_used: float = 0.0) -> tuple[bool, float, int | None, float | None]:
+        """(fit_intercept, tol, max_iter, time left of ``time_limit`` after ``seconds_used``) for a backend."""
+        left = None if self.time_limit is None else max(float(self.time_limit) - seconds_used, 1e-3)
+        return bool(self.fit_intercept), float(self.tol), None if self.max_iter is None else int(self.max_iter), left
+
+    @staticmethod
+    def _training_fit(K: np.ndarray, y: np.ndarray, result: DualResult) -> tuple[np.ndarray, np.ndarray, float]:
+        """(support, margins y_i f(x_i), a^T Q a = ||w||^2) of a solution, in float64."""
+        alpha = result.alpha
         support = np.flatnonzero(alpha > 0)
         f0 = K[:, support] @ (alpha[support] * y[support])
-        margins = y * (f0 + b)
-        min_margin = float(margins.min())
-        if min_margin < 1.0 - self.margin_tol:
-            if not result.converged:
-                advice = (
-                    f"the solver stopped at max_iter={self.max_iter} before converging; raise max_iter or "
-                    "set it to None (time_limit still bounds the run)"
-                )
-            else:
-                advice = (
-                    f"the {backend!r} solver stopped short at tol={self.tol:g}; use a smaller tol (e.g. "
-                    f"{self.tol / 10:g}), or accept the shortfall with margin_tol > {1.0 - min_margin:.3g}"
-                    + (
-                        " (libsvm caches the kernel in float32, so margins may stay ~1e-2 short)"
-                        if backend == "sklearn"
-                        else ""
-                    )
-                )
-            raise SolverError(
-                f"no hard-margin solution: the minimum training margin is {min_margin:.6g} < 1 - margin_tol = "
-                f"{1.0 - self.margin_tol:g} (float64, normalised kernel); {advice}."
-            )
-        w_sq = float((alpha * y) @ f0)
-        dual = float(alpha.sum()) - 0.5 * w_sq
-        primal = 0.5 * w_sq / min_margin**2
-        self.alpha_ = alpha
+        return support, y * (f0 + float(result.intercept)), float((alpha * y) @ f0)
+
+    def _store_dual(self, y: np.ndarray, result: DualResult, support: np.ndarray, margins: np.ndarray) -> None:
+        """Set the fitted attributes every SVM has."""
+        self.alpha_ = result.alpha
         self.support_ = support
-        self.dual_coef_ = alpha[support] * y[support]
+        self.dual_coef_ = result.alpha[support] * y[support]
         self.n_support_ = int(support.size)
-        self.intercept_ = b
-        self.min_margin_ = min_margin
-        self.dual_objective_ = dual
-        self.duality_gap_ = (primal - dual) / primal
+        self.intercept_ = float(result.intercept)
+        self.min_margin_ = float(margins.min())
         self.n_iter_ = int(result.n_iter)
 
     def decision_function(self, K_cross: object) -> np.ndarray:
@@ -246,6 +153,245 @@ class HardMarginSVM(ClassifierMixin, BaseEstimator):
             )
         w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         return float(np.average(pred == y, weights=w))
+
+
+class HardMarginSVM(_KernelSVM):
+    """Hard-margin binary SVM on a precomputed kernel (by default without a bias, as in the paper).
+
+    Solves, with Q = diag(y) K diag(y) and y in {-1, +1},
+
+        max_a  1^T a - 1/2 a^T Q a   s.t.  a >= 0            (fit_intercept=False)
+                                        and y^T a = 0         (fit_intercept=True, bias b)
+
+    i.e. min ||w||^2 / 2 s.t. y_i (w . phi(x_i) + b) >= 1, with f(x) = sum_j a_j y_j K(x, x_j) + b.
+    With ``normalize=True`` K is first divided by s = (mean_i sqrt(K_ii))^2, i.e. features are divided
+    by their mean train norm; this rescales alpha by s and leaves the classifier unchanged.
+
+    Before the solve, inputs that no hard margin can separate raise ``NotSeparableError`` at once:
+    examples with opposite labels and numerically identical feature vectors and, without a bias, zero
+    feature vectors (O(n^2)); and **low-rank kernels with no separating direction** (``lowrank``): a
+    pivoted Cholesky factor K ~ L L^T (n x r) is computed at ``rank_tol``, and when r < n a linear program
+    on L decides exactly whether some direction of the span separates the data (with a free bias when
+    ``fit_intercept``); if none does, its dual gives a convex combination of the examples' signed features
+    that is (numerically) zero, which bounds the geometric margin of every separator of K by sqrt(q)
+    (q = that combination's squared norm, computed from K), and the error is raised when q <= ``rank_tol``
+    * max K_ii. Cost: O(n r^2) for the factor plus linear programs growing ~r^3: refusing takes 0.1 s at
+    r = 100 (the quickstart's conjugate kernels, n = 1,000, r = 77-89: 0.07 s instead of a 60 s time-out),
+    0.3-0.4 s at r = 200, for n up to 12,000; proving separability 0.1-0.5 s at r = 100, 2-3 s at r = 200
+    (then the solve runs as usual). Kernels of rank above min(200, n / 2) (NTKs, RBF kernels) skip it after
+    200 factor steps (0.03 s at n = 12,000). A clearly indefinite K warns.
+
+    The solve is bounded by ``time_limit``: on non-separable data a hard-margin solver never finishes. After
+    the solve, everything is verified in float64 on the normalised kernel: the minimum functional training
+    margin ``min_i y_i f(x_i)`` (1 for an exact solution) must be >= 1 - ``margin_tol``.
+
+    Args:
+        backend: "auto" (currently "sklearn") or "sklearn" (libsvm SMO; without a bias it solves the
+            exact no-bias dual through an augmented kernel, see ``sklearn_backend``).
+        fit_intercept: fit a bias b. False (default) is the paper's formulation.
+        normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
+        tol: the solver's stopping tolerance (libsvm: KKT violation).
+        max_iter: solver iteration limit, None for none.
+        time_limit: seconds for the certificate and the solve together before the fit is abandoned with
+            SolverError (non-separable data with a hard margin never converges); None for none.
+        margin_tol: accepted shortfall of the minimum training margin below 1. The default 1e-2 covers
+            libsvm's float32 kernel cache, which leaves margins short by up to ~1e-2 on hard kernels
+            whatever ``tol``; the true value is reported in ``min_margin_``.
+        rank_tol: relative residual (of max K_ii) below which a direction of K counts as numerically absent
+            in the low-rank certificate; a separation needing such directions has a geometric margin below
+            sqrt(rank_tol) of the largest feature norm and is not trusted. The default 1e-5 lies above the
+            float32 round-off seen in practice (<= 3.2e-6; see ``lowrank``); use ~1e-9 for float64 kernels.
+            None skips the certificate.
+
+    Attributes:
+        alpha_: (n,) dual variables a >= 0, in the normalised kernel's scale.
+        dual_coef_: (n_support_,) a_i y_i of the support vectors (normalised kernel's scale).
+        support_: (n_support_,) indices of the training examples with a_i > 0.
+        n_support_: number of support vectors (int).
+        intercept_: b (0.0 when ``fit_intercept=False``).
+        min_margin_: min_i y_i f(x_i) on the training set, float64.
+        dual_objective_: 1^T a - 1/2 a^T Q a (normalised scale) = ||w||^2 / 2 at the optimum.
+        duality_gap_: (P - D) / P with P = ||w||^2 / (2 min_margin_^2), the objective of the feasible
+            primal point (w, b) / min_margin_, and D = ``dual_objective_``: a certified bound on the
+            relative suboptimality.
+        numerical_rank_: the kernel's rank r at ``rank_tol`` found by the certificate, or None (skipped:
+            rank above the cap, or ``rank_tol=None``).
+        scale_: s (1.0 when ``normalize=False``).
+        classes_: the two labels in the caller's encoding; ``classes_[1]`` is the positive class.
+        n_iter_: solver iterations.
+        backend_: the backend used.
+        fit_time_: seconds spent in ``fit``.
+    """
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        fit_intercept: bool = False,
+        normalize: bool = True,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        time_limit: float | None = 60.0,
+        margin_tol: float = 1e-2,
+        rank_tol: float | None = RANK_TOL,
+    ) -> None:
+        self.backend = backend
+        self.fit_intercept = fit_intercept
+        self.normalize = normalize
+        self.tol = tol
+        self.max_iter = max_iter
+        self.time_limit = time_limit
+        self.margin_tol = margin_tol
+        self.rank_tol = rank_tol
+
+    def _check_params(self) -> None:
+        _resolve_backend(self.backend)
+        super()._check_params()
+        if not (_real(self.margin_tol) and 0.0 <= self.margin_tol < 1.0):
+            raise ConfigurationError(f"margin_tol must be in [0, 1) (e.g. 1e-2); got {self.margin_tol!r}.")
+        if self.rank_tol is not None and not (_real(self.rank_tol) and 0.0 < self.rank_tol < 1.0):
+            raise ConfigurationError(
+                f"rank_tol must be in (0, 1) (e.g. {RANK_TOL:g}) or None to skip the certificate; got "
+                f"{self.rank_tol!r}."
+            )
+
+    def fit(self, K: object, y: object) -> Self:
+        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
+
+        Raises:
+            ConfigurationError: invalid hyper-parameters or backend.
+            KernelError, DataError: malformed K or y.
+            NotSeparableError: the data cannot be separated by this kernel (including the low-rank
+                certificate: numerical rank r < n and no separating direction in the span).
+            SolverError: the solver stopped short of a hard margin (time/iteration limit, tolerance).
+        """
+        return self._fit(K, y)
+
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
+        backend, solver = _resolve_backend(self.backend)
+        check_separable_precheck(K, y, self.fit_intercept)
+        warn_if_indefinite(K)
+        rank, seconds = None, 0.0
+        if self.rank_tol is not None:
+            fit_intercept, _, _, time_limit = self._solver_args()
+            cert = certify_separability(K, y, fit_intercept, float(self.rank_tol), time_limit)
+            rank, seconds = cert.rank, cert.seconds
+        result = solver.fit_dual(K, y, *self._solver_args(seconds))
+        support, margins, w_sq = self._training_fit(K, y, result)
+        min_margin = float(margins.min())
+        if min_margin < 1.0 - self.margin_tol:
+            if not result.converged:
+                advice = (
+                    f"the solver stopped at max_iter={self.max_iter} before converging; raise max_iter or "
+                    "set it to None (time_limit still bounds the run)"
+                )
+            else:
+                advice = (
+                    f"the {backend!r} solver stopped short at tol={self.tol:g}; use a smaller tol (e.g. "
+                    f"{self.tol / 10:g}), or accept the shortfall with margin_tol > {1.0 - min_margin:.3g}"
+                    + (
+                        " (libsvm caches the kernel in float32, so margins may stay ~1e-2 short)"
+                        if backend == "sklearn"
+                        else ""
+                    )
+                )
+            raise SolverError(
+                f"no hard-margin solution: the minimum training margin is {min_margin:.6g} < 1 - margin_tol = "
+                f"{1.0 - self.margin_tol:g} (float64, normalised kernel); {advice}."
+            )
+        self._store_dual(y, result, support, margins)
+        dual = float(result.alpha.sum()) - 0.5 * w_sq
+        primal = 0.5 * w_sq / min_margin**2
+        self.dual_objective_ = dual
+        self.duality_gap_ = (primal - dual) / primal
+        self.numerical_rank_ = rank
+        self.backend_ = backend
+
+
+class SoftMarginSVM(_KernelSVM):
+    """Soft-margin binary SVM on a precomputed kernel: the fallback when no hard margin exists.
+
+    Solves min_w,b ||w||^2 / 2 + C sum_i max(0, 1 - y_i (w . phi(x_i) + b)), i.e. the dual
+
+        max_a  1^T a - 1/2 a^T Q a   s.t.  0 <= a <= C   (and y^T a = 0 with fit_intercept=True),
+
+    with the same precomputed-kernel interface, input checks and no-bias emulation (exact for every C, see
+    ``sklearn_backend.fit_soft_dual``) as ``HardMarginSVM``. With ``normalize=True`` (the default) K is
+    divided by s = (mean_i sqrt(K_ii))^2 first, so the mean training feature norm is 1 and C means the same
+    thing at every kernel scale. For separable data and C above every hard-margin dual coefficient it is the
+    hard-margin SVM.
+
+    Args:
+        C: box bound (> 0) on the dual coefficients, in the (normalised) kernel's scale.
+        fit_intercept: fit a bias b. False (default) matches the paper's hard-margin formulation.
+        normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
+        tol: libsvm's stopping tolerance (KKT violation).
+        max_iter: solver iteration limit, None for none (stopping there warns, with the duality gap).
+        time_limit: seconds before the solve is abandoned with SolverError; None for none.
+
+    Attributes:
+        alpha_: (n,) dual variables, 0 <= a <= C, in the normalised kernel's scale.
+        dual_coef_, support_, n_support_, intercept_, scale_, classes_, n_iter_, fit_time_: as in
+            ``HardMarginSVM``. With a bias, b minimises the hinge loss for the returned alpha.
+        min_margin_: min_i y_i f(x_i) on the training set (below 1, or negative, when examples violate the
+            margin or are misclassified).
+        n_at_bound_: number of alphas at C (margin violators).
+        dual_objective_: D = 1^T a - 1/2 a^T Q a (normalised scale).
+        primal_objective_: P = ||w||^2 / 2 + C sum_i max(0, 1 - y_i f(x_i)) for the returned (w, b).
+        duality_gap_: (P - D) / P >= 0, a certified bound on the relative suboptimality.
+        backend_: "sklearn".
+    """
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        fit_intercept: bool = False,
+        normalize: bool = True,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        time_limit: float | None = 60.0,
+    ) -> None:
+        self.C = C
+        self.fit_intercept = fit_intercept
+        self.normalize = normalize
+        self.tol = tol
+        self.max_iter = max_iter
+        self.time_limit = time_limit
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not _positive_real(self.C):
+            raise ConfigurationError(f"C must be a positive number (e.g. 1.0); got {self.C!r}.")
+
+    def fit(self, K: object, y: object) -> Self:
+        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
+
+        Raises:
+            ConfigurationError: invalid hyper-parameters.
+            KernelError, DataError: malformed K or y.
+            SolverError: time limit hit.
+        """
+        return self._fit(K, y)
+
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
+        warn_if_indefinite(K)
+        C = float(self.C)
+        result = sklearn_backend.fit_soft_dual(K, y, C, *self._solver_args())
+        support, margins, w_sq = self._training_fit(K, y, result)
+        self._store_dual(y, result, support, margins)
+        dual = float(self.alpha_.sum()) - 0.5 * w_sq
+        primal = 0.5 * w_sq + C * float(np.maximum(0.0, 1.0 - margins).sum())
+        self.n_at_bound_ = int(np.count_nonzero(self.alpha_ >= C * (1.0 - sklearn_backend.AT_BOUND_RTOL)))
+        self.dual_objective_ = dual
+        self.primal_objective_ = primal
+        self.duality_gap_ = (primal - dual) / primal
+        self.backend_ = "sklearn"
+        if not result.converged:
+            warnings.warn(
+                f"SoftMarginSVM stopped at max_iter={self.max_iter} before converging (relative duality gap "
+                f"{self.duality_gap_:.3g}); raise max_iter or set it to None.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
 
 
 def _real(x: object) -> bool:

@@ -1,6 +1,7 @@
 """scikit-learn (libsvm SMO) backend: ``SVC(kernel="precomputed")`` with a huge box bound C.
 
-Hard margin = soft margin with C above every dual coefficient: C = ``C_REL / mean_i K_ii``.
+Hard margin (``fit_dual``) = soft margin with C above every dual coefficient: C = ``C_REL / mean_i K_ii``.
+The soft margin itself (``fit_soft_dual``) uses the caller's C; both share ``_solve``.
 
 **With a bias** (``fit_intercept=True``) libsvm solves exactly the dual
 
@@ -20,10 +21,12 @@ Both have y phi = s u, so with A = a_+ + a_- and D = a_+ - a_- the augmented dua
 
 For fixed a, the bracket is maximised at A = 1/s^2 =: B, feasible whenever |y^T a| <= B; so the real
 alphas are *exactly* the no-bias optimum as long as |y^T a*| < B, and then both virtual examples are
-free support vectors, which forces libsvm's b to 0. We take B = ``ABSORBER_REL / mean_i K_ii`` and check
-|y^T a| < B / 2 afterwards (else SolverError). What is approximate is only what is approximate in libsvm
-itself: its tolerance ``tol`` and its float32 kernel cache (margins short of 1 by up to ~1e-2 on hard
-kernels); the estimator verifies the margins in float64.
+free support vectors, which forces libsvm's b to 0. The virtual examples need their own box: a_+- =
+(B -+ y^T a) / 2 must stay below it, so it is max(C, B) (libsvm's per-example C_i = C * sample_weight_i).
+Hard margin: B = ``ABSORBER_REL / mean_i K_ii`` (< C) and we check |y^T a| < B / 2 afterwards (else
+SolverError). Soft margin: 0 <= a_i <= C gives |y^T a| < n C, so B = 2 n C is exact for every C. What
+is approximate is only what is approximate in libsvm itself: its tolerance ``tol`` and its float32 kernel
+cache (margins short of 1 by up to ~1e-2 on hard kernels); the estimator verifies the margins in float64.
 
 **Time limit**: libsvm cannot be interrupted, and on non-separable data with a huge C its SMO runs for
 ~C iterations (alpha grows by O(1) per step). The fit therefore runs in a child process that is
@@ -67,9 +70,10 @@ def _cache_mb(n: int) -> float:
 
 
 def _libsvm_fit(
-    K: np.ndarray, y: np.ndarray, C: float, tol: float, max_iter: int | None
+    K: np.ndarray, y: np.ndarray, C: float, tol: float, max_iter: int | None, sample_weight: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, float, int, bool, list[tuple[type[Warning], str]]]:
-    """One ``SVC`` fit; returns (support, dual_coef, intercept, n_iter, converged, other warnings)."""
+    """One ``SVC`` fit (per-example box C * sample_weight_i); returns (support, dual_coef, intercept, n_iter,
+    converged, other warnings)."""
     svc = SVC(
         kernel="precomputed",
         C=C,
@@ -79,7 +83,7 @@ def _libsvm_fit(
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        svc.fit(K, y)
+        svc.fit(K, y, sample_weight=sample_weight)
     converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
     others = [(w.category, str(w.message)) for w in caught if not issubclass(w.category, ConvergenceWarning)]
     return svc.support_, svc.dual_coef_[0], float(svc.intercept_[0]), int(svc.n_iter_[0]), converged, others
@@ -143,6 +147,45 @@ def run_with_time_limit(
     return payload
 
 
+def _solve(
+    K: np.ndarray,
+    y_pm: np.ndarray,
+    C: float,
+    fit_intercept: bool,
+    capacity: float,
+    tol: float,
+    max_iter: int | None,
+    time_limit: float | None,
+) -> tuple[np.ndarray, float, int, bool]:
+    """One libsvm solve with box 0 <= a <= C; without a bias through the augmented kernel of capacity B.
+
+    The virtual examples get their own box max(C, B) (libsvm's per-example C_i = C * sample_weight_i), so
+    they never bind as long as |y^T a| < B. Returns (alpha, libsvm's intercept, n_iter, converged).
+
+    Raises:
+        TimeoutError: no result within ``time_limit``.
+    """
+    n = K.shape[0]
+    weights = None
+    if fit_intercept:
+        K_solve, y_solve = K, y_pm
+    else:
+        K_solve = np.zeros((n + 2, n + 2))
+        K_solve[:n, :n] = K
+        K_solve[n:, n:] = np.array([[1.0, -1.0], [-1.0, 1.0]]) / capacity
+        y_solve = np.concatenate([y_pm, [1.0, -1.0]])
+        if capacity > C:
+            weights = np.concatenate([np.ones(n), [capacity / C, capacity / C]])
+    support, dual_coef, intercept, n_iter, converged, others = run_with_time_limit(
+        _libsvm_fit, (K_solve, y_solve, C, tol, max_iter, weights), time_limit
+    )
+    for category, message in others:
+        warnings.warn(message, category, stacklevel=3)
+    alpha_all = np.zeros(K_solve.shape[0])
+    alpha_all[support] = dual_coef * y_solve[support]
+    return alpha_all[:n], intercept, n_iter, converged
+
+
 def fit_dual(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -165,32 +208,17 @@ def fit_dual(
         NotSeparableError: an alpha reached the box bound C.
         SolverError: time limit hit, or the no-bias emulation saturated.
     """
-    n = K.shape[0]
     mean_diag = float(np.diagonal(K).mean())
     C = C_REL / mean_diag
-    if fit_intercept:
-        K_solve, y_solve = K, y_pm
-    else:
-        capacity = ABSORBER_REL / mean_diag
-        K_solve = np.zeros((n + 2, n + 2))
-        K_solve[:n, :n] = K
-        K_solve[n:, n:] = np.array([[1.0, -1.0], [-1.0, 1.0]]) / capacity
-        y_solve = np.concatenate([y_pm, [1.0, -1.0]])
+    capacity = ABSORBER_REL / mean_diag
     try:
-        support, dual_coef, intercept, n_iter, converged, others = run_with_time_limit(
-            _libsvm_fit, (K_solve, y_solve, C, tol, max_iter), time_limit
-        )
+        alpha, intercept, n_iter, converged = _solve(K, y_pm, C, fit_intercept, capacity, tol, max_iter, time_limit)
     except TimeoutError:
         raise SolverError(
             f"libsvm hit the time limit (time_limit={time_limit:g} s) without a solution. The training data "
             "may not be separable by this kernel (then no hard-margin SVM exists and libsvm never finishes); "
             "if it is separable but hard, raise time_limit (None removes the limit)."
         ) from None
-    for category, message in others:
-        warnings.warn(message, category, stacklevel=2)
-    alpha_all = np.zeros(K_solve.shape[0])
-    alpha_all[support] = dual_coef * y_solve[support]
-    alpha = alpha_all[:n]
     if fit_intercept:
         intercept = _best_intercept(K, y_pm, alpha)
     else:
@@ -214,6 +242,48 @@ def fit_dual(
     return DualResult(alpha=alpha, intercept=intercept, n_iter=n_iter, converged=converged)
 
 
+def fit_soft_dual(
+    K: np.ndarray,
+    y_pm: np.ndarray,
+    C: float,
+    fit_intercept: bool,
+    tol: float,
+    max_iter: int | None,
+    time_limit: float | None,
+) -> DualResult:
+    """Solve the soft-margin dual (box 0 <= a <= C) on a float64 kernel with libsvm.
+
+    Without a bias the emulation above is exact for every C: |y^T a| <= sum_i a_i < n C, so with capacity
+    B = 2 n C (and the virtual examples' box B) it can never saturate. With a bias, libsvm's b is replaced
+    by the nearest minimiser of the hinge loss for the returned alpha (``_hinge_intercept``).
+
+    Args:
+        K: (n, n) symmetric float64 kernel.
+        y_pm: (n,) labels in {-1.0, +1.0}.
+        C: the box bound (> 0), in K's scale.
+        fit_intercept, tol, max_iter, time_limit: as in ``fit_dual``.
+
+    Raises:
+        SolverError: time limit hit.
+    """
+    try:
+        alpha, intercept, n_iter, converged = _solve(
+            K, y_pm, C, fit_intercept, 2.0 * K.shape[0] * C, tol, max_iter, time_limit
+        )
+    except TimeoutError:
+        raise SolverError(
+            f"libsvm hit the time limit (time_limit={time_limit:g} s) without a soft-margin solution; raise "
+            "time_limit (None removes the limit) or use a smaller C (a huge C approaches the hard margin, which "
+            "is slow on data that is not separable)."
+        ) from None
+    if fit_intercept:
+        f = training_margins(K, y_pm, alpha, 0.0) * y_pm
+        intercept = _hinge_intercept(f, y_pm, intercept)
+    else:
+        intercept = 0.0
+    return DualResult(alpha=alpha, intercept=intercept, n_iter=n_iter, converged=converged)
+
+
 def _best_intercept(K: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
     """The b maximising min_i y_i (f_i + b) for fixed alpha, in float64.
 
@@ -222,3 +292,21 @@ def _best_intercept(K: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
     """
     f = training_margins(K, y, alpha, 0.0) * y
     return 0.5 * (float(np.min(-f[y < 0])) - float(np.min(f[y > 0])))
+
+
+def _hinge_intercept(f: np.ndarray, y: np.ndarray, b0: float) -> float:
+    """The minimiser of h(b) = sum_i max(0, 1 - y_i (f_i + b)) nearest to b0, in float64.
+
+    h is convex and piecewise linear with kinks at c_i = y_i - f_i; its right slope at b is
+    #{y_i = -1, c_i <= b} - #{y_i = +1, c_i > b} and its left slope #{y_i = -1, c_i < b} - #{y_i = +1, c_i >= b}.
+    The minimisers form [lo, hi]: lo the smallest kink with right slope >= 0, hi the largest with left
+    slope <= 0 (both exist when both classes are present).
+    """
+    c = y - f
+    c_pos, c_neg = np.sort(c[y > 0]), np.sort(c[y < 0])
+    kinks = np.unique(c)
+    right = np.searchsorted(c_neg, kinks, side="right") - (c_pos.size - np.searchsorted(c_pos, kinks, side="right"))
+    left = np.searchsorted(c_neg, kinks, side="left") - (c_pos.size - np.searchsorted(c_pos, kinks, side="left"))
+    lo = float(kinks[np.argmax(right >= 0)])
+    hi = float(kinks[len(kinks) - 1 - np.argmax(left[::-1] <= 0)])
+    return float(min(max(b0, lo), hi))

@@ -157,6 +157,7 @@ def test_init_stores_only_and_params_round_trip():
         max_iter=1000,
         time_limit=None,
         margin_tol=1e-3,
+        rank_tol=None,
     )
     est = HardMarginSVM(**params)
     assert est.get_params() == params
