@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
 from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, kernel_alignment
-from lightning_afterkernel.svm import HardMarginSVM
+from lightning_afterkernel.svm import HardMarginSVM, SoftMarginSVM
 
 KernelName = Literal["ntk", "ck"]
 KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
@@ -88,6 +88,10 @@ class AfterKernelCallback(pl.Callback):
         n_test: size of the fixed test subset it is evaluated on.
         seed: seed of the subset draw (independent of the global RNG, so training is unaffected).
         svm: keyword arguments for :class:`~lightning_afterkernel.svm.HardMarginSVM`.
+        soft_margin_c: when a kernel admits no hard-margin SVM (e.g. a conjugate kernel with fewer
+            features than training examples), fit :class:`~lightning_afterkernel.svm.SoftMarginSVM`
+            with this C on the normalised kernel and report its test accuracy as
+            ``svm_soft_test_acc``; ``None`` disables the fallback.
         kernel_batch_size: examples per chunk in the kernel computation (None: automatic).
         dtype: ``"float32"`` or ``"float64"`` for the kernel computation.
         dirpath: where ``afterkernel_results.json`` is written (None: the Trainer's log dir).
@@ -110,6 +114,7 @@ class AfterKernelCallback(pl.Callback):
         n_test: int = 500,
         seed: int = 0,
         svm: dict[str, Any] | None = None,
+        soft_margin_c: float | None = 1.0,
         kernel_batch_size: int | None = None,
         dtype: Literal["float32", "float64"] = "float32",
         dirpath: str | None = None,
@@ -135,6 +140,9 @@ class AfterKernelCallback(pl.Callback):
             raise ConfigurationError(
                 f"svm={self.svm_kwargs!r} is not a valid set of HardMarginSVM options: {err}"
             ) from err
+        if soft_margin_c is not None and not soft_margin_c > 0:
+            raise ConfigurationError(f"soft_margin_c={soft_margin_c!r} must be a positive C, or None to disable.")
+        self.soft_margin_c = soft_margin_c
         self.at_end = at_end
         self.n_train = n_train
         self.n_test = n_test
@@ -344,21 +352,42 @@ class AfterKernelCallback(pl.Callback):
         try:
             svm = HardMarginSVM(**self.svm_kwargs).fit(k_train, y_train)
         except SolverError as err:  # NotSeparableError included: recorded, training goes on
-            rank_zero_warn(f"AfterKernelCallback: no hard-margin SVM for the {name} kernel at epoch {epoch}: {err}")
-            return {
+            row = {
                 "svm_test_acc": math.nan,
                 "svm_min_margin": math.nan,
                 "svm_n_support": -1,
                 "svm_separable": 0,
+                "svm_soft_test_acc": self._soft_margin_accuracy(k_train, y_train, k_test, y_test),
                 "svm_time_s": time.perf_counter() - t0,
             }
+            fallback = (
+                ""
+                if math.isnan(row["svm_soft_test_acc"])
+                else (f" Soft-margin fallback (C={self.soft_margin_c}): test accuracy {row['svm_soft_test_acc']:.4f}.")
+            )
+            rank_zero_warn(
+                f"AfterKernelCallback: no hard-margin SVM for the {name} kernel at epoch {epoch}: {err}{fallback}"
+            )
+            return row
         return {
             "svm_test_acc": float(svm.score(k_test, y_test)),
             "svm_min_margin": float(svm.min_margin_),
             "svm_n_support": int(svm.n_support_),
             "svm_separable": 1,
+            "svm_soft_test_acc": math.nan,
             "svm_time_s": time.perf_counter() - t0,
         }
+
+    def _soft_margin_accuracy(self, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor) -> float:
+        if self.soft_margin_c is None:
+            return math.nan
+        shared = {k: v for k, v in self.svm_kwargs.items() if k in ("fit_intercept", "normalize", "tol", "time_limit")}
+        try:
+            soft = SoftMarginSVM(C=self.soft_margin_c, **shared).fit(k_train, y_train)
+        except SolverError as err:
+            rank_zero_warn(f"AfterKernelCallback: the soft-margin fallback failed too: {err}")
+            return math.nan
+        return float(soft.score(k_test, y_test))
 
     def _log(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
         metrics: dict[str, float] = {"afterkernel/epoch": float(rows[0]["epoch"])}
@@ -366,6 +395,8 @@ class AfterKernelCallback(pl.Callback):
         for row in rows:
             for key in ("svm_test_acc", "svm_min_margin", "svm_n_support", "svm_separable", "alignment_to_initial"):
                 metrics[f"afterkernel/{row['kernel']}/{key}"] = float(row[key])
+            if not math.isnan(row["svm_soft_test_acc"]):
+                metrics[f"afterkernel/{row['kernel']}/svm_soft_test_acc"] = row["svm_soft_test_acc"]
             if "alignment_ntk_ck" in row:
                 metrics["afterkernel/alignment_ntk_ck"] = row["alignment_ntk_ck"]
         for logger in trainer.loggers:
@@ -408,20 +439,32 @@ class AfterKernelCallback(pl.Callback):
         header = ["kernel"] + [f"epoch {e}" + (" (initial)" if e == 0 else "") for e in epochs]
 
         def pct(v: float) -> str:
-            return "not sep." if math.isnan(v) else f"{100 * v:.2f}%"
+            return f"{100 * v:.2f}%"
+
+        def cell(row: dict[str, Any] | None) -> str:
+            if row is None:
+                return "-"
+            if row["svm_separable"]:
+                return pct(row["svm_test_acc"])
+            soft = row.get("svm_soft_test_acc", math.nan)
+            return "not separable" if math.isnan(soft) else f"{pct(soft)} (soft)"
 
         lines = []
         for k in kernels:
-            label = KERNEL_LABELS[k]
-            cells = [pct(by_key[(e, k)]["svm_test_acc"]) if (e, k) in by_key else "-" for e in epochs]
-            lines.append([f"{label} SVM"] + cells)
+            lines.append([f"{KERNEL_LABELS[k]} SVM"] + [cell(by_key.get((e, k))) for e in epochs])
         net = {r["epoch"]: r["network_test_acc"] for r in self.results}
         lines.append(["network itself"] + [pct(net[e]) for e in epochs])
         widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         title = f"After-kernel summary: test accuracy on {self.n_test} test examples (SVM trained on {self.n_train})"
-        return "\n".join([title, rule, fmt.format(*header), rule] + [fmt.format(*r) for r in lines] + [rule])
+        table = [title, rule, fmt.format(*header), rule] + [fmt.format(*r) for r in lines] + [rule]
+        if any(not r["svm_separable"] for r in self.results):
+            table.append(
+                "(soft): no hard-margin SVM exists for that kernel; soft-margin SVM "
+                f"(C={self.soft_margin_c}, normalised kernel) accuracy instead."
+            )
+        return "\n".join(table)
 
     @rank_zero_only
     def print_summary(self) -> None:

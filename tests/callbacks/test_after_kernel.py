@@ -254,16 +254,33 @@ def test_one_class_training_subset_is_an_error(tmp_path):
         )
 
 
-def test_non_separable_kernel_is_recorded_not_fatal(tmp_path):
-    cb = small_callback(epochs=[0], at_end=False, n_train=96)
+@pytest.mark.parametrize("soft_margin_c", [1.0, None])
+def test_non_separable_kernel_is_recorded_not_fatal(tmp_path, soft_margin_c):
+    logger = MemoryLogger()
+    cb = small_callback(epochs=[0], at_end=False, n_train=96, soft_margin_c=soft_margin_c)
     with pytest.warns(UserWarning, match="no hard-margin SVM"):
-        make_trainer(tmp_path, [cb], max_epochs=1).fit(
+        make_trainer(tmp_path, [cb], max_epochs=1, logger=logger).fit(
             MLPClassifier(input_shape=SHAPE, width=8), datamodule=ToyData(flip_duplicates=True)
         )
     assert len(cb.results) == 2
     for r in cb.results:
         assert r["svm_separable"] == 0 and math.isnan(r["svm_test_acc"])
-    assert "not sep." in cb.summary_table()
+    if soft_margin_c is None:
+        assert all(math.isnan(r["svm_soft_test_acc"]) for r in cb.results)
+        assert "not separable" in cb.summary_table()
+        assert logger.values("afterkernel/ntk/svm_soft_test_acc") == []
+    else:
+        assert all(0 <= r["svm_soft_test_acc"] <= 1 for r in cb.results)
+        # the NTK's soft-margin SVM still classifies the (easy) test images
+        assert next(r for r in cb.results if r["kernel"] == "ntk")["svm_soft_test_acc"] > 0.7
+        assert "(soft)" in cb.summary_table()
+        assert logger.values("afterkernel/ntk/svm_soft_test_acc") == [cb.results[0]["svm_soft_test_acc"]]
+    assert logger.values("afterkernel/ntk/svm_separable") == [0.0]
+
+
+def test_bad_soft_margin_c():
+    with pytest.raises(ConfigurationError, match="soft_margin_c"):
+        AfterKernelCallback(soft_margin_c=0.0)
 
 
 # ---------------------------------------------------------------- checkpoints
