@@ -50,6 +50,15 @@ def test_quickstart_config_runs_and_writes_an_offline_wandb_run(tmp_path, capsys
     assert tuple(cli.model.hparams.input_shape) == (1, 28, 28)
 
 
+def test_validate_and_test_subcommands_leave_the_callback_idle(tmp_path):
+    for subcommand in ("validate", "test"):
+        cli = main([subcommand, "--config", str(shrunk_quickstart(tmp_path)), "--trainer.logger=false"])
+        metrics = cli.trainer.callback_metrics
+        key = "val_acc" if subcommand == "validate" else "test_acc"
+        assert 0.0 <= float(metrics[key]) <= 1.0
+        assert cli.trainer.callbacks[0].results == []  # kernels are a fit-time analysis
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_parses_and_builds(config, tmp_path):
     cli = main(["--config", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"], run=False)

@@ -251,9 +251,6 @@ class AfterKernelCallback(pl.Callback):
             if ds is not None:
                 return ds
         loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
-        if loaders is None and split == "train":
-            trainer.fit_loop.setup_data()
-            loaders = trainer.train_dataloader
         if isinstance(loaders, (list, tuple)):
             loaders = loaders[0] if loaders else None
         ds = getattr(loaders, "dataset", None)
