@@ -157,6 +157,7 @@ class AfterKernelCallback(pl.Callback):
         self._indices: dict[str, Tensor] = {}
         self._data: dict[str, tuple[Tensor, Tensor]] | None = None
         self._active_kernels = list(self.kernels)
+        self._progress: int | float | None = None  # epochs behind the weights at the last epoch end
 
     @property
     def state_key(self) -> str:
@@ -165,8 +166,8 @@ class AfterKernelCallback(pl.Callback):
         )
 
     @property
-    def done_epochs(self) -> list[int]:
-        """Completed-epoch counts at which the kernels have been evaluated (ascending)."""
+    def done_epochs(self) -> list[int | float]:
+        """Epochs of training behind each evaluation, ascending (fractional when training stopped mid-epoch)."""
         return sorted({row["epoch"] for row in self.results})
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -209,16 +210,21 @@ class AfterKernelCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        completed = trainer.current_epoch + 1
-        if completed in self.epochs and completed not in self.done_epochs:
-            self._evaluate(trainer, pl_module, epoch=completed)
+        # Lightning also calls this hook when max_steps ends an epoch early: count what really ran.
+        seen = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        total = trainer.num_training_batches
+        partial = math.isfinite(total) and 0 < total and seen < total
+        self._progress = round(trainer.current_epoch + seen / total, 3) if partial else trainer.current_epoch + 1
+        if not partial and self._progress in self.epochs and self._progress not in self.done_epochs:
+            self._evaluate(trainer, pl_module, epoch=self._progress)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_end or self._data is None:
             return
-        completed = trainer.current_epoch
-        if completed not in self.done_epochs:
-            self._evaluate(trainer, pl_module, epoch=completed)
+        if any(r["step"] == trainer.global_step for r in self.results):
+            return  # these very weights were already evaluated
+        epoch = self._progress if self._progress is not None else trainer.current_epoch
+        self._evaluate(trainer, pl_module, epoch=epoch)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.results:
@@ -299,7 +305,7 @@ class AfterKernelCallback(pl.Callback):
         return k.detach().to("cpu", torch.float64)
 
     @rank_zero_only
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int = 0) -> None:
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
         assert self._data is not None
         x_tr, y_tr = self._data["train"]
         x_te, y_te = self._data["test"]

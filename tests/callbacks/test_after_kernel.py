@@ -170,6 +170,16 @@ def test_schedule_logging_results_file_and_summary(tmp_path, capsys):
     assert "After-kernel summary" in out and "NTK SVM" in out and "CK SVM" in out and "network itself" in out
 
 
+def test_max_steps_mid_epoch_is_labelled_by_the_training_really_done(tmp_path):
+    """Lightning calls on_train_epoch_end for an epoch that max_steps cut short; it is not a full epoch."""
+    cb = small_callback(epochs=[0, 2], at_end=True)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=5, max_steps=8)  # 6 batches per epoch: 1 + 2/6 epochs
+    trainer.fit(wide_mlp(), datamodule=ToyData())
+    assert trainer.global_step == 8
+    assert cb.done_epochs == [0, 1.333]
+    assert [r["step"] for r in cb.results if r["kernel"] == "ntk"] == [0, 8]
+
+
 def test_logged_accuracy_matches_an_independent_computation(tmp_path):
     """The epoch-0 row equals kernels + SVM recomputed by hand on the same subsets."""
     pl.seed_everything(0)
