@@ -18,15 +18,25 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
 from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, kernel_alignment
+from lightning_afterkernel.kernels._model import eval_mode
 from lightning_afterkernel.svm import HardMarginSVM, SoftMarginSVM
 
 KernelName = Literal["ntk", "ck"]
 KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
 RESULTS_FILENAME = "afterkernel_results.json"
+INITIAL_KERNELS_FILENAME = "afterkernel_initial_kernels.pt"
+
+
+def has_features_method(model: torch.nn.Module) -> bool:
+    """True when ``model.features`` is a method (a submodule named ``features``, as in torchvision's VGG,
+    is a stack of layers, not the penultimate representation)."""
+    features = getattr(model, "features", None)
+    return callable(features) and not isinstance(features, torch.nn.Module)
 
 
 def _check_epochs(epochs: Sequence[int]) -> list[int]:
@@ -52,11 +62,22 @@ def _check_kernels(kernels: Sequence[str]) -> list[str]:
     return out
 
 
+def _finite_or_none(value: Any) -> Any:
+    """Strict JSON: NaN/inf become null (e.g. the soft-margin accuracy of a separable kernel)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def _atomic_write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2, allow_nan=True)
+        json.dump(_finite_or_none(payload), fh, indent=2, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -134,8 +155,8 @@ class AfterKernelCallback(pl.Callback):
         if kernel_batch_size is not None and kernel_batch_size < 1:
             raise ConfigurationError(f"kernel_batch_size={kernel_batch_size} must be positive or None.")
         self.svm_kwargs = dict(svm or {})
-        try:  # unknown SVM options fail here, not hours into training
-            HardMarginSVM(**self.svm_kwargs)
+        try:  # unknown SVM options or bad values fail here, not hours into training
+            HardMarginSVM(**self.svm_kwargs).check_params()
         except TypeError as err:
             raise ConfigurationError(
                 f"svm={self.svm_kwargs!r} is not a valid set of HardMarginSVM options: {err}"
@@ -158,12 +179,12 @@ class AfterKernelCallback(pl.Callback):
         self._data: dict[str, tuple[Tensor, Tensor]] | None = None
         self._active_kernels = list(self.kernels)
         self._progress: int | float | None = None  # epochs behind the weights at the last epoch end
+        self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            epochs=self.epochs, kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed
-        )
+        # The schedule is left out on purpose: resuming with more epochs keeps what was computed.
+        return self._generate_state_key(kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed)
 
     @property
     def done_epochs(self) -> list[int | float]:
@@ -174,11 +195,13 @@ class AfterKernelCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if "ck" in self.kernels and not callable(getattr(pl_module, "features", None)):
+        self._dir = Path(self.dirpath) if self.dirpath else self._default_dir(trainer)
+        if "ck" in self.kernels and not has_features_method(pl_module):
             self._active_kernels = [k for k in self.kernels if k != "ck"]
             rank_zero_warn(
                 f"AfterKernelCallback: the conjugate kernel is skipped because {type(pl_module).__name__} "
-                "has no `features(x)` method. Add one returning the penultimate features (n, d) to get the CK."
+                "has no `features(x)` method (a submodule named `features` does not count). Add one returning "
+                "the penultimate features (n, d) to get the CK."
             )
             if not self._active_kernels:
                 raise ConfigurationError(
@@ -187,8 +210,15 @@ class AfterKernelCallback(pl.Callback):
                 )
         else:
             self._active_kernels = list(self.kernels)
-        if trainer.datamodule is not None:
-            self._data = self._draw_subsets(trainer)
+        dm = trainer.datamodule
+        if dm is not None and (callable(getattr(dm, "tensors", None)) or getattr(dm, "train_dataset", None)):
+            self._data = self._draw_subsets(trainer)  # bad sizes or one-class subsets fail before training
+        if self.epochs and trainer.max_epochs not in (None, -1) and self.epochs[-1] > trainer.max_epochs:
+            late = [e for e in self.epochs if e > trainer.max_epochs]
+            rank_zero_warn(
+                f"AfterKernelCallback: epochs {late} lie beyond max_epochs={trainer.max_epochs} and will not be "
+                "computed; raise max_epochs or drop them."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -196,16 +226,19 @@ class AfterKernelCallback(pl.Callback):
         if self._data is None:
             self._data = self._draw_subsets(trainer)
         completed = trainer.current_epoch
-        missed = [e for e in self.epochs if e < completed and e not in self.done_epochs]
-        if missed:
-            rank_zero_warn(
-                f"AfterKernelCallback: resuming after epoch {completed}; scheduled epochs {missed} were not "
-                "evaluated before the checkpoint and their weights are gone, so they are skipped."
-            )
+        if trainer.global_step > 0:
+            self._restore_initial_kernels()
+            missed = [e for e in self.epochs if e < completed and e not in self.done_epochs]
+            if missed:
+                rank_zero_warn(
+                    f"AfterKernelCallback: resuming after epoch {completed}; scheduled epochs {missed} have no "
+                    "saved results (the checkpoint holds none for them) and their weights are gone, so they "
+                    "are skipped."
+                )
         if completed in self.epochs and completed not in self.done_epochs:
             # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved before this
-            # callback ran (checkpoints are written at validation end, before on_train_epoch_end).
-            self._evaluate(trainer, pl_module)
+            # callback ran (e.g. a ModelCheckpoint saving at validation end).
+            self._evaluate(trainer, pl_module, epoch=completed)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -234,39 +267,54 @@ class AfterKernelCallback(pl.Callback):
             self.print_summary()
 
     def state_dict(self) -> dict[str, Any]:
+        # The epoch-0 kernels (n_train^2 each) live in a side file, not in every checkpoint.
         return {
             "results": [dict(r) for r in self.results],
-            "initial_kernels": {k: v.cpu() for k, v in self._initial_kernels.items()},
             "indices": {k: v.cpu() for k, v in self._indices.items()},
+            "initial_kernels_file": str(self._initial_kernels_path()) if self._initial_kernels else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = [dict(r) for r in state_dict.get("results", [])]
-        self._initial_kernels = dict(state_dict.get("initial_kernels", {}))
         self._indices = dict(state_dict.get("indices", {}))
+        self._initial_file = state_dict.get("initial_kernels_file")
         self._data = None  # re-drawn at the next on_train_start from the saved indices
 
     # ---------------------------------------------------------------- data
     def _source(self, trainer: pl.Trainer, split: str) -> tuple[Tensor, Tensor] | Any:
+        """(x, y) tensors or a map-style dataset for ``split`` ("train" or "test"), first match wins:
+        ``datamodule.tensors(split)``; the datamodule's datasets; its dataloaders' datasets; the
+        dataloaders given to ``fit`` (the validation ones stand in for test data)."""
         dm = trainer.datamodule
         if dm is not None and callable(getattr(dm, "tensors", None)):
             return dm.tensors(split)
         names = ("train_dataset",) if split == "train" else ("test_dataset", "val_dataset")
-        for name in names:
-            ds = getattr(dm, name, None) if dm is not None else None
+        hooks = ("train_dataloader",) if split == "train" else ("test_dataloader", "val_dataloader")
+        candidates: list[Any] = []
+        if dm is not None:
+            candidates += [getattr(dm, name, None) for name in names]
+            for hook in hooks:
+                try:
+                    candidates.append(getattr(getattr(dm, hook)(), "dataset", None))
+                except MisconfigurationException:  # the datamodule does not implement this loader
+                    continue
+        elif split == "train":
+            candidates.append(getattr(trainer.train_dataloader, "dataset", None))
+        else:
+            if trainer.val_dataloaders is None:  # not loaded yet when validation is not due this epoch
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+            if isinstance(loaders, (list, tuple)):
+                loaders = loaders[0] if loaders else None
+            candidates.append(getattr(loaders, "dataset", None))
+        for ds in candidates:
             if ds is not None:
                 return ds
-        loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0] if loaders else None
-        ds = getattr(loaders, "dataset", None)
-        if ds is None:
-            what = "training" if split == "train" else "validation or test"
-            raise DataError(
-                f"AfterKernelCallback found no {what} data: give the Trainer a datamodule with `tensors(split)` "
-                f"or `{names[0]}`, or pass {what} dataloaders to fit()."
-            )
-        return ds
+        what = "training" if split == "train" else "validation or test"
+        raise DataError(
+            f"AfterKernelCallback found no {what} data: give the Trainer a datamodule with `tensors(split)`, "
+            f"`{names[0]}` or `{hooks[0]}()`, or pass {what} dataloaders to fit()."
+        )
 
     def _draw_subsets(self, trainer: pl.Trainer) -> dict[str, tuple[Tensor, Tensor]]:
         data = {}
@@ -309,14 +357,11 @@ class AfterKernelCallback(pl.Callback):
         assert self._data is not None
         x_tr, y_tr = self._data["train"]
         x_te, y_te = self._data["test"]
-        with torch.no_grad():
-            was_training = pl_module.training
-            pl_module.eval()
-            try:
-                logits = pl_module(x_te.to(pl_module.device)).reshape(-1).cpu()
-            finally:
-                pl_module.train(was_training)
-        network_acc = float(((logits > 0).long() == y_te).double().mean())
+        param = next(pl_module.parameters())
+        with torch.no_grad(), eval_mode(pl_module):
+            x = x_te.to(param.device, param.dtype if x_te.is_floating_point() else x_te.dtype)
+            logits = pl_module(x).reshape(-1).float().cpu()
+        network_acc = float(((logits > 0) == (y_te > 0)).double().mean())
 
         rows, train_grams = [], {}
         for name in self._active_kernels:
@@ -325,7 +370,7 @@ class AfterKernelCallback(pl.Callback):
             k_test = self._kernel(name, pl_module, x_te, x_tr)
             kernel_time = time.perf_counter() - t0
             train_grams[name] = k_train
-            if epoch == 0 and name not in self._initial_kernels:
+            if trainer.global_step == 0 and name not in self._initial_kernels:
                 self._initial_kernels[name] = k_train.to(torch.float32)
             row: dict[str, Any] = {
                 "epoch": epoch,
@@ -346,6 +391,8 @@ class AfterKernelCallback(pl.Callback):
                 row["alignment_ntk_ck"] = align
         self.results.extend(rows)
         self._log(trainer, rows)
+        if trainer.global_step == 0:
+            self._save_initial_kernels()
         self._save(trainer)
 
     def _fit_svm(
@@ -414,9 +461,41 @@ class AfterKernelCallback(pl.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="afterkernel/results", columns=columns, data=data)
 
-    def _results_path(self, trainer: pl.Trainer) -> Path:
-        root = self.dirpath or trainer.log_dir or trainer.default_root_dir
-        return Path(root) / RESULTS_FILENAME
+    @staticmethod
+    def _default_dir(trainer: pl.Trainer) -> Path:
+        """The Trainer's log dir; for W&B (whose save_dir all runs share) a folder per run id."""
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        if isinstance(trainer.logger, WandbLogger):
+            return root / "afterkernel" / str(trainer.logger.version)
+        return root
+
+    def _results_dir(self, trainer: pl.Trainer) -> Path:
+        return self._dir if self._dir is not None else Path(self.dirpath or trainer.default_root_dir)
+
+    def _initial_kernels_path(self) -> Path:
+        return (self._dir or Path(self.dirpath or ".")) / INITIAL_KERNELS_FILENAME
+
+    def _save_initial_kernels(self) -> None:
+        path = self._initial_kernels_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(self._initial_kernels, tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will lack them.")
+
+    def _restore_initial_kernels(self) -> None:
+        if self._initial_kernels:
+            return
+        path = getattr(self, "_initial_file", None)
+        if path and Path(path).is_file():
+            self._initial_kernels = torch.load(path, weights_only=True)
+        elif self.results:
+            rank_zero_warn(
+                f"AfterKernelCallback: the epoch-0 kernels ({path}) are gone, so alignment_to_initial is NaN "
+                "from here on."
+            )
 
     def _save(self, trainer: pl.Trainer) -> None:
         payload = {
@@ -427,7 +506,7 @@ class AfterKernelCallback(pl.Callback):
             "model": type(trainer.lightning_module).__name__,
             "results": self.results,
         }
-        path = self._results_path(trainer)
+        path = self._results_dir(trainer) / RESULTS_FILENAME
         try:
             _atomic_write_json(path, payload)
         except OSError as err:

@@ -68,6 +68,11 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
         tags.input_tags.pairwise = True
         return tags
 
+    def check_params(self) -> Self:
+        """Validate the hyper-parameters now (``fit`` does it too); raise ConfigurationError; return self."""
+        self._check_params()
+        return self
+
     def _check_params(self) -> None:
         for name in ("fit_intercept", "normalize"):
             if not isinstance(getattr(self, name), bool | np.bool_):

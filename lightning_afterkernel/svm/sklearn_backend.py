@@ -38,6 +38,7 @@ Results (support indices, dual coefficients, intercept, iterations) come back th
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import sys
 import traceback
 import warnings
@@ -90,6 +91,9 @@ def _libsvm_fit(
 
 
 def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    # A forked child inherits the parent's handlers; Lightning's SIGTERM handler would swallow terminate()
+    # (and, under DDP, run collectives from the child). The worker must die on SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         conn.send(("ok", fn(*args)))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent as text
@@ -128,6 +132,7 @@ def run_with_time_limit(
             raise TimeoutError(f"no result within time_limit={time_limit:g} s")
         try:
             status, payload = receiver.recv()
+            proc.join(1)  # the child closes its end and exits by itself once the result is sent
         except EOFError:
             proc.join(5)
             raise SolverError(

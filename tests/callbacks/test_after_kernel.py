@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -335,3 +339,138 @@ def test_resume_catches_up_an_epoch_the_checkpoint_missed(tmp_path):
 
 def test_state_keys_differ_between_instances():
     assert small_callback(seed=0).state_key != small_callback(seed=1).state_key
+
+
+# ---------------------------------------------------------------- review findings
+def test_resume_with_a_longer_schedule_keeps_earlier_results(tmp_path):
+    pl.seed_everything(0)
+    cb = small_callback(epochs=[0, 1], at_end=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    longer = small_callback(epochs=[0, 1, 3], at_end=False)
+    make_trainer(tmp_path, [longer], max_epochs=3).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert longer.done_epochs == [0, 1, 3]
+    assert json.dumps(longer.results[:4]) == json.dumps(cb.results)
+    assert all(0 < r["alignment_to_initial"] < 1 for r in longer.results if r["epoch"] == 3)
+
+
+def test_resume_from_a_checkpoint_without_callback_state_never_calls_trained_weights_initial(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    cb = small_callback(epochs=[2, 3], at_end=False)
+    make_trainer(tmp_path, [cb], max_epochs=3).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert cb.done_epochs == [2, 3]
+    assert cb._initial_kernels == {}
+    assert all(math.isnan(r["alignment_to_initial"]) for r in cb.results)
+    assert "initial" not in cb.summary_table()
+
+
+def test_results_file_is_strict_json(tmp_path):
+    cb = small_callback(epochs=[0], at_end=False, dirpath=str(tmp_path))
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(), datamodule=ToyData())
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    saved = json.loads((tmp_path / "afterkernel_results.json").read_text(), parse_constant=refuse)
+    assert all(r["svm_soft_test_acc"] is None for r in saved["results"])  # NaN in memory, null on disk
+    assert (tmp_path / "afterkernel_initial_kernels.pt").is_file()
+
+
+def test_generic_datamodule_with_only_dataloaders(tmp_path):
+    class LoadersOnly(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(*toy_data(64, 0)), batch_size=16)
+
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(*toy_data(32, 1)), batch_size=16)
+
+    cb = small_callback(epochs=[0], at_end=False, n_train=30, n_test=20)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(), datamodule=LoadersOnly())
+    assert cb.done_epochs == [0]
+
+
+def test_plain_loaders_when_validation_is_not_due_at_the_start(tmp_path):
+    x, y = toy_data(64, 0)
+    cb = small_callback(epochs=[0], at_end=False, n_train=30, n_test=20)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, check_val_every_n_epoch=2, num_sanity_val_steps=0)
+    trainer.fit(
+        wide_mlp(),
+        DataLoader(TensorDataset(x, y), batch_size=16),
+        DataLoader(TensorDataset(*toy_data(32, 1)), batch_size=16),
+    )
+    assert cb.done_epochs == [0]
+
+
+def test_network_accuracy_with_plus_minus_one_labels(tmp_path):
+    """Labels in {-1, 1} (accepted by the SVM) must not turn the network's accuracy into nonsense."""
+    dm = ToyData()
+    dm.y_train, dm.y_test = 2 * dm.y_train - 1, 2 * dm.y_test - 1
+    model = PlainLogit()
+    initial = copy.deepcopy(model)
+    cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"])
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=dm)
+    idx = cb._indices["test"]
+    with torch.no_grad():
+        expected = float(((initial(dm.x_test[idx]) > 0) == (dm.y_test[idx] > 0)).double().mean())
+    assert cb.results[0]["network_test_acc"] == pytest.approx(expected)
+    assert 0 < expected < 1
+
+
+@pytest.mark.parametrize("svm", [{"time_limit": -1}, {"backend": "nope"}, {"margin_tol": 5}])
+def test_bad_svm_values_fail_at_construction(svm):
+    with pytest.raises(ConfigurationError):
+        AfterKernelCallback(svm=svm)
+
+
+def test_submodule_modes_are_restored(tmp_path):
+    model = VGGClassifier(input_shape=SHAPE, width=2)
+    frozen = model.body[0]
+
+    class Freeze(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            frozen.eval()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            Freeze.seen = (pl_module.training, frozen.training)
+
+    make_trainer(tmp_path, [Freeze(), small_callback(epochs=[0, 1], at_end=False)], max_epochs=1).fit(
+        model, datamodule=ToyData()
+    )
+    assert Freeze.seen == (True, False)
+    assert model.training and not frozen.training
+
+
+def test_a_submodule_named_features_is_not_the_penultimate_layer(tmp_path):
+    class TorchvisionStyle(PlainLogit):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Identity()  # like torchvision's VGG: a layer stack, not a method
+
+    cb = small_callback(epochs=[0], at_end=False)
+    with pytest.warns(UserWarning, match="submodule named `features` does not count"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(TorchvisionStyle(), datamodule=ToyData())
+    assert {r["kernel"] for r in cb.results} == {"ntk"}
+
+
+def test_epochs_beyond_max_epochs_are_announced(tmp_path):
+    cb = small_callback(epochs=[0, 5], at_end=False)
+    with pytest.warns(UserWarning, match=r"epochs \[5\] lie beyond max_epochs=1"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(), datamodule=ToyData())
+    assert cb.done_epochs == [0]
+
+
+def test_ddp_two_processes_finish_and_rank_zero_writes(tmp_path):
+    """Rank-0-only work must not call collectives (Trainer.log_dir broadcasts): this used to hang."""
+    script = Path(__file__).with_name("ddp_fit_script.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"done": [0, 1, 2], "n": 6}
+    assert (tmp_path / "afterkernel_results.json").is_file()
