@@ -180,6 +180,7 @@ class AfterKernelCallback(pl.Callback):
         self._active_kernels = list(self.kernels)
         self._progress: int | float | None = None  # epochs behind the weights at the last epoch end
         self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
+        self._initial_file: str | None = None  # where a restored checkpoint says the epoch-0 kernels are
 
     @property
     def state_key(self) -> str:
@@ -469,11 +470,9 @@ class AfterKernelCallback(pl.Callback):
             return root / "afterkernel" / str(trainer.logger.version)
         return root
 
-    def _results_dir(self, trainer: pl.Trainer) -> Path:
-        return self._dir if self._dir is not None else Path(self.dirpath or trainer.default_root_dir)
-
     def _initial_kernels_path(self) -> Path:
-        return (self._dir or Path(self.dirpath or ".")) / INITIAL_KERNELS_FILENAME
+        assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
+        return self._dir / INITIAL_KERNELS_FILENAME
 
     def _save_initial_kernels(self) -> None:
         path = self._initial_kernels_path()
@@ -488,7 +487,7 @@ class AfterKernelCallback(pl.Callback):
     def _restore_initial_kernels(self) -> None:
         if self._initial_kernels:
             return
-        path = getattr(self, "_initial_file", None)
+        path = self._initial_file
         if path and Path(path).is_file():
             self._initial_kernels = torch.load(path, weights_only=True)
         elif self.results:
@@ -506,7 +505,8 @@ class AfterKernelCallback(pl.Callback):
             "model": type(trainer.lightning_module).__name__,
             "results": self.results,
         }
-        path = self._results_dir(trainer) / RESULTS_FILENAME
+        assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
+        path = self._dir / RESULTS_FILENAME
         try:
             _atomic_write_json(path, payload)
         except OSError as err:
