@@ -65,8 +65,11 @@ class BinaryPairDataModule(pl.LightningDataModule):
         super().__init__()
         check_dataset(dataset)
         for name, value in (("plus_class", plus_class), ("minus_class", minus_class)):
-            if not 0 <= value <= 9:
-                raise DataError(f"{name}={value} is not a {dataset} class id; use 0..9")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 9:
+                raise DataError(
+                    f"{name}={value!r} is not a {dataset} class id; use an integer 0..9 "
+                    "(e.g. MNIST digits, or CIFAR-10 3 = cat, 8 = ship)"
+                )
         if plus_class == minus_class:
             raise ConfigurationError(
                 f"plus_class == minus_class == {plus_class}; the two classes of the task must differ"

@@ -144,6 +144,8 @@ def test_val_split_is_disjoint_from_train(bundled):
         ({"dataset": "svhn"}, DataError, "'mnist', 'cifar10'"),
         ({"plus_class": 10}, DataError, "plus_class=10.*0..9"),
         ({"minus_class": -1}, DataError, "minus_class=-1"),
+        ({"plus_class": "ship"}, DataError, "plus_class='ship'.*integer 0..9.*8 = ship"),
+        ({"minus_class": 3.0}, DataError, "minus_class=3.0.*integer"),
         ({"plus_class": 3}, ConfigurationError, "plus_class == minus_class"),
         ({"dataset": "cifar10"}, DataError, "pass root"),
         ({"plus_class": 1, "minus_class": 7}, DataError, "pass root"),
