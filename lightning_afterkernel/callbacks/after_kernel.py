@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
-from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, kernel_alignment
+from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, has_features_method, kernel_alignment
 from lightning_afterkernel.kernels._model import eval_mode
 from lightning_afterkernel.svm import HardMarginSVM, SoftMarginSVM
 
@@ -30,13 +30,6 @@ KernelName = Literal["ntk", "ck"]
 KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
 RESULTS_FILENAME = "afterkernel_results.json"
 INITIAL_KERNELS_FILENAME = "afterkernel_initial_kernels.pt"
-
-
-def has_features_method(model: torch.nn.Module) -> bool:
-    """True when ``model.features`` is a method (a submodule named ``features``, as in torchvision's VGG,
-    is a stack of layers, not the penultimate representation)."""
-    features = getattr(model, "features", None)
-    return callable(features) and not isinstance(features, torch.nn.Module)
 
 
 def _check_epochs(epochs: Sequence[int]) -> list[int]:
@@ -397,7 +390,7 @@ class AfterKernelCallback(pl.Callback):
         self._save(trainer)
 
     def _fit_svm(
-        self, name: str, epoch: int, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor
+        self, name: str, epoch: int | float, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:

@@ -20,6 +20,13 @@ FEATURES_BATCH = 1024
 """Examples per ``features`` call when ``batch_size`` is None."""
 
 
+def has_features_method(model: nn.Module) -> bool:
+    """True when ``model.features`` is a method (a submodule named ``features``, as in torchvision's VGG,
+    is a stack of layers, not the penultimate representation)."""
+    features = getattr(model, "features", None)
+    return callable(features) and not isinstance(features, nn.Module)
+
+
 def conjugate_kernel(
     model: nn.Module,
     x1: Tensor,
@@ -48,10 +55,11 @@ def conjugate_kernel(
         The (n1, n2) kernel in ``dtype`` on the computation device; exactly symmetric when ``x2`` is None.
     """
     check_model(model, needs_trainable=False)
-    if not callable(getattr(model, "features", None)):
+    if not has_features_method(model):
         raise ModelError(
             "conjugate_kernel needs model.features(x) returning the penultimate-layer features, shape "
-            f"(n, d); {type(model).__name__} has no such method. Add one that runs the network up to (not "
+            f"(n, d); {type(model).__name__} has no such method (a submodule named `features` does not count). "
+            "Add one that runs the network up to (not "
             "including) its output layer, e.g. `def features(self, x): return self.body(x)`, and let "
             "`forward` return `self.head(self.features(x))`."
         )

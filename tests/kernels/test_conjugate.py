@@ -89,6 +89,9 @@ def test_missing_features_is_a_model_error():
     model.features = 3
     with pytest.raises(ModelError, match="features"):
         conjugate_kernel(model, torch.randn(3, 6))
+    model.features = nn.Identity()  # a layer stack named `features` (torchvision's VGG) is not the CK's
+    with pytest.raises(ModelError, match="submodule named `features` does not count"):
+        conjugate_kernel(model, torch.randn(3, 6))
 
 
 def test_bad_features_and_inputs_are_refused():
