@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,13 +17,22 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
-from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, has_features_method, kernel_alignment
+from lightning_afterkernel.kernels import (
+    IMPLEMENTATIONS,
+    conjugate_kernel,
+    empirical_ntk_train_test,
+    has_features_method,
+    kernel_alignment,
+    parse_memory_budget,
+)
 from lightning_afterkernel.kernels._model import eval_mode
 from lightning_afterkernel.svm import HardMarginSVM, SoftMarginSVM
 
@@ -76,6 +86,55 @@ def _atomic_write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+class _KernelProgress:
+    """A progress display for one kernel computation that sits beside Lightning's progress bar: a task
+    in :class:`~pytorch_lightning.callbacks.RichProgressBar`'s live display, or a tqdm bar on the line
+    below :class:`~pytorch_lightning.callbacks.TQDMProgressBar`'s; nothing when the Trainer shows none.
+    Used as ``with _KernelProgress(trainer, label, enabled) as progress``, ``progress`` being a callable
+    ``(done, total)`` or None."""
+
+    def __init__(self, trainer: pl.Trainer, label: str, *, enabled: bool) -> None:
+        self.bar = trainer.progress_bar_callback if enabled else None
+        self.label = label
+        self._task: Any = None
+        self._tqdm: Any = None
+
+    def __enter__(self) -> Any:
+        bar = self.bar
+        if bar is None or not bar.is_enabled:
+            return None
+        if isinstance(bar, RichProgressBar):
+            return self._rich if bar.progress is not None else None
+        if isinstance(bar, TQDMProgressBar):
+            return self._tqdm_update
+        return None
+
+    def _rich(self, done: int, total: int) -> None:
+        progress = self.bar.progress
+        if self._task is None:
+            self._task = progress.add_task(self.label, total=total)
+        progress.update(self._task, completed=done)
+        progress.refresh()
+
+    def _tqdm_update(self, done: int, total: int) -> None:
+        if self._tqdm is None:
+            self._tqdm = Tqdm(
+                desc=self.label,
+                total=total,
+                position=2 * self.bar.process_position + 2,
+                leave=False,
+                dynamic_ncols=True,
+                file=sys.stdout,
+            )
+        self._tqdm.update(done - self._tqdm.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self.bar.progress.remove_task(self._task)
+        if self._tqdm is not None:
+            self._tqdm.close()
+
+
 class AfterKernelCallback(pl.Callback):
     """Compute the network's kernels at chosen epochs and judge each with a hard-margin SVM.
 
@@ -106,8 +165,16 @@ class AfterKernelCallback(pl.Callback):
             features than training examples), fit :class:`~lightning_afterkernel.svm.SoftMarginSVM`
             with this C on the normalised kernel and report its test accuracy as
             ``svm_soft_test_acc``; ``None`` disables the fallback.
-        kernel_batch_size: examples per chunk in the kernel computation (None: automatic).
+        kernel_batch_size: examples per forward/backward chunk in the kernel computation (None: from the
+            memory budget).
+        implementation: the NTK engine's implementation (see
+            :func:`~lightning_afterkernel.kernels.empirical_ntk`); ``"auto"`` takes the fast structured
+            engine whenever the model allows it.
+        memory_budget: working memory of the NTK computation, bytes or a string such as ``"4GiB"``
+            (None: half the free GPU memory, a quarter of the available RAM on CPU).
         dtype: ``"float32"`` or ``"float64"`` for the kernel computation.
+        progress: show the kernel computation's progress beside Lightning's progress bar (when the Trainer
+            has one).
         dirpath: where ``afterkernel_results.json`` is written (None: the Trainer's log dir).
         verbose: print the summary table at the end of fit.
 
@@ -130,7 +197,10 @@ class AfterKernelCallback(pl.Callback):
         svm: dict[str, Any] | None = None,
         soft_margin_c: float | None = 1.0,
         kernel_batch_size: int | None = None,
+        implementation: Literal["auto", "structured", "materialised", "vmap"] = "auto",
+        memory_budget: int | str | None = None,
         dtype: Literal["float32", "float64"] = "float32",
+        progress: bool = True,
         dirpath: str | None = None,
         verbose: bool = True,
     ) -> None:
@@ -147,6 +217,9 @@ class AfterKernelCallback(pl.Callback):
             raise ConfigurationError(f"dtype={dtype!r} must be 'float32' or 'float64'.")
         if kernel_batch_size is not None and kernel_batch_size < 1:
             raise ConfigurationError(f"kernel_batch_size={kernel_batch_size} must be positive or None.")
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigurationError(f"implementation={implementation!r} must be one of {list(IMPLEMENTATIONS)}.")
+        parse_memory_budget(memory_budget)  # a bad budget fails here, not after the first epoch
         self.svm_kwargs = dict(svm or {})
         try:  # unknown SVM options or bad values fail here, not hours into training
             HardMarginSVM(**self.svm_kwargs).check_params()
@@ -162,6 +235,9 @@ class AfterKernelCallback(pl.Callback):
         self.n_test = n_test
         self.seed = seed
         self.kernel_batch_size = kernel_batch_size
+        self.implementation = implementation
+        self.memory_budget = memory_budget
+        self.progress = progress
         self.dtype = getattr(torch, dtype)
         self.dirpath = dirpath
         self.verbose = verbose
@@ -341,10 +417,25 @@ class AfterKernelCallback(pl.Callback):
         return data
 
     # ---------------------------------------------------------------- evaluation
-    def _kernel(self, name: str, model: torch.nn.Module, x1: Tensor, x2: Tensor | None) -> Tensor:
-        fn = empirical_ntk if name == "ntk" else conjugate_kernel
-        k = fn(model, x1, x2, batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
-        return k.detach().to("cpu", torch.float64)
+    def _kernels(self, trainer: pl.Trainer, name: str, model: pl.LightningModule) -> tuple[Tensor, Tensor]:
+        """K(train, train) and K(test, train) on the kernel subsets, float64 on the CPU."""
+        x_train, x_test = self._data["train"][0], self._data["test"][0]
+        options = dict(batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
+        if name == "ntk":
+            with _KernelProgress(trainer, "after kernel: NTK", enabled=self.progress) as progress:
+                k_train, k_test = empirical_ntk_train_test(
+                    model,
+                    x_train,
+                    x_test,
+                    implementation=self.implementation,
+                    memory_budget=self.memory_budget,
+                    progress=progress,
+                    **options,
+                )
+        else:
+            k_train = conjugate_kernel(model, x_train, **options)
+            k_test = conjugate_kernel(model, x_test, x_train, **options)
+        return k_train.detach().to("cpu", torch.float64), k_test.detach().to("cpu", torch.float64)
 
     @rank_zero_only
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
@@ -360,8 +451,7 @@ class AfterKernelCallback(pl.Callback):
         rows, train_grams = [], {}
         for name in self._active_kernels:
             t0 = time.perf_counter()
-            k_train = self._kernel(name, pl_module, x_tr, None)
-            k_test = self._kernel(name, pl_module, x_te, x_tr)
+            k_train, k_test = self._kernels(trainer, name, pl_module)
             kernel_time = time.perf_counter() - t0
             train_grams[name] = k_train
             if trainer.global_step == 0 and name not in self._initial_kernels:

@@ -52,9 +52,7 @@ def check_model(model: nn.Module, *, needs_trainable: bool) -> None:
 def check_options(dtype: torch.dtype, **sizes: int | None) -> None:
     """Raise :class:`ConfigurationError` for a non-floating ``dtype`` or a size that is not a positive int."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigurationError(
-            f"dtype must be a floating-point torch.dtype (e.g. torch.float64); got {dtype!r}."
-        )
+        raise ConfigurationError(f"dtype must be a floating-point torch.dtype (e.g. torch.float64); got {dtype!r}.")
     for name, size in sizes.items():
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ConfigurationError(f"{name} must be a positive int or None (automatic); got {size!r}.")
@@ -65,9 +63,7 @@ def check_inputs(x1: Tensor, x2: Tensor | None) -> None:
     named = [("x1", x1)] if x2 is None else [("x1", x1), ("x2", x2)]
     for name, x in named:
         if not isinstance(x, Tensor):
-            raise ConfigurationError(
-                f"{name} must be a torch.Tensor of shape (n, ...); got {type(x).__name__}."
-            )
+            raise ConfigurationError(f"{name} must be a torch.Tensor of shape (n, ...); got {type(x).__name__}.")
         if x.ndim == 0 or x.shape[0] == 0:
             raise ConfigurationError(
                 f"{name} must hold at least one example (shape (n, ...), n >= 1); got shape {tuple(x.shape)}."

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_afterkernel.errors import ModelError
+from lightning_afterkernel.errors import ConfigurationError, ModelError
 from lightning_afterkernel.kernels._model import (
     State,
     check_model,
@@ -35,6 +35,7 @@ def conjugate_kernel(
     batch_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    paired: bool = False,
 ) -> Tensor:
     r"""Conjugate kernel :math:`K = \Phi(x_1) \Phi(x_2)^\top`, with :math:`\Phi(x)` = ``model.features(x)``
     (the penultimate-layer features, flattened to (n, d)).
@@ -50,9 +51,12 @@ def conjugate_kernel(
         batch_size: examples per ``features`` call; ``None`` uses 1024.
         dtype: floating dtype of the computation and of the result.
         device: where to compute; ``None`` uses the model's device.
+        paired: return the vector :math:`K(x_1[i], x_2[i])` (n1 == n2; with ``x2`` None the diagonal)
+            instead of a matrix: n1 + n2 forward passes and n1 d multiply-adds.
 
     Returns:
-        The (n1, n2) kernel in ``dtype`` on the computation device; exactly symmetric when ``x2`` is None.
+        The (n1, n2) kernel (or the (n1,) vector when ``paired``) in ``dtype`` on the computation device;
+        exactly symmetric when ``x2`` is None.
     """
     check_model(model, needs_trainable=False)
     if not has_features_method(model):
@@ -69,6 +73,14 @@ def conjugate_kernel(
         features = _Features(model)
         state = {f"model.{name}": t for name, t in (*trainable.items(), *fixed.items())}
         phi1 = _features(features, state, x1, batch_size or FEATURES_BATCH, dtype)
+        if paired:
+            if x2 is not None and len(x2) != len(x1):
+                raise ConfigurationError(
+                    f"paired=True pairs x1[i] with x2[i], so x1 and x2 need the same number of examples; got "
+                    f"{len(x1)} and {len(x2)}."
+                )
+            phi2 = phi1 if x2 is None else _features(features, state, x2, batch_size or FEATURES_BATCH, dtype)
+            return (phi1 * phi2).sum(1)
         if x2 is None:
             return mirror_upper(phi1 @ phi1.mT)
         return phi1 @ _features(features, state, x2, batch_size or FEATURES_BATCH, dtype).mT

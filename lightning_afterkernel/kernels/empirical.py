@@ -1,12 +1,22 @@
-"""Empirical NTK of a scalar-output model: the production entry point."""
+"""Empirical NTK of a scalar-output model: the production engine."""
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from lightning_afterkernel.errors import ConfigurationError, ModelError
+from lightning_afterkernel.kernels import _structured as st
+from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
+from lightning_afterkernel.kernels._gram import paired as paired_rows
 from lightning_afterkernel.kernels._model import (
+    State,
     autograd_enabled,
     check_model,
     check_options,
@@ -16,8 +26,16 @@ from lightning_afterkernel.kernels._model import (
     scalar_logit,
 )
 
-CHUNK_BYTES = 256 * 2**20
-"""Target size of one chunk's Jacobian when ``batch_size`` is None."""
+Implementation = Literal["auto", "structured", "materialised", "vmap"]
+IMPLEMENTATIONS = ("auto", "structured", "materialised", "vmap")
+TILE = 1024
+"""Rows and columns of one kernel tile (the unit of work and of the progress count)."""
+CAPTURE_SHARE = 0.25
+"""Share of the memory budget for one capture chunk (activations, patches, per-example gradients)."""
+RESIDENT_SHARE = 0.35
+"""Share of the memory budget for each of the two sets of factors held at once (row panel, column group)."""
+MAX_CHUNK = 4096
+Progress = Callable[[int, int], None]
 
 
 def empirical_ntk(
@@ -25,71 +43,354 @@ def empirical_ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
+    implementation: Implementation = "auto",
+    paired: bool = False,
     batch_size: int | None = None,
+    memory_budget: int | float | str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    progress: bool | Progress = False,
+    allow_tf32: bool = False,
 ) -> Tensor:
     r"""Empirical NTK :math:`K(x, x') = \langle \partial f(x)/\partial\theta, \partial f(x')/\partial\theta
-    \rangle`, with :math:`\theta` the parameters with ``requires_grad=True``.
+    \rangle` over the parameters :math:`\theta` with ``requires_grad=True``.
 
-    The examples are split into near-equal chunks of at most ``batch_size``. A chunk's Jacobian :math:`J_c`
-    (one flattened per-example gradient per row, from ``vmap(grad(f))``) is recomputed whenever a tile
-    :math:`K_{ab} = J_a J_b^\top` needs it, so at most two chunk Jacobians are alive at once. When ``x2`` is
-    None only the tiles on and above the diagonal are computed and the others are their transposes.
-    The model runs in eval mode on copies of its tensors; the model, its train/eval flags, its parameters
-    and their ``.grad`` are left as they were. Works under ``torch.no_grad()`` and ``torch.inference_mode()``.
+    Implementations (n1 x n2 kernel, P parameters; for a layer, T output positions, d inputs per
+    position (fan-in, +1 for a bias), p outputs per position):
 
-    Cost, for P parameters and m = ceil(n / batch_size) chunks of b = n / m examples:
-        time: n1 n2 P multiply-adds (about half when symmetric) plus per-example gradients (one forward and
-        backward each): n (m + 1) / 2 of them when symmetric, n1 + m1 n2 otherwise;
-        memory: the n1 x n2 result plus two chunk Jacobians (2 b P floats) plus one chunk's activations.
+    - ``"structured"``: one batched forward and backward of :math:`\sum_i f(x_i)` per chunk, with hooks
+      recording each layer's input :math:`A` and output gradient :math:`G`. Each layer then contributes in
+      the cheaper of two forms: *structured*, :math:`K(i, j) = \sum_{t,s} (L_i L_j^\top)_{ts}
+      (R_i R_j^\top)_{ts}` with :math:`L` = im2col patches of :math:`A` (plus a ones column for the bias) and
+      :math:`R = G` (a Linear layer on vectors: :math:`K = ([A, 1][A, 1]^\top) \odot (G G^\top)`), costing
+      :math:`n_1 n_2 T^2 (d + p)`; or *materialised* per-example gradients :math:`G_i^\top L_i`, costing
+      :math:`(n_1 + n_2) T d p` to form and :math:`n_1 n_2 d p` in the Gram matrix. Memory: the per-example
+      factors of at most two blocks of examples (sized from ``memory_budget``) plus one capture chunk's
+      activations. Handles ``Linear``, ``Conv2d`` (stride, padding, dilation, groups, padding modes),
+      eval-mode ``BatchNorm`` and every parameter-free layer.
+    - ``"materialised"``: the same hooks, every layer as per-example gradients (n P floats to hold,
+      n1 n2 P multiply-adds).
+    - ``"vmap"``: ``torch.func.vmap(grad(f))`` per example, for any model (n P floats, n1 n2 P
+      multiply-adds, and per-example forward/backward passes: the slowest).
+    - ``"auto"`` (default): ``"structured"`` when the model allows it, else ``"vmap"`` with a warning
+      (another parametrised module type, a module called twice per forward, shared parameters).
+
+    When ``x2`` is None only tiles on and above the diagonal are computed; the result is exactly symmetric.
+    Factors are computed once when they fit in ``memory_budget``; otherwise the rows are processed in
+    panels and column blocks are recomputed once per panel, so n = 12,000 and beyond run in bounded memory
+    (the result itself, n1 n2 floats, is not counted). The model runs in eval mode on detached copies of its
+    tensors; its train/eval flags, parameters and ``.grad`` are left as they were. Works under
+    ``torch.no_grad()`` and ``torch.inference_mode()``.
 
     Args:
         model: module whose forward maps a batch (n, ...) to one logit per example, (n,) or (n, 1).
         x1: inputs (n1, ...).
-        x2: inputs (n2, ...) with x1's per-example shape; ``None`` gives the symmetric Gram matrix of ``x1``.
-        batch_size: examples per chunk; ``None`` makes a chunk's Jacobian about 256 MB.
-        dtype: floating dtype of the computation and of the result.
+        x2: inputs (n2, ...) with x1's per-example shape; ``None`` gives the symmetric Gram matrix of ``x1``
+            (or, with ``paired``, its diagonal).
+        implementation: see above.
+        paired: return the vector :math:`K(x_1[i], x_2[i])` (needs n1 == n2) instead of a matrix, at the cost
+            of n1 + n2 per-example gradients (n1 when ``x2`` is None: the diagonal).
+        batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget.
+        memory_budget: working memory in bytes, or a string such as ``"1GiB"``; ``None``: half the free
+            GPU memory, or a quarter of the available RAM on CPU.
+        dtype: floating dtype of the computation, its accumulation and the result (float32 by default).
         device: where to compute (the model and inputs are copied there); ``None`` uses the model's device.
+        progress: ``True`` for a tqdm bar, or a callable ``(tiles_done, tiles_total)`` (e.g. one feeding
+            Lightning's progress bar).
+        allow_tf32: let CUDA matmuls and convolutions use TF32 (10 mantissa bits; faster, less exact).
 
     Returns:
-        The (n1, n2) kernel in ``dtype`` on the computation device; exactly symmetric when ``x2`` is None.
+        The (n1, n2) kernel, or the (n1,) vector when ``paired``, in ``dtype`` on the computation device.
     """
+    if paired and x2 is not None and isinstance(x1, Tensor) and isinstance(x2, Tensor) and len(x2) != len(x1):
+        raise ConfigurationError(
+            f"paired=True pairs x1[i] with x2[i], so x1 and x2 need the same number of examples; got "
+            f"{len(x1)} and {len(x2)}."
+        )
+
+    def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> Tensor:
+        return engine.run(a, b, paired, report)
+
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    return _compute(model, x1, x2, task, implementation, progress, allow_tf32, **options)
+
+
+def empirical_ntk_train_test(
+    model: nn.Module,
+    x_train: Tensor,
+    x_test: Tensor,
+    *,
+    implementation: Implementation = "auto",
+    batch_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool | Progress = False,
+    allow_tf32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The train Gram matrix K(x_train, x_train) and the cross kernel K(x_test, x_train) in one pass.
+
+    Equal to ``empirical_ntk(model, x_train)`` and ``empirical_ntk(model, x_test, x_train)``, but every
+    example's factors are computed once (two separate calls compute the training examples' twice) and the
+    test-test block is skipped. Options as in :func:`empirical_ntk`.
+    """
+
+    def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> tuple[Tensor, Tensor]:
+        return engine.train_test(a, a if b is None else b, report)
+
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    return _compute(model, x_train, x_test, task, implementation, progress, allow_tf32, **options)
+
+
+def _compute(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Tensor | None,
+    task: Callable,
+    implementation: str,
+    progress: bool | Progress,
+    allow_tf32: bool,
+    *,
+    batch_size: int | None,
+    memory_budget: int | float | str | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+):
+    """Checks, model state handling and the choice of engine around ``task(engine, x1, x2, progress)``."""
     check_model(model, needs_trainable=True)
     check_options(dtype, batch_size=batch_size)
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigurationError(f"implementation={implementation!r} must be one of {list(IMPLEMENTATIONS)}.")
+    budget = parse_memory_budget(memory_budget)
     with eval_mode(model), autograd_enabled():
         x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
-        if batch_size is None:
-            n_params = sum(p.numel() for p in trainable.values())
-            batch_size = max(1, CHUNK_BYTES // (n_params * dtype.itemsize))
-        per_example = vmap(grad(lambda p, x: scalar_logit(model, p, fixed, x)), in_dims=(None, 0))
+        budget = budget or default_budget(x1.device)
+        with _tf32(x1.device, allow_tf32):
+            engine = _engine(model, trainable, fixed, x1, x2, implementation, batch_size, budget)
+            try:
+                return task(engine, x1, x2, _progress(progress))
+            except st.Unsupported as why:  # found only past the probe (e.g. data-dependent control flow)
+                if implementation != "auto":
+                    raise _unsupported_error(implementation, why) from why
+                _warn_fallback(why)
+                return task(_Engine(model, trainable, fixed, None, batch_size, budget), x1, x2, _progress(progress))
 
-        def jacobian(x: Tensor) -> list[Tensor]:
-            return [g.flatten(1) for g in per_example(trainable, x).values()]
 
-        rows = _chunks(len(x1), batch_size)
+def _engine(
+    model: nn.Module,
+    trainable: State,
+    fixed: State,
+    x1: Tensor,
+    x2: Tensor | None,
+    implementation: str,
+    batch_size: int | None,
+    budget: int,
+) -> _Engine:
+    if implementation == "vmap":
+        return _Engine(model, trainable, fixed, None, batch_size, budget)
+    try:
+        layers = st.plan(model, set(trainable))
+        probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2])
+    except st.Unsupported as why:
+        if implementation != "auto":
+            raise _unsupported_error(implementation, why) from why
+        _warn_fallback(why)
+        return _Engine(model, trainable, fixed, None, batch_size, budget)
+    n = max(len(x1), 0 if x2 is None else len(x2))
+    st.choose_forms(layers, probe, n, force="materialised" if implementation == "materialised" else None)
+    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget)
+
+
+def _unsupported_error(implementation: str, why: Exception) -> ModelError:
+    return ModelError(
+        f"implementation={implementation!r} cannot compute this model's NTK exactly: {why}. Use "
+        "implementation='auto' (falls back to the general path) or 'vmap'."
+    )
+
+
+def _warn_fallback(why: Exception) -> None:
+    warnings.warn(
+        f"empirical_ntk: the fast structured engine does not handle this model ({why}); using the general "
+        "per-example-gradient path (exact, slower).",
+        stacklevel=4,
+    )
+
+
+class _Engine:
+    """Per-example factors of blocks of examples, and the tiled kernel built from them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        trainable: State,
+        fixed: State,
+        structured: tuple[list[st.Layer], list, Tensor] | None,
+        batch_size: int | None,
+        budget: int,
+    ) -> None:
+        self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
+        tensor = next(iter(trainable.values()))
+        itemsize = tensor.element_size()
+        if structured is None:
+            self.layers = None
+            self.n_jac = sum(p.numel() for p in trainable.values())
+            self.per_example = vmap(grad(lambda p, x: scalar_logit(model, p, fixed, x)), in_dims=(None, 0))
+            self.sample = st.Factors(tensor.new_empty(1, self.n_jac), [])
+            self.example_bytes = self.n_jac * itemsize
+            work = 3 * self.example_bytes
+        else:
+            self.layers, probe, x1 = structured
+            self.n_jac = sum(st.n_materialised(layer) for layer in self.layers if not layer.structured)
+            self.sample = st.factors(self.layers, probe, st.new_factors(self.layers, probe, len(x1[:2]), x1))
+            self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
+            activations = sum(a[:1].numel() + 2 * g[:1].numel() for a, g in (io for io in probe if io is not None))
+            patches = sum(
+                st.dims(layer, *io)[0] * st.dims(layer, *io)[1]
+                for layer, io in zip(self.layers, probe, strict=True)
+                if io is not None and layer.kind == "conv2d"
+            )
+            work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
+        self.chunk = batch_size or int(min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // work)))
+        self.resident = max(1, int(budget * RESIDENT_SHARE // max(1, self.example_bytes)))
+
+    # ----------------------------------------------------------- factors
+    def factors(self, x: Tensor) -> st.Factors:
+        """Factors of all rows of ``x``, captured in chunks of ``self.chunk`` examples."""
+        out = st.empty_factors(self.sample, len(x))
+        for start in range(0, len(x), self.chunk):
+            rows = slice(start, start + self.chunk)
+            block = out.rows(rows)
+            if self.layers is None:
+                grads = self.per_example(self.trainable, x[rows])
+                torch.cat([g.reshape(len(block), -1) for g in grads.values()], dim=1, out=block.jac)
+            else:
+                captured = st.capture(self.model, {**self.trainable, **self.fixed}, self.layers, x[rows])
+                st.factors(self.layers, captured, block)
+        return out
+
+    # ----------------------------------------------------------- kernels
+    def run(self, x1: Tensor, x2: Tensor | None, paired: bool, progress: Progress | None) -> Tensor:
+        if paired:
+            return self._paired(x1, x2, progress)
         if x2 is None:
-            kernel = torch.empty(len(x1), len(x1), dtype=dtype, device=x1.device)
-            for a, r in enumerate(rows):
-                j_r = jacobian(x1[r])
-                kernel[r, r] = mirror_upper(_gram(j_r, j_r))
-                for c in rows[a + 1 :]:
-                    j_c = jacobian(x1[c])
-                    kernel[r, c] = _gram(j_r, j_c)
-                    kernel[c, r] = kernel[r, c].mT
-                    del j_c
-                del j_r
-            return kernel
-        kernel = torch.empty(len(x1), len(x2), dtype=dtype, device=x1.device)
-        columns = _chunks(len(x2), batch_size)
-        for r in rows:
-            j_r = jacobian(x1[r])
-            for c in columns:
-                j_c = jacobian(x2[c])
-                kernel[r, c] = _gram(j_r, j_c)
-                del j_c
-            del j_r
+            return self._symmetric(x1, progress)
+        return self._cross(x1, x2, progress)
+
+    def _paired(self, x1: Tensor, x2: Tensor | None, progress: Progress | None) -> Tensor:
+        out = x1.new_empty(len(x1))
+        chunks = _chunks(len(x1), self.chunk)
+        for k, rows in enumerate(chunks):
+            f1 = self.factors(x1[rows])
+            out[rows] = paired_rows(f1, f1 if x2 is None else self.factors(x2[rows]))
+            if progress:
+                progress(k + 1, len(chunks))
+        return out
+
+    def _symmetric(self, x: Tensor, progress: Progress | None) -> Tensor:
+        kernel = x.new_empty(len(x), len(x))
+
+        def write(rows: slice, cols: slice, tile: Tensor) -> None:
+            if rows == cols:
+                kernel[rows, cols] = mirror_upper(tile)
+            else:
+                kernel[rows, cols] = tile
+                kernel[cols, rows] = tile.mT
+
+        self._upper_tiles(x, _chunks(len(x), TILE), write, progress)
         return kernel
+
+    def train_test(self, x_train: Tensor, x_test: Tensor, progress: Progress | None) -> tuple[Tensor, Tensor]:
+        """K(train, train) and K(test, train) from one pass: the upper tiles of the Gram matrix of
+        [train; test] without its test-test block, so every example's factors are computed once."""
+        n = len(x_train)
+        k_train, k_test = x_train.new_empty(n, n), x_train.new_empty(len(x_test), n)
+        shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), TILE)]
+
+        def write(rows: slice, cols: slice, tile: Tensor) -> None:
+            if cols.start >= n:  # rows train, cols test
+                k_test[cols.start - n : cols.stop - n, rows] = tile.mT
+            elif rows == cols:
+                k_train[rows, cols] = mirror_upper(tile)
+            else:
+                k_train[rows, cols] = tile
+                k_train[cols, rows] = tile.mT
+
+        self._upper_tiles(torch.cat([x_train, x_test]), _chunks(n, TILE) + shift, write, progress, skip_from=n)
+        return k_train, k_test
+
+    def _upper_tiles(
+        self,
+        x: Tensor,
+        tiles: list[slice],
+        write: Callable[[slice, slice, Tensor], None],
+        progress: Progress | None,
+        skip_from: int | None = None,
+    ) -> None:
+        """Compute every tile (rows, cols) with rows <= cols (except those with both past ``skip_from``)
+        and hand it to ``write``. Rows are taken in panels whose factors stay resident; the column
+        groups after a panel are recomputed for it."""
+
+        def wanted(rows: slice, cols: slice) -> bool:
+            return skip_from is None or rows.start < skip_from
+
+        total = sum(wanted(r, c) for i, r in enumerate(tiles) for c in tiles[i:])
+        done = 0
+        panels = _groups(tiles, self.resident)
+        for p, panel in enumerate(panels):
+            if not any(wanted(rows, panel[-1]) for rows in panel):
+                continue
+            start = panel[0].start
+            f_panel = self.factors(x[start : panel[-1].stop])
+            for a, rows in enumerate(panel):
+                for cols in panel[a:]:
+                    if wanted(rows, cols):
+                        write(rows, cols, self._tile(f_panel, f_panel, rows, cols, start, start))
+                        done += 1
+                if progress:
+                    progress(done, total)
+            for group in panels[p + 1 :]:
+                g_start = group[0].start
+                f_group = self.factors(x[g_start : group[-1].stop])
+                for rows in panel:
+                    for cols in group:
+                        if wanted(rows, cols):
+                            write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, g_start))
+                            done += 1
+                    if progress:
+                        progress(done, total)
+
+    def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
+        kernel = x1.new_empty(len(x1), len(x2))
+        rows_tiles, cols_tiles = _chunks(len(x1), TILE), _chunks(len(x2), TILE)
+        panels, groups = _groups(rows_tiles, self.resident), _groups(cols_tiles, self.resident)
+        total, done = len(rows_tiles) * len(cols_tiles), 0
+        cached = self.factors(x2) if len(groups) == 1 else None
+        for panel in panels:
+            start = panel[0].start
+            f_panel = self.factors(x1[start : panel[-1].stop])
+            for group in groups:
+                g_start = group[0].start
+                f_group = cached if cached is not None else self.factors(x2[g_start : group[-1].stop])
+                for rows in panel:
+                    for cols in group:
+                        kernel[rows, cols] = self._tile(f_panel, f_group, rows, cols, start, g_start)
+                        done += 1
+                    if progress:
+                        progress(done, total)
+        return kernel
+
+    @staticmethod
+    def _tile(f1: st.Factors, f2: st.Factors, rows: slice, cols: slice, offset1: int, offset2: int) -> Tensor:
+        """K(rows, cols) from the factors of two resident blocks starting at ``offset1`` and ``offset2``."""
+        block1 = f1.rows(slice(rows.start - offset1, rows.stop - offset1))
+        block2 = f2.rows(slice(cols.start - offset2, cols.stop - offset2))
+        like = block1.jac if block1.jac is not None else block1.pairs[0][0]
+        return gram(block1, block2, like.new_empty(len(block1), len(block2)))
+
+
+def _factor_bytes(factors: st.Factors) -> int:
+    tensors = ([] if factors.jac is None else [factors.jac]) + [t for pair in factors.pairs for t in pair]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -99,9 +400,47 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _gram(j1: list[Tensor], j2: list[Tensor]) -> Tensor:
-    """sum over parameter tensors of J1_l J2_l^T."""
-    out = j1[0] @ j2[0].mT
-    for a, b in zip(j1[1:], j2[1:], strict=True):
-        out.addmm_(a, b.mT)
-    return out
+def _groups(tiles: list[slice], max_rows: int) -> list[list[slice]]:
+    """Consecutive tiles grouped so that each group holds at most ``max_rows`` rows (at least one tile)."""
+    groups: list[list[slice]] = [[]]
+    for tile in tiles:
+        rows = sum(t.stop - t.start for t in groups[-1])
+        if groups[-1] and rows + tile.stop - tile.start > max_rows:
+            groups.append([])
+        groups[-1].append(tile)
+    return groups
+
+
+def _progress(progress: bool | Progress) -> Progress | None:
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="empirical NTK tiles", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+@contextmanager
+def _tf32(device: torch.device, allow: bool) -> Iterator[None]:
+    """On CUDA, TF32 in matmuls and cuDNN convolutions exactly when ``allow`` (restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved

@@ -52,5 +52,6 @@ def reference_ntk(
         jacobian = vmap(per_example, in_dims=(None, 0), chunk_size=chunk_size)
         j1 = jacobian(trainable, x1)
         j2 = j1 if x2 is None else jacobian(trainable, x2)
-        kernel = sum(j1[name].flatten(1) @ j2[name].flatten(1).mT for name in trainable)
+        n1, n2 = len(x1), len(x1 if x2 is None else x2)
+        kernel = sum(j1[name].reshape(n1, -1) @ j2[name].reshape(n2, -1).mT for name in trainable)
         return mirror_upper(kernel) if x2 is None else kernel

@@ -24,8 +24,16 @@ def main(out: Path) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     callback = AfterKernelCallback(epochs=[0, 1], n_train=40, n_test=24, verbose=False)  # dirpath=None
     trainer = pl.Trainer(
-        strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, callbacks=[callback], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
     )
     trainer.fit(MLPClassifier(input_shape=(1, 8, 8), width=64), loader, loader)
     if trainer.is_global_zero:

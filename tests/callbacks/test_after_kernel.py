@@ -134,6 +134,8 @@ def small_callback(**kwargs) -> AfterKernelCallback:
         ({"epochs": [], "at_end": False}, "Nothing to compute"),
         ({"dtype": "float16"}, "dtype"),
         ({"svm": {"no_such_option": 1}}, "svm"),
+        ({"implementation": "fastest"}, "implementation='fastest' must be one of"),
+        ({"memory_budget": "a lot"}, "memory_budget='a lot'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -172,6 +174,56 @@ def test_schedule_logging_results_file_and_summary(tmp_path, capsys):
     assert saved["n_train"] == 40 and len(saved["results"]) == 6
     out = capsys.readouterr().out
     assert "After-kernel summary" in out and "NTK SVM" in out and "CK SVM" in out and "network itself" in out
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_kernel_progress_sits_beside_lightnings_progress_bar(tmp_path, capsys, monkeypatch, bar):
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+
+    from lightning_afterkernel.kernels import empirical
+
+    monkeypatch.setattr(empirical, "TILE", 8)  # 40 train + 24 test examples: 5 x 3 tiles, 15 + 15 computed
+    progress_bar = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    updates = []
+    if bar == "rich":
+        original = RichProgressBar._init_progress
+
+        def spy(self, trainer):
+            original(self, trainer)
+            add_task = self.progress.add_task
+            self.progress.add_task = lambda label, **kw: updates.append(label) or add_task(label, **kw)
+
+        monkeypatch.setattr(RichProgressBar, "_init_progress", spy)
+    cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[cb, progress_bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(wide_mlp(), datamodule=ToyData())
+    if bar == "tqdm":
+        assert "after kernel: NTK" in capsys.readouterr().out
+    else:
+        assert "after kernel: NTK" in updates
+        assert all(task.description != "after kernel: NTK" for task in progress_bar.progress.tasks)  # removed
+    assert len(cb.results) == 1
+
+
+@pytest.mark.parametrize("implementation", ["structured", "vmap"])
+def test_implementation_and_memory_budget_reach_the_engine(tmp_path, implementation):
+    pl.seed_everything(0)
+    cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"], implementation=implementation, memory_budget="2MB")
+    model = wide_mlp()
+    initial = copy.deepcopy(model)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=ToyData())
+    x_tr = ToyData().x_train[cb._indices["train"]]
+    y_tr = ToyData().y_train[cb._indices["train"]]
+    expected = HardMarginSVM().fit(empirical_ntk(initial, x_tr).double(), y_tr)
+    assert cb.results[0]["svm_n_support"] == expected.n_support_
 
 
 def test_max_steps_mid_epoch_is_labelled_by_the_training_really_done(tmp_path):

@@ -47,6 +47,18 @@ def test_equals_features_gram():
     assert torch.equal(kernel, kernel.T)
 
 
+def test_paired_mode_is_the_diagonal_of_the_cross_kernel():
+    model = FeatureNet().double().eval()
+    x1, x2 = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    cross = conjugate_kernel(model, x1, x2, dtype=torch.float64)
+    pairs = conjugate_kernel(model, x1, x2, dtype=torch.float64, paired=True)
+    assert pairs.shape == (5,) and torch.allclose(pairs, cross.diagonal(), rtol=1e-12)
+    diagonal = conjugate_kernel(model, x1, dtype=torch.float64, paired=True)
+    assert torch.allclose(diagonal, conjugate_kernel(model, x1, dtype=torch.float64).diagonal(), rtol=1e-12)
+    with pytest.raises(ConfigurationError, match="same number of examples; got 5 and 4"):
+        conjugate_kernel(model, x1, x2[:4], paired=True)
+
+
 def test_feature_maps_are_flattened_and_computed_in_the_requested_dtype():
     model = ConvFeatureNet()
     x = torch.randn(5, 1, 6, 6)

@@ -16,9 +16,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
-    )
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
 
 
 def conv_net() -> nn.Module:
@@ -99,16 +97,14 @@ def test_chunked_symmetric_gram_is_exact_symmetric_psd_and_matches_unchunked():
     assert (chunked.diagonal() >= 0).all()
 
 
-def test_default_chunk_size_follows_the_byte_budget(monkeypatch):
+def test_default_chunk_size_follows_the_memory_budget(monkeypatch):
     model = mlp()
-    n_params = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(empirical, "CHUNK_BYTES", 3 * n_params * 4)  # three float32 Jacobian rows
+    monkeypatch.setattr(empirical, "CAPTURE_SHARE", 1.0)
     batches = []
-    model.register_forward_pre_hook(lambda module, args: batches.append(1))
-    x = torch.randn(10, 12)
-    kernel = empirical_ntk(model, x)
-    # four chunks (2, 3, 2, 3): each chunk's Jacobian for its diagonal tile, then one per upper tile.
-    assert len(batches) == 4 + 6
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    x = torch.randn(40, 12)
+    kernel = empirical_ntk(model, x, memory_budget=20_000)
+    assert len(batches) > 3 and max(batches[1:]) < 40  # after the 2-example probe, several small chunks
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-5
 
 
@@ -130,7 +126,7 @@ def test_model_state_is_left_untouched():
 
 def test_flags_restored_after_an_error():
     model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.1)).train()
-    with pytest.raises(ModelError, match=r"one scalar logit.*returned \(1, 3\)"):
+    with pytest.raises(ModelError, match=r"one scalar logit.*returned \(2, 3\)"):
         empirical_ntk(model, torch.randn(5, 4))
     assert all(m.training for m in model.modules())
 
@@ -176,3 +172,11 @@ def test_bad_arguments_are_refused():
         empirical_ntk(model, torch.randn(3, 12), batch_size=0)
     with pytest.raises(ConfigurationError, match="dtype"):
         empirical_ntk(model, torch.randn(3, 12), dtype=torch.int32)
+    with pytest.raises(ConfigurationError, match="implementation='fast' must be one of"):
+        empirical_ntk(model, torch.randn(3, 12), implementation="fast")
+    with pytest.raises(ConfigurationError, match="memory_budget='lots'.*'1GiB'"):
+        empirical_ntk(model, torch.randn(3, 12), memory_budget="lots")
+    with pytest.raises(ConfigurationError, match="memory_budget=-5"):
+        empirical_ntk(model, torch.randn(3, 12), memory_budget=-5)
+    with pytest.raises(ConfigurationError, match="paired=True.*same number of examples; got 3 and 2"):
+        empirical_ntk(model, torch.randn(3, 12), torch.randn(2, 12), paired=True)

@@ -1,0 +1,89 @@
+"""Kernel tiles from :class:`~lightning_afterkernel.kernels._structured.Factors`, and memory budgets."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import Tensor
+
+from lightning_afterkernel.errors import ConfigurationError
+from lightning_afterkernel.kernels._structured import Factors
+
+TILE_TEMP_BYTES = 64 * 2**20
+"""Cap on the temporaries of one structured layer's tile with T > 1 positions (b1 T x b2 T matrices)."""
+CPU_BUDGET_FRACTION = 0.25
+GPU_BUDGET_FRACTION = 0.5
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def gram(f1: Factors, f2: Factors, out: Tensor) -> Tensor:
+    """Write K(block 1, block 2) into ``out`` (b1, b2): J1 J2^T plus each structured layer's term."""
+    if f1.jac is not None:
+        torch.mm(f1.jac, f2.jac.mT, out=out)
+    else:
+        out.zero_()
+    for (l1, r1), (l2, r2) in zip(f1.pairs, f2.pairs, strict=True):
+        t = l1.shape[1]
+        if t == 1:
+            out.addcmul_(l1[:, 0] @ l2[:, 0].mT, r1[:, 0] @ r2[:, 0].mT)
+            continue
+        b1, b2 = len(l1), len(l2)
+        step = max(1, TILE_TEMP_BYTES // (2 * b2 * t * t * out.element_size()))
+        for start in range(0, b1, step):
+            rows = slice(start, start + step)
+            b = len(l1[rows])
+            left = l1[rows].reshape(b * t, -1) @ l2.reshape(b2 * t, -1).mT
+            left.mul_(r1[rows].reshape(b * t, -1) @ r2.reshape(b2 * t, -1).mT)
+            out[rows] += left.reshape(b, t, b2, t).sum((1, 3))
+    return out
+
+
+def paired(f1: Factors, f2: Factors) -> Tensor:
+    """K(x1[i], x2[i]) for the rows of two blocks of equal length."""
+    out = (f1.jac * f2.jac).sum(1) if f1.jac is not None else f1.pairs[0][0].new_zeros(len(f1))
+    for (l1, r1), (l2, r2) in zip(f1.pairs, f2.pairs, strict=True):
+        if l1.shape[1] == 1:
+            out += (l1[:, 0] * l2[:, 0]).sum(1) * (r1[:, 0] * r2[:, 0]).sum(1)
+        else:
+            out += ((l1 @ l2.mT) * (r1 @ r2.mT)).sum((1, 2))
+    return out
+
+
+def parse_memory_budget(memory_budget: int | float | str | None) -> int | None:
+    """Bytes from an int/float or a string such as ``"1GiB"`` or ``"512 MB"``; None stays None."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?i?[bB]?)\s*", memory_budget)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    elif not isinstance(memory_budget, bool) and isinstance(memory_budget, (int, float)) and memory_budget > 0:
+        return int(memory_budget)
+    raise ConfigurationError(
+        f"memory_budget={memory_budget!r} must be a positive number of bytes or a string such as '1GiB' or "
+        "'512MB'; None sizes it from the free memory of the device."
+    )
+
+
+def default_budget(device: torch.device) -> int:
+    """A safe share of the free memory: half of the GPU's free memory, a quarter of available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_BUDGET_FRACTION)
+    return int(_available_ram() * CPU_BUDGET_FRACTION)
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 4 * 2**30

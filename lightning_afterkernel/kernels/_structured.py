@@ -1,0 +1,349 @@
+r"""Per-layer factors of the empirical NTK, captured with hooks from one batched forward and backward.
+
+The NTK is a sum over parameter tensors, :math:`K = \sum_\ell J_\ell J_\ell^\top`, and for the layers
+handled here :math:`J_\ell` is a simple function of the layer's input :math:`A` and of the gradient
+:math:`G` of the logit with respect to the layer's output. Both come, for a whole chunk of examples,
+from ONE forward and backward pass of :math:`\sum_i f(x_i)`: a forward hook records :math:`A` and adds
+a zero tensor :math:`\epsilon` to the output; the gradient with respect to :math:`\epsilon` is
+:math:`G`. This "sum trick" is exact because, in eval mode, examples do not interact.
+
+Each layer's contribution is then kept in one of two forms, whichever is cheaper for the kernel:
+
+- materialised: the per-example gradients themselves (a row of width = number of parameters), so the
+  layer's kernel is an ordinary Gram matrix;
+- structured: two factors :math:`L_i` (T x d) and :math:`R_i` (T x p) per example with
+  :math:`K(i, j) = \sum_{t, s} (L_i L_j^\top)_{ts} (R_i R_j^\top)_{ts}` (Novak et al. 2022, "Fast Finite
+  Width Neural Tangent Kernel"). For a Linear layer on vectors T = 1, L = [A, 1] (the 1 carries the bias)
+  and R = G, so :math:`K = (L L^\top) \odot (G G^\top)`; for a convolution L holds the im2col patches.
+
+Supported: ``Linear`` (on inputs of any rank), ``Conv2d`` (stride, padding incl. ``"same"`` and
+non-zero padding modes, dilation, groups), ``BatchNorm1d/2d/3d`` in eval mode with running statistics.
+Anything else that owns a trainable parameter, a supported module called more than once per forward, a
+parameter shared between modules, or an in-place change of a recorded input makes :func:`plan`/
+:func:`capture` raise :class:`Unsupported`, and the caller takes the general path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_afterkernel.errors import ModelError
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ELEMENTWISE_COST = 4.0
+"""Cost of one elementwise multiply-accumulate on an n x n tile, in units of one matmul multiply-add
+(elementwise work is memory-bound); used when choosing a layer's form."""
+
+
+class Unsupported(Exception):
+    """The model is outside what the structured engine handles exactly; the message says why."""
+
+
+@dataclass
+class Layer:
+    """One parametrised module and the trainable tensors it owns (state-dict keys, or None if frozen)."""
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    structured: bool = False
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per-example shapes from the probe
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.module, nn.Linear):
+            return "linear"
+        if isinstance(self.module, nn.Conv2d):
+            return "conv2d"
+        return "batchnorm"
+
+
+@dataclass
+class Factors:
+    """The NTK factors of a block of examples: materialised gradients and structured (L, R) pairs."""
+
+    jac: Tensor | None  # (b, P_materialised)
+    pairs: list[tuple[Tensor, Tensor]]  # each (b, T, d), (b, T, p)
+
+    def __len__(self) -> int:
+        return len(self.jac) if self.jac is not None else len(self.pairs[0][0])
+
+    def rows(self, index: slice) -> Factors:
+        return Factors(
+            None if self.jac is None else self.jac[index], [(left[index], right[index]) for left, right in self.pairs]
+        )
+
+
+def plan(model: nn.Module, trainable: set[str]) -> list[Layer]:
+    """The supported layers that own the ``trainable`` parameters; raise :class:`Unsupported` if any
+    trainable parameter lives elsewhere or is shared."""
+    owners: dict[str, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(str(id(parameter)), []).append(name)
+    for names in owners.values():
+        if len(names) > 1 and trainable.intersection(names):
+            raise Unsupported(f"parameter shared between {', '.join(names)}")
+    layers, covered = [], set()
+    for module_name, module in model.named_modules():
+        own = {n for n, _ in module.named_parameters(recurse=False)}
+        keys = {n: f"{module_name}.{n}" if module_name else n for n in own}
+        mine = {n for n, key in keys.items() if key in trainable}
+        if not mine:
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d, *_BATCHNORMS)) or not own <= {"weight", "bias"}:
+            raise Unsupported(f"module {module_name or '<root>'} ({type(module).__name__}) has trainable parameters")
+        if isinstance(module, _BATCHNORMS) and (module.running_mean is None or module.running_var is None):
+            raise Unsupported(
+                f"{module_name} ({type(module).__name__}) has no running statistics, so in eval mode it "
+                "normalises with batch statistics and examples interact"
+            )
+        layers.append(
+            Layer(
+                module_name,
+                module,
+                keys["weight"] if "weight" in mine else None,
+                keys["bias"] if "bias" in mine else None,
+            )
+        )
+        covered.update(keys[n] for n in mine)
+    missing = trainable - covered
+    if missing:
+        raise Unsupported(f"parameters {sorted(missing)} belong to no supported module")
+    return layers
+
+
+@dataclass
+class _Record:
+    calls: int = 0
+    input: Tensor | None = None
+    version: int = 0
+    eps: Tensor | None = None
+
+
+@contextmanager
+def _hooks(layers: list[Layer]) -> Iterator[list[_Record]]:
+    records = [_Record() for _ in layers]
+    handles = []
+    for layer, record in zip(layers, records, strict=True):
+
+        def hook(module: nn.Module, args: tuple, output: Tensor, layer: Layer = layer, record: _Record = record):
+            if record.calls:
+                raise Unsupported(f"module {layer.name} is called more than once in one forward")
+            if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+                raise Unsupported(f"module {layer.name} is not called with one positional tensor")
+            record.calls += 1
+            record.input = args[0].detach()
+            record.version = args[0]._version
+            record.eps = torch.zeros_like(output, requires_grad=True)
+            return output + record.eps
+
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture(
+    model: nn.Module, state: dict[str, Tensor], layers: list[Layer], x: Tensor
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Each layer's (input A, output gradient G) for the batch ``x``; None for a layer not called.
+
+    ``state`` holds detached tensors, so autograd only differentiates with respect to the hooks' zero
+    tensors: a backward pass without any weight gradient."""
+    if x.ndim == 4 and x.device.type == "cpu" and any(layer.kind == "conv2d" for layer in layers):
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout for convolutions
+    with _hooks(layers) as records:
+        out = functional_call(model, state, (x,))
+        check_logits(out, x)
+        live = [r for r in records if r.calls]
+        grads = torch.autograd.grad(out.sum(), [r.eps for r in live], allow_unused=True) if live else []
+    result: list[tuple[Tensor, Tensor] | None] = []
+    by_record = dict(zip(map(id, live), grads, strict=True))
+    for layer, record in zip(layers, records, strict=True):
+        if not record.calls:
+            result.append(None)
+            continue
+        if record.input._version != record.version:
+            raise Unsupported(f"the input of {layer.name} is modified in place after the layer reads it")
+        grad = by_record[id(record)]
+        result.append((record.input, torch.zeros_like(record.eps) if grad is None else grad))
+    return result
+
+
+def check_logits(out: object, x: Tensor) -> None:
+    """Raise :class:`ModelError` unless ``out`` is one scalar logit per example of ``x``."""
+    if not isinstance(out, Tensor) or tuple(out.shape) not in ((len(x),), (len(x), 1)):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelError(
+            f"the model must return one scalar logit per example, shape (n,) or (n, 1); for an input of "
+            f"shape {tuple(x.shape)} it returned {shape}. For a multi-output model, wrap it in a module "
+            "whose forward selects one output (e.g. the logit of one class)."
+        )
+
+
+# ------------------------------------------------------------------ per-layer forms
+def _patches(layer: Layer, a: Tensor) -> Tensor:
+    """im2col of a Conv2d input: (b, C_in k_h k_w, T), padding (of any mode) applied first."""
+    conv = layer.module
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        a = F.pad(a, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    return F.unfold(a, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+
+
+def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
+    """Per-example Conv2d weight gradients (b, C_out, C_in / groups, k_h, k_w): the weight gradient of one
+    convolution whose groups are the examples (what ``vmap`` does for convolutions, without its copies)."""
+    conv = layer.module
+    b = len(a)
+    padding = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        pad = conv._reversed_padding_repeated_twice
+        a = F.pad(a, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        padding = (0, 0)
+    shape = (b * conv.out_channels, *conv.weight.shape[1:])
+    _, grad_weight, _ = torch.ops.aten.convolution_backward(
+        g.reshape(1, b * conv.out_channels, *g.shape[2:]),
+        a.reshape(1, b * a.shape[1], *a.shape[2:]),
+        a.new_empty(shape),
+        None,
+        list(conv.stride),
+        list(padding),
+        list(conv.dilation),
+        False,
+        [0, 0],
+        b * conv.groups,
+        [False, True, False],
+    )
+    return grad_weight.reshape(b, -1)
+
+
+def _normalised(layer: Layer, a: Tensor) -> Tensor:
+    bn = layer.module
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    mean = bn.running_mean.to(a.dtype).reshape(shape)
+    var = bn.running_var.to(a.dtype).reshape(shape)
+    return (a - mean) * torch.rsqrt(var + bn.eps)
+
+
+def dims(layer: Layer, a: Tensor, g: Tensor) -> tuple[int, int, int]:
+    """(T, d, p) of the layer for one example: positions, left width (incl. a bias column), right width."""
+    bias = int(layer.bias is not None)
+    if layer.kind == "linear":
+        return math.prod(a.shape[1:-1]), a.shape[-1] + bias, g.shape[-1]
+    if layer.kind == "conv2d":
+        conv = layer.module
+        d = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+        return math.prod(g.shape[2:]), d + bias, conv.out_channels
+    return 0, 0, 0
+
+
+def n_materialised(layer: Layer) -> int:
+    """Number of gradient entries the layer contributes in materialised form."""
+    keys = [key for key in (layer.weight, layer.bias) if key is not None]
+    return sum(getattr(layer.module, key.rsplit(".", 1)[-1]).numel() for key in keys)
+
+
+def choose_forms(layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], n: int, force: str | None) -> None:
+    """Set each layer's ``structured`` flag: the cheaper form for an n x n kernel, or ``force``d."""
+    for layer, io in zip(layers, probe, strict=True):
+        layer.structured = False
+        if io is None or layer.kind == "batchnorm" or layer.weight is None:
+            continue
+        if layer.kind == "conv2d" and layer.module.groups != 1:
+            continue
+        if force is not None:
+            layer.structured = force == "structured"
+            continue
+        t, d, p = dims(layer, *io)
+        materialised = n * n / 2 * n_materialised(layer) + n * t * (d - 1) * p
+        structured = n * n / 2 * t * t * (d + p + ELEMENTWISE_COST)
+        layer.structured = structured < materialised
+
+
+def new_factors(layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], b: int, like: Tensor) -> Factors:
+    """Uninitialised :class:`Factors` for ``b`` examples of a model whose capture gave ``probe``."""
+    n_jac = sum(n_materialised(layer) for layer in layers if not layer.structured)
+    pairs = []
+    for layer, io in zip(layers, probe, strict=True):
+        if layer.structured:
+            t, d, p = dims(layer, *io)
+            pairs.append((like.new_empty(b, t, d), like.new_empty(b, t, p)))
+    return Factors(like.new_empty(b, n_jac) if n_jac else None, pairs)
+
+
+def empty_factors(sample: Factors, b: int) -> Factors:
+    """Uninitialised :class:`Factors` for ``b`` examples, shaped like ``sample``."""
+    jac = None if sample.jac is None else sample.jac.new_empty(b, sample.jac.shape[1])
+    return Factors(jac, [(a.new_empty(b, *a.shape[1:]), g.new_empty(b, *g.shape[1:])) for a, g in sample.pairs])
+
+
+def factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], out: Factors) -> Factors:
+    """Write the factors of a captured block into ``out`` (from :func:`empty_factors`) and return it."""
+    b = len(out)
+    pairs = iter(out.pairs)
+    offset = 0
+    for layer, io in zip(layers, captured, strict=True):
+        if layer.structured:
+            if io is None:
+                raise Unsupported(f"layer {layer.name} is called for some inputs and not for others")
+            _structured(layer, *io, *next(pairs))
+            continue
+        width = n_materialised(layer)
+        if io is None:
+            out.jac[:, offset : offset + width] = 0
+        else:
+            start = offset
+            for part in _materialised(layer, *io):
+                out.jac[:, start : start + part[0].numel()] = part.reshape(b, -1)
+                start += part[0].numel()
+        offset += width
+    return out
+
+
+def _structured(layer: Layer, a: Tensor, g: Tensor, left: Tensor, right: Tensor) -> None:
+    """Write the layer's (L, R) factors, (b, T, d) and (b, T, p), into ``left`` and ``right``."""
+    b = len(a)
+    if layer.kind == "linear":
+        a, g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+    else:
+        a, g = _patches(layer, a).mT, g.flatten(2).mT
+    left[..., : a.shape[-1]] = a
+    if layer.bias is not None:
+        left[..., -1] = 1
+    right.copy_(g)
+
+
+def _materialised(layer: Layer, a: Tensor, g: Tensor) -> list[Tensor]:
+    """Per-example gradients of the layer's trainable tensors, weight first."""
+    b = len(a)
+    parts = []
+    if layer.kind == "linear":
+        left, right = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        if layer.weight is not None:
+            parts.append(right.mT @ left)
+        if layer.bias is not None:
+            parts.append(right.sum(1))
+    elif layer.kind == "conv2d":
+        if layer.weight is not None:
+            parts.append(_conv_weight_grads(layer, a, g))
+        if layer.bias is not None:
+            parts.append(g.sum((2, 3)))
+    else:
+        spatial = tuple(range(2, g.ndim))
+        if layer.weight is not None:
+            parts.append((g * _normalised(layer, a)).sum(spatial) if spatial else g * _normalised(layer, a))
+        if layer.bias is not None:
+            parts.append(g.sum(spatial) if spatial else g)
+    return parts

@@ -1,0 +1,299 @@
+"""The structured eNTK engine: every implementation and layer form against the float64 reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_afterkernel.errors import ModelError
+from lightning_afterkernel.kernels import (
+    _gram,
+    _structured,
+    empirical,
+    empirical_ntk,
+    empirical_ntk_train_test,
+    reference_ntk,
+)
+
+IMPLEMENTATIONS = ["structured", "materialised", "vmap"]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def seeded(seed: int, *layers: nn.Module) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers)
+    for module in model.modules():  # non-zero biases and BN affine parameters and statistics
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+            nn.init.normal_(module.bias)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            nn.init.normal_(module.weight)
+            nn.init.normal_(module.bias)
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+MODELS = {
+    "mlp": (
+        lambda: seeded(0, nn.Flatten(), nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 1)),
+        (3, 4),
+    ),
+    "conv_strided_padded": (
+        lambda: seeded(1, nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 1)),
+        (2, 7, 8),
+    ),
+    "conv_grouped_dilated": (
+        lambda: seeded(
+            2,
+            nn.Conv2d(4, 6, 3, dilation=2, padding=2, groups=2),
+            nn.Tanh(),
+            nn.Conv2d(6, 3, (2, 3), groups=3, bias=False),
+            nn.Flatten(),
+            nn.Linear(3 * 5 * 4, 1),
+        ),
+        (4, 6, 6),
+    ),
+    "conv_same_reflect_circular": (
+        lambda: seeded(
+            3,
+            nn.Conv2d(1, 3, 3, padding="same", padding_mode="reflect"),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(3, 2, 4, padding="same", padding_mode="circular"),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 3, 1),
+        ),
+        (1, 6, 6),
+    ),
+    "batchnorm": (
+        lambda: seeded(
+            4,
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 4, 6),
+            nn.BatchNorm1d(6),
+            nn.Tanh(),
+            nn.Linear(6, 1),
+        ),
+        (2, 4, 4),
+    ),
+    "linear_on_sequences": (
+        lambda: seeded(5, nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Flatten(), nn.Linear(10, 1)),
+        (5, 3),
+    ),
+}
+
+
+def force_forms(monkeypatch, form: str) -> None:
+    """Make every eligible layer take ``form`` ("structured" or "materialised")."""
+    original = _structured.choose_forms
+    monkeypatch.setattr(_structured, "choose_forms", lambda layers, probe, n, force: original(layers, probe, n, form))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_every_implementation_matches_the_reference_in_float64(name, implementation):
+    make, shape = MODELS[name]
+    model = make()
+    torch.manual_seed(10)
+    x1, x2 = torch.randn(9, *shape), torch.randn(5, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these models may fall back
+        gram = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64)
+        cross = empirical_ntk(model, x1, x2, implementation=implementation, dtype=torch.float64)
+        pairs = empirical_ntk(model, x1[:5], x2, implementation=implementation, dtype=torch.float64, paired=True)
+        diagonal = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64, paired=True)
+    expected = reference_ntk(model, x1)
+    assert relative_error(gram, expected) < 1e-9
+    assert torch.equal(gram, gram.T)
+    assert relative_error(cross, reference_ntk(model, x1, x2)) < 1e-9
+    assert relative_error(pairs, reference_ntk(model, x1[:5], x2).diagonal()) < 1e-9
+    assert relative_error(diagonal, expected.diagonal()) < 1e-9
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("form", ["structured", "materialised"])
+def test_each_layer_form_matches_the_reference(monkeypatch, name, form):
+    force_forms(monkeypatch, form)
+    make, shape = MODELS[name]
+    model = make()
+    x1, x2 = torch.randn(7, *shape), torch.randn(4, *shape)
+    assert relative_error(empirical_ntk(model, x1, dtype=torch.float64), reference_ntk(model, x1)) < 1e-9
+    cross = empirical_ntk(model, x1, x2, dtype=torch.float64)
+    assert relative_error(cross, reference_ntk(model, x1, x2)) < 1e-9
+
+
+def test_cost_model_picks_structured_linear_and_materialised_convs():
+    model = seeded(
+        0, nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 50), nn.ReLU(), nn.Linear(50, 1)
+    )
+    layers = _structured.plan(model, {n for n, _ in model.named_parameters()})
+    probe = _structured.capture(model, dict(model.named_parameters()), layers, torch.randn(2, 1, 6, 6))
+    _structured.choose_forms(layers, probe, n=1000, force=None)
+    assert [layer.structured for layer in layers] == [False, True, False]  # conv: T = 36; head: p = 1
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch, implementation):
+    make, shape = MODELS["batchnorm"]
+    model = make()
+    x1, x2 = torch.randn(23, *shape), torch.randn(11, *shape)
+    whole = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64)
+    whole_cross = empirical_ntk(model, x1, x2, implementation=implementation, dtype=torch.float64)
+    monkeypatch.setattr(empirical, "TILE", 4)
+    monkeypatch.setattr(_gram, "TILE_TEMP_BYTES", 1)
+    calls = []
+    options = dict(implementation=implementation, dtype=torch.float64, batch_size=3, memory_budget=2_000)
+    tiled = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
+    assert calls[-1] == (21, 21) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # 6 x 7 / 2 tiles
+    assert relative_error(tiled, whole) < 1e-12 and torch.equal(tiled, tiled.T)
+    assert relative_error(empirical_ntk(model, x1, x2, **options), whole_cross) < 1e-12
+
+
+def test_panels_recompute_column_blocks_within_the_budget(monkeypatch):
+    model, shape = MODELS["mlp"][0](), MODELS["mlp"][1]
+    monkeypatch.setattr(empirical, "TILE", 5)
+    seen = []
+    model[1].register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    x = torch.randn(30, *shape)
+    per_example = 8 * (12 + 1 + 7 + 7 + 1 + 5 + 6)  # float64 factors: two structured layers and the head
+    kernel = empirical_ntk(model, x, dtype=torch.float64, memory_budget=10.5 * per_example / empirical.RESIDENT_SHARE)
+    assert 30 < sum(seen) - 2 < 30 * 3  # panels of 10 rows: more than one pass, far fewer than one per tile
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+def test_float32_is_as_accurate_as_the_tutorial_method():
+    make, shape = MODELS["conv_strided_padded"]
+    model = make()
+    x = torch.randn(16, *shape)
+    expected = reference_ntk(model, x)
+    tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)
+    for implementation in IMPLEMENTATIONS:
+        kernel = empirical_ntk(model, x, implementation=implementation)
+        assert kernel.dtype == torch.float32
+        assert relative_error(kernel, expected) < max(1e-5, 2 * tutorial)
+
+
+class Shared(nn.Module):
+    """Two Linear modules sharing one weight tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
+class Scaled(nn.Module):
+    """A trainable parameter outside any supported module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.scale = nn.Linear(4, 1), nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.body(x)
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+
+FALLBACKS = {
+    "called twice": (Twice, "called more than once"),
+    "shared parameter": (Shared, "shared between"),
+    "parameter outside a supported module": (Scaled, r"Scaled\) has trainable parameters"),
+    "unsupported module": (lambda: nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 1)), "LayerNorm"),
+    "batchnorm without statistics": (
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 1)),
+        "no running statistics",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_unsupported_models_fall_back_with_a_warning_and_the_exact_kernel(case):
+    make, reason = FALLBACKS[case]
+    torch.manual_seed(0)
+    model = make()
+    x1, x2 = torch.randn(6, 4), torch.randn(3, 4)
+    if case == "batchnorm without statistics":  # batch statistics: per-example (vmap) is the only meaning
+        x1 = x2 = None
+    if x1 is not None:
+        with pytest.warns(UserWarning, match=f"general per-example-gradient path.*|{reason}"):
+            kernel = empirical_ntk(model, x1, x2, dtype=torch.float64)
+        assert relative_error(kernel, reference_ntk(model, x1, x2)) < 1e-10
+    with pytest.raises(ModelError, match=f"implementation='structured' cannot compute.*{reason}.*'vmap'"):
+        empirical_ntk(model, torch.randn(4, 4), implementation="structured")
+
+
+class WithSpare(nn.Module):
+    """A network with frozen tensors and a trainable layer that forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = seeded(6, nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
+        self.net[0].bias.requires_grad_(False)
+        self.net[2].weight.requires_grad_(False)
+        self.spare = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_frozen_parameters_and_unused_layers_are_left_out(implementation):
+    model = WithSpare()
+    x = torch.randn(8, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = empirical_ntk(model, x, implementation=implementation, dtype=torch.float64)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-10
+
+
+def test_progress_true_draws_a_tqdm_bar(capsys):
+    make, shape = MODELS["mlp"]
+    kernel = empirical_ntk(make(), torch.randn(6, *shape), progress=True)
+    assert "empirical NTK" in capsys.readouterr().err
+    assert kernel.shape == (6, 6)
+
+
+def test_memory_budget_strings():
+    assert _gram.parse_memory_budget("1GiB") == 2**30
+    assert _gram.parse_memory_budget("512 MB") == 512 * 10**6
+    assert _gram.parse_memory_budget(1e6) == 10**6
+    assert _gram.parse_memory_budget(None) is None
+    assert _gram.default_budget(torch.device("cpu")) > 2**20
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation):
+    monkeypatch.setattr(empirical, "TILE", 4)
+    make, shape = MODELS["conv_strided_padded"]
+    model = make()
+    x_train, x_test = torch.randn(10, *shape), torch.randn(7, *shape)
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    options = dict(implementation=implementation, dtype=torch.float64)
+    k_train, k_test = empirical_ntk_train_test(model, x_train, x_test, **options)
+    if implementation != "vmap":
+        assert sum(seen) == 2 + 17  # the probe, then every example once
+    assert torch.equal(k_train, k_train.T)
+    assert relative_error(k_train, reference_ntk(model, x_train)) < 1e-10
+    assert relative_error(k_test, reference_ntk(model, x_test, x_train)) < 1e-10
