@@ -1,63 +1,222 @@
-"""Empirical NTK: ``empirical_ntk`` beside the PyTorch tutorial's Jacobian contraction, in one run.
+"""Empirical NTK engine beside the PyTorch tutorial's Jacobian contraction, in one run.
 
-The baseline is ``reference_ntk(..., dtype=float32)``: ``vmap(jacrev)`` per example, then one einsum
-per parameter tensor (the PyTorch NTK tutorial). Both are timed on the same inputs in the same process;
-the error of each is measured against the float64 reference. Prints medians and the ratio.
+Baseline: ``reference_ntk(..., dtype=float32)``, the PyTorch NTK tutorial's method (``vmap(jacrev)``
+per example, then one contraction per parameter tensor). Each comparison times the baseline and
+``empirical_ntk`` on the same inputs in the same process (median of ``--repeats``) and measures both
+float32 kernels against the float64 reference; the float64 engine is checked against it too.
 
-    python benchmarks/entk.py                 # paper MLP n=1000 and VGG n=300 (MNIST shapes)
-    python benchmarks/entk.py --n-mlp 2000 --n-vgg 1000 --repeats 3
+The scaling table runs each point in a fresh child process, so that its peak memory (peak RSS on CPU,
+peak allocated CUDA memory on a GPU) is its own. The memory check computes the MLP kernel at the largest
+n with the default budget and with ``--small-budget`` and compares the two.
+
+    python benchmarks/entk.py                        # the targets: MLP n=2000, VGG n=1000, CIFAR shapes
+    python benchmarks/entk.py --scaling 1000 2000 4000 8000 12000 --memory-check 12000
+    python benchmarks/entk.py --device cuda --compare-n 11982 --full-split ../shared/data   # a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from lightning_afterkernel.kernels import empirical_ntk, reference_ntk
+from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, reference_ntk
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
+SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+ARCHS = {"mlp": MLPClassifier, "vgg": VGGClassifier}
 
-def median_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
+
+def make_model(arch: str, data: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ARCHS[arch](input_shape=SHAPES[data])
+
+
+def inputs(data: str, n: int, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(n, *SHAPES[data], generator=generator).to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: str) -> tuple[float, torch.Tensor]:
     times, out = [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        sync(device)
+        start = time.perf_counter()
         out = fn()
-        times.append(time.perf_counter() - t0)
+        sync(device)
+        times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
 
-def rel_err(k: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(k.double() - ref) / torch.linalg.matrix_norm(ref))
+def rel_err(kernel: torch.Tensor, reference: torch.Tensor) -> float:
+    kernel, reference = kernel.double().cpu(), reference.double().cpu()
+    return float(torch.linalg.matrix_norm(kernel - reference) / torch.linalg.matrix_norm(reference))
 
 
-def bench(name: str, model: torch.nn.Module, n: int, repeats: int) -> None:
-    torch.manual_seed(0)
-    x = torch.rand(n, *model.hparams.input_shape)
-    ref64 = reference_ntk(model, x, dtype=torch.float64)
-    empirical_ntk(model, x[:8])  # warm-up
-    t_base, k_base = median_time(lambda: reference_ntk(model, x, dtype=torch.float32), repeats)
-    t_ours, k_ours = median_time(lambda: empirical_ntk(model, x), repeats)
+def compare(arch: str, data: str, n: int, repeats: int, device: str, n_ref: int) -> dict:
+    """Engine vs tutorial on n examples; errors against the float64 reference on the first n_ref."""
+    model = make_model(arch, data).to(device)
+    x = inputs(data, n, device)
+    empirical_ntk(model, x[:16])  # warm-up (allocator, oneDNN primitives)
+    reference_ntk(model, x[:16], dtype=torch.float32)
+    t_base, k_base = median_time(lambda: reference_ntk(model, x, dtype=torch.float32), repeats, device)
+    t_ours, k_ours = median_time(lambda: empirical_ntk(model, x), repeats, device)
+    m = min(n, n_ref)
+    ref64 = reference_ntk(model, x[:m], dtype=torch.float64)
+    ours64 = empirical_ntk(model, x[:m], dtype=torch.float64)
+    row = {
+        "model": f"{arch} ({data})",
+        "params": sum(p.numel() for p in model.parameters()),
+        "n": n,
+        "tutorial_s": t_base,
+        "engine_s": t_ours,
+        "speedup": t_base / t_ours,
+        "err_fp32_tutorial": rel_err(k_base[:m, :m], ref64),
+        "err_fp32_engine": rel_err(k_ours[:m, :m], ref64),
+        "err_fp64_engine": rel_err(ours64, ref64),
+        "engine_vs_tutorial_fp32": rel_err(k_ours, k_base),
+    }
     print(
-        f"{name:<22} n={n:>5}  tutorial {t_base:7.2f} s  empirical_ntk {t_ours:7.2f} s  "
-        f"speed-up {t_base / t_ours:5.2f}x  rel.err fp32: tutorial {rel_err(k_base, ref64):.1e}, "
-        f"ours {rel_err(k_ours, ref64):.1e}"
+        f"{row['model']:<15} {row['params']:>7,} p  n={n:>5}  tutorial {t_base:7.3f} s  engine {t_ours:7.3f} s  "
+        f"speed-up {row['speedup']:6.1f}x  | rel. error vs float64 (first {m}): fp32 tutorial "
+        f"{row['err_fp32_tutorial']:.1e}, fp32 engine {row['err_fp32_engine']:.1e}, fp64 engine "
+        f"{row['err_fp64_engine']:.1e}",
+        flush=True,
     )
+    return row
+
+
+def one_point(arch: str, data: str, n: int, device: str, budget: str | None, save: str | None) -> dict:
+    """One scaling point, meant to run in its own process (its peak memory is the process's)."""
+    model = make_model(arch, data).to(device)
+    x = inputs(data, n, device)
+    empirical_ntk(model, x[:16])
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    kernel = empirical_ntk(model, x, memory_budget=budget)
+    sync(device)
+    seconds = time.perf_counter() - start
+    if save:
+        torch.save(kernel.cpu(), save)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {"model": f"{arch} ({data})", "n": n, "seconds": seconds, "peak_bytes": peak, "budget": budget}
+
+
+def child(arch: str, data: str, n: int, device: str, budget: str | None = None, save: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--one", arch, data, str(n), "--device", device]
+    command += ["--budget", budget] if budget else []
+    command += ["--save", save] if save else []
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def full_split(root: str, device: str, repeats: int) -> list[dict]:
+    """The after kernel of the paper's models on the full MNIST 3-vs-8 split: K_train and K_test."""
+    from lightning_afterkernel.data import BinaryPairDataModule
+
+    dm = BinaryPairDataModule(root=root, download=False)
+    dm.setup("fit")
+    x_train, x_test = dm.tensors("train")[0].to(device), dm.tensors("test")[0].to(device)
+    rows = []
+    for arch in ("vgg", "mlp"):
+        model = make_model(arch, "mnist").to(device)
+        empirical_ntk_train_test(model, x_train[:64], x_test[:16])
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        seconds, _ = median_time(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), repeats, device)
+        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+        rows.append({"model": arch, "n_train": len(x_train), "n_test": len(x_test), "seconds": seconds, "peak": peak})
+        print(
+            f"full split {arch}: K_train {len(x_train)}^2 + K_test {len(x_test)}x{len(x_train)} in {seconds:.2f} s, "
+            f"peak {peak / 2**30:.2f} GiB",
+            flush=True,
+        )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-mlp", type=int, default=1000)
-    parser.add_argument("--n-vgg", type=int, default=300)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-n", type=int, nargs=2, default=(2000, 1000), metavar=("N_MLP", "N_VGG"))
+    parser.add_argument("--cifar-n", type=int, default=500, help="n of the CIFAR-10-shape comparisons")
+    parser.add_argument("--reference-n", type=int, default=500, help="examples in the float64 error check")
+    parser.add_argument("--scaling", type=int, nargs="*", default=[], help="n values of the scaling table")
+    parser.add_argument("--scaling-models", nargs="*", default=["mlp:mnist", "vgg:mnist", "mlp:cifar10", "vgg:cifar10"])
+    parser.add_argument("--memory-check", type=int, default=0, help="n of the MLP memory-budget check")
+    parser.add_argument("--small-budget", default="1GiB")
+    parser.add_argument("--full-split", default="", help="data root: time the full MNIST 3-vs-8 kernels")
+    parser.add_argument("--json", default="", help="write every row here")
+    parser.add_argument("--one", nargs=3, metavar=("ARCH", "DATA", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--budget", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, fp32 symmetric Gram, median of {args.repeats}")
-    bench("MLP (MNIST, 100,675 p)", MLPClassifier(input_shape=(1, 28, 28)), args.n_mlp, args.repeats)
-    bench("VGG (MNIST, 95,267 p)", VGGClassifier(input_shape=(1, 28, 28)), args.n_vgg, args.repeats)
+    if args.one:
+        arch, data, n = args.one
+        print(json.dumps(one_point(arch, data, int(n), args.device, args.budget, args.save)))
+        return
+
+    card = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    )
+    print(
+        f"machine: {card}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}; fp32 symmetric Gram "
+        f"matrices, median of {args.repeats}",
+        flush=True,
+    )
+    rows: dict[str, list] = {"compare": [], "scaling": [], "memory": [], "full_split": []}
+    n_mlp, n_vgg = args.compare_n
+    for arch, data, n in [("mlp", "mnist", n_mlp), ("vgg", "mnist", n_vgg)] + [
+        (arch, "cifar10", args.cifar_n) for arch in ("mlp", "vgg")
+    ]:
+        if n:
+            rows["compare"].append(compare(arch, data, n, args.repeats, args.device, args.reference_n))
+    for spec in args.scaling_models if args.scaling else []:
+        arch, data = spec.split(":")
+        for n in args.scaling:
+            row = child(arch, data, n, args.device)
+            rows["scaling"].append(row)
+            print(
+                f"scaling {row['model']:<15} n={n:>6}  {row['seconds']:8.2f} s  "
+                f"peak {row['peak_bytes'] / 2**30:6.2f} GiB",
+                flush=True,
+            )
+    if args.memory_check:
+        n = args.memory_check
+        default = child("mlp", "mnist", n, args.device, save="/tmp/entk_default.pt")
+        small = child("mlp", "mnist", n, args.device, budget=args.small_budget, save="/tmp/entk_small.pt")
+        diff = float((torch.load("/tmp/entk_default.pt") - torch.load("/tmp/entk_small.pt")).abs().max())
+        rows["memory"] += [default, small]
+        for row in (default, small):
+            print(
+                f"memory  MLP (mnist) n={n}  budget {row['budget'] or 'default'}: {row['seconds']:.2f} s, peak "
+                f"{row['peak_bytes'] / 2**30:.2f} GiB",
+                flush=True,
+            )
+        print(f"memory  max |K_default - K_small_budget| = {diff:.1e}", flush=True)
+    if args.full_split:
+        rows["full_split"] = full_split(args.full_split, args.device, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

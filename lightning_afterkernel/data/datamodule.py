@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_afterkernel.data.augmentation import AugmentedDataset, random_affine
 from lightning_afterkernel.data.sources import (
     IMAGE_SHAPES,
     check_dataset,
@@ -44,6 +45,21 @@ class BinaryPairDataModule(pl.LightningDataModule):
             from it) as the validation set. With 0 (the default) the validation set *is* the test set:
             the paper has no validation split, and this lets Lightning report test accuracy every epoch.
         shuffle: shuffle the training loader (seeded by ``pytorch_lightning.seed_everything``).
+        rotation_degrees, shift_pixels, zoom: augmentation of the *training loader* only, drawn afresh per image
+            and epoch (see :func:`~lightning_afterkernel.data.augmentation.random_affine`): a rotation by an angle
+            uniform in +-``rotation_degrees``, a shift by round(U(-s, s)) whole pixels per axis with
+            s = ``shift_pixels``, a zoom by a scale uniform in 1 +- ``zoom``; one bilinear resampling, zero fill.
+            All 0 (the default): no augmentation. ``tensors(split)``, the validation and test loaders, and so
+            every kernel, always see the original images. The transform is the attribute ``augmentation``
+            (a ``v2.RandomAffine``, or None).
+
+    The paper's augmentation (``--use_augmentation``) is ``rotation_degrees=15``: its Keras
+    ``ImageDataGenerator(rotation_range=15, width_shift_range=1, height_shift_range=1)`` meant a +-1 px shift
+    too, but Keras reads an *int* shift range s as "choose from range(s)", so the shift was always 0; for the
+    intended shift add ``shift_pixels=1`` (-1, 0, +1 px with probabilities 1/4, 1/2, 1/4, which is what Keras
+    draws for ``width_shift_range=2``). Other differences from Keras: it fills the uncovered border with the
+    nearest edge pixel (the same on MNIST, whose borders are black; not on CIFAR-10), and its zoom draws the
+    horizontal and vertical scales independently (here one isotropic scale; the paper did not zoom in training).
     """
 
     def __init__(
@@ -61,6 +77,9 @@ class BinaryPairDataModule(pl.LightningDataModule):
         subset_seed: int = 0,
         val_size: int = 0,
         shuffle: bool = True,
+        rotation_degrees: float = 0.0,
+        shift_pixels: int = 0,
+        zoom: float = 0.0,
     ) -> None:
         super().__init__()
         check_dataset(dataset)
@@ -89,6 +108,8 @@ class BinaryPairDataModule(pl.LightningDataModule):
                 raise ConfigurationError(f"{name}={value}; use a positive size, or None for the whole split")
         if val_size < 0:
             raise ConfigurationError(f"val_size={val_size}; it must be >= 0")
+        h, w, _ = IMAGE_SHAPES[dataset]
+        self.augmentation = random_affine(rotation_degrees, shift_pixels, zoom, (h, w))
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = root
@@ -164,6 +185,7 @@ class BinaryPairDataModule(pl.LightningDataModule):
         return x, y
 
     def train_dataloader(self) -> DataLoader:
+        """Training batches, augmented per image when an augmentation is set."""
         return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
@@ -212,8 +234,11 @@ class BinaryPairDataModule(pl.LightningDataModule):
         return {"train": self.train_dataset, "val": self.val_dataset, "test": self.test_dataset}[split]
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self._split(split)
+        if split == "train" and self.augmentation is not None:
+            dataset = AugmentedDataset(dataset, self.augmentation)
         return DataLoader(
-            self._split(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,

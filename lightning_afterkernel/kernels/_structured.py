@@ -255,8 +255,11 @@ def n_materialised(layer: Layer) -> int:
     return sum(getattr(layer.module, key.rsplit(".", 1)[-1]).numel() for key in keys)
 
 
-def choose_forms(layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], n: int, force: str | None) -> None:
-    """Set each layer's ``structured`` flag: the cheaper form for an n x n kernel, or ``force``d."""
+def choose_forms(
+    layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], pairs: float, examples: float, force: str | None
+) -> None:
+    """Set each layer's ``structured`` flag: the cheaper form for ``pairs`` kernel entries of ``examples``
+    examples (n^2 / 2 and n for a symmetric Gram matrix, n and 2 n in paired mode), or ``force``d."""
     for layer, io in zip(layers, probe, strict=True):
         layer.structured = False
         if io is None or layer.kind == "batchnorm" or layer.weight is None:
@@ -267,8 +270,8 @@ def choose_forms(layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None],
             layer.structured = force == "structured"
             continue
         t, d, p = dims(layer, *io)
-        materialised = n * n / 2 * n_materialised(layer) + n * t * (d - 1) * p
-        structured = n * n / 2 * t * t * (d + p + ELEMENTWISE_COST)
+        materialised = pairs * n_materialised(layer) + examples * t * (d - 1) * p
+        structured = pairs * t * t * (d + p + ELEMENTWISE_COST)
         layer.structured = structured < materialised
 
 

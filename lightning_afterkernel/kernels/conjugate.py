@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -59,14 +61,7 @@ def conjugate_kernel(
         exactly symmetric when ``x2`` is None.
     """
     check_model(model, needs_trainable=False)
-    if not has_features_method(model):
-        raise ModelError(
-            "conjugate_kernel needs model.features(x) returning the penultimate-layer features, shape "
-            f"(n, d); {type(model).__name__} has no such method (a submodule named `features` does not count). "
-            "Add one that runs the network up to (not "
-            "including) its output layer, e.g. `def features(self, x): return self.body(x)`, and let "
-            "`forward` return `self.head(self.features(x))`."
-        )
+    _check_features(model)
     check_options(dtype, batch_size=batch_size)
     with eval_mode(model), torch.inference_mode(False), torch.no_grad():
         x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
@@ -86,6 +81,33 @@ def conjugate_kernel(
         return phi1 @ _features(features, state, x2, batch_size or FEATURES_BATCH, dtype).mT
 
 
+def conjugate_kernel_views(
+    model: nn.Module,
+    views: Sequence[Tensor],
+    *,
+    batch_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""Per-example Gram matrices of the features across views: :math:`G[i, a, b] = \langle \Phi(v_a[i]),
+    \Phi(v_b[i]) \rangle` for v views of the same n examples; (n, v, v). One forward pass per view and
+    example; options as in :func:`conjugate_kernel`."""
+    views = list(views) if not isinstance(views, Tensor) else [views]
+    if not views or not all(isinstance(v, Tensor) and v.ndim and v.shape == views[0].shape for v in views):
+        shapes = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]
+        raise ConfigurationError(f"views must be a non-empty sequence of tensors of one shape (n, ...); got {shapes}.")
+    check_model(model, needs_trainable=False)
+    _check_features(model)
+    check_options(dtype, batch_size=batch_size)
+    n = len(views[0])
+    with eval_mode(model), torch.inference_mode(False), torch.no_grad():
+        stacked, _, trainable, fixed = prepare(model, torch.cat(views), None, dtype=dtype, device=device)
+        state = {f"model.{name}": t for name, t in (*trainable.items(), *fixed.items())}
+        phi = _features(_Features(model), state, stacked, batch_size or FEATURES_BATCH, dtype)
+        phi = phi.reshape(len(views), n, -1)
+        return torch.einsum("and,bnd->nab", phi, phi)
+
+
 class _Features(nn.Module):
     """Module view of ``model.features`` so that :func:`functional_call` can run it on copied tensors."""
 
@@ -95,6 +117,17 @@ class _Features(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model.features(x)
+
+
+def _check_features(model: nn.Module) -> None:
+    if not has_features_method(model):
+        raise ModelError(
+            "conjugate_kernel needs model.features(x) returning the penultimate-layer features, shape "
+            f"(n, d); {type(model).__name__} has no such method (a submodule named `features` does not count). "
+            "Add one that runs the network up to (not "
+            "including) its output layer, e.g. `def features(self, x): return self.body(x)`, and let "
+            "`forward` return `self.head(self.features(x))`."
+        )
 
 
 def _features(features: _Features, state: State, x: Tensor, batch_size: int, dtype: torch.dtype) -> Tensor:

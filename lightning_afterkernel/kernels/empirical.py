@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -112,7 +112,12 @@ def empirical_ntk(
         return engine.run(a, b, paired, report)
 
     options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
-    return _compute(model, x1, x2, task, implementation, progress, allow_tf32, **options)
+    n1, n2 = _length(x1), _length(x2)
+    if paired:
+        workload = (n1, n1 + n2)
+    else:
+        workload = (n1 * n1 / 2, n1) if x2 is None else (n1 * n2, n1 + n2)
+    return _compute(model, x1, x2, workload, task, implementation, progress, allow_tf32, **options)
 
 
 def empirical_ntk_train_test(
@@ -139,13 +144,54 @@ def empirical_ntk_train_test(
         return engine.train_test(a, a if b is None else b, report)
 
     options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
-    return _compute(model, x_train, x_test, task, implementation, progress, allow_tf32, **options)
+    n1, n2 = _length(x_train), _length(x_test)
+    workload = (n1 * n1 / 2 + n1 * n2, n1 + n2)
+    return _compute(model, x_train, x_test, workload, task, implementation, progress, allow_tf32, **options)
+
+
+def empirical_ntk_views(
+    model: nn.Module,
+    views: Sequence[Tensor],
+    *,
+    implementation: Implementation = "auto",
+    batch_size: int | None = None,
+    memory_budget: int | float | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    progress: bool | Progress = False,
+    allow_tf32: bool = False,
+) -> Tensor:
+    r"""Per-example Gram matrices across views: :math:`G[i, a, b] = K(v_a[i], v_b[i])` for v views
+    :math:`v_1, \dots, v_v` of the same n examples (e.g. images and their transforms).
+
+    Each view of each example has its per-example factors computed once (v n in all), then v (v + 1) / 2
+    row-wise products; no n x n matrix. This is what kernel-space invariance scores need:
+    :math:`K(x, Tx) / \sqrt{K(x, x) K(Tx, Tx)}` for several transforms T at the cost of one diagonal per view.
+    Options as in :func:`empirical_ntk`.
+
+    Returns:
+        The (n, v, v) tensor, symmetric in its last two dimensions, in ``dtype`` on the computation device.
+    """
+    views = list(views) if not isinstance(views, Tensor) else [views]
+    if not views or not all(isinstance(v, Tensor) and v.ndim and v.shape == views[0].shape for v in views):
+        shapes = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in views]
+        raise ConfigurationError(f"views must be a non-empty sequence of tensors of one shape (n, ...); got {shapes}.")
+    count, n = len(views), len(views[0])
+
+    def task(engine: _Engine, stacked: Tensor, _: Tensor | None, report: Progress | None) -> Tensor:
+        return engine.views(list(stacked.split(n)), report)
+
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    workload = (n * count * (count + 1) / 2, n * count)
+    stacked = torch.cat(views)
+    return _compute(model, stacked, None, workload, task, implementation, progress, allow_tf32, **options)
 
 
 def _compute(
     model: nn.Module,
     x1: Tensor,
     x2: Tensor | None,
+    workload: tuple[float, float],
     task: Callable,
     implementation: str,
     progress: bool | Progress,
@@ -166,7 +212,7 @@ def _compute(
         x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
         budget = budget or default_budget(x1.device)
         with _tf32(x1.device, allow_tf32):
-            engine = _engine(model, trainable, fixed, x1, x2, implementation, batch_size, budget)
+            engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
             try:
                 return task(engine, x1, x2, _progress(progress))
             except st.Unsupported as why:  # found only past the probe (e.g. data-dependent control flow)
@@ -181,7 +227,7 @@ def _engine(
     trainable: State,
     fixed: State,
     x1: Tensor,
-    x2: Tensor | None,
+    workload: tuple[float, float],
     implementation: str,
     batch_size: int | None,
     budget: int,
@@ -196,8 +242,8 @@ def _engine(
             raise _unsupported_error(implementation, why) from why
         _warn_fallback(why)
         return _Engine(model, trainable, fixed, None, batch_size, budget)
-    n = max(len(x1), 0 if x2 is None else len(x2))
-    st.choose_forms(layers, probe, n, force="materialised" if implementation == "materialised" else None)
+    force = "materialised" if implementation == "materialised" else None
+    st.choose_forms(layers, probe, *workload, force=force)
     return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget)
 
 
@@ -282,6 +328,19 @@ class _Engine:
         for k, rows in enumerate(chunks):
             f1 = self.factors(x1[rows])
             out[rows] = paired_rows(f1, f1 if x2 is None else self.factors(x2[rows]))
+            if progress:
+                progress(k + 1, len(chunks))
+        return out
+
+    def views(self, views: list[Tensor], progress: Progress | None) -> Tensor:
+        count, n = len(views), len(views[0])
+        out = views[0].new_empty(n, count, count)
+        chunks = _chunks(n, max(1, min(self.chunk, self.resident // count)))
+        for k, rows in enumerate(chunks):
+            factors = [self.factors(view[rows]) for view in views]
+            for a in range(count):
+                for b in range(a, count):
+                    out[rows, a, b] = out[rows, b, a] = paired_rows(factors[a], factors[b])
             if progress:
                 progress(k + 1, len(chunks))
         return out
@@ -386,6 +445,10 @@ class _Engine:
         block2 = f2.rows(slice(cols.start - offset2, cols.stop - offset2))
         like = block1.jac if block1.jac is not None else block1.pairs[0][0]
         return gram(block1, block2, like.new_empty(len(block1), len(block2)))
+
+
+def _length(x: object) -> int:
+    return len(x) if isinstance(x, Tensor) and x.ndim else 0
 
 
 def _factor_bytes(factors: st.Factors) -> int:

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_afterkernel.errors import ModelError
+from lightning_afterkernel.errors import ConfigurationError, ModelError
 from lightning_afterkernel.kernels import (
     _gram,
     _structured,
     empirical,
     empirical_ntk,
     empirical_ntk_train_test,
+    empirical_ntk_views,
     reference_ntk,
 )
 
@@ -95,7 +96,10 @@ MODELS = {
 def force_forms(monkeypatch, form: str) -> None:
     """Make every eligible layer take ``form`` ("structured" or "materialised")."""
     original = _structured.choose_forms
-    monkeypatch.setattr(_structured, "choose_forms", lambda layers, probe, n, force: original(layers, probe, n, form))
+    def forced(layers, probe, pairs, examples, force):
+        return original(layers, probe, pairs, examples, form)
+
+    monkeypatch.setattr(_structured, "choose_forms", forced)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -137,7 +141,7 @@ def test_cost_model_picks_structured_linear_and_materialised_convs():
     )
     layers = _structured.plan(model, {n for n, _ in model.named_parameters()})
     probe = _structured.capture(model, dict(model.named_parameters()), layers, torch.randn(2, 1, 6, 6))
-    _structured.choose_forms(layers, probe, n=1000, force=None)
+    _structured.choose_forms(layers, probe, pairs=1000**2 / 2, examples=1000, force=None)
     assert [layer.structured for layer in layers] == [False, True, False]  # conv: T = 36; head: p = 1
 
 
@@ -297,3 +301,18 @@ def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation):
     assert torch.equal(k_train, k_train.T)
     assert relative_error(k_train, reference_ntk(model, x_train)) < 1e-10
     assert relative_error(k_test, reference_ntk(model, x_test, x_train)) < 1e-10
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_views_give_each_examples_gram_matrix_across_views(implementation):
+    make, shape = MODELS["conv_same_reflect_circular"]
+    model = make()
+    views = [torch.randn(6, *shape) for _ in range(3)]
+    gram = empirical_ntk_views(model, views, implementation=implementation, dtype=torch.float64, batch_size=4)
+    assert gram.shape == (6, 3, 3)
+    for a in range(3):
+        for b in range(3):
+            expected = reference_ntk(model, views[a], views[b]).diagonal()
+            assert relative_error(gram[:, a, b], expected) < 1e-10
+    with pytest.raises(ConfigurationError, match="views must be a non-empty sequence of tensors of one shape"):
+        empirical_ntk_views(model, [views[0], views[1][:3]])
