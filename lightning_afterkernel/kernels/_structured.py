@@ -43,6 +43,10 @@ ELEMENTWISE_COST = 4.0
 (elementwise work is memory-bound); used when choosing a layer's form."""
 
 
+GROUPED_CONV_DEVICES = ("cpu",)
+"""Devices on which per-example convolution weight gradients come from one grouped convolution."""
+
+
 class Unsupported(Exception):
     """The model is outside what the structured engine handles exactly; the message says why."""
 
@@ -203,10 +207,18 @@ def _patches(layer: Layer, a: Tensor) -> Tensor:
 
 
 def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
-    """Per-example Conv2d weight gradients (b, C_out, C_in / groups, k_h, k_w): the weight gradient of one
-    convolution whose groups are the examples (what ``vmap`` does for convolutions, without its copies)."""
+    """Per-example Conv2d weight gradients, (b, C_out C_in / groups k_h k_w).
+
+    On the devices in :data:`GROUPED_CONV_DEVICES` (oneDNN on CPU): the weight gradient of one convolution
+    whose groups are the examples (what ``vmap`` does for convolutions, without its copies). Elsewhere
+    (cuDNN is slow with thousands of groups): im2col patches and one batched matmul, G_i^T P_i."""
     conv = layer.module
     b = len(a)
+    if a.device.type not in GROUPED_CONV_DEVICES:
+        patches = _patches(layer, a)  # (b, C_in k k, T)
+        patches = patches.reshape(b, conv.groups, -1, patches.shape[-1])
+        right = g.reshape(b, conv.groups, -1, patches.shape[-1])
+        return (right @ patches.mT).reshape(b, -1)
     padding = conv.padding
     if isinstance(padding, str) or conv.padding_mode != "zeros":
         pad = conv._reversed_padding_repeated_twice

@@ -28,8 +28,8 @@ from lightning_afterkernel.kernels._model import (
 
 Implementation = Literal["auto", "structured", "materialised", "vmap"]
 IMPLEMENTATIONS = ("auto", "structured", "materialised", "vmap")
-TILE = 1024
-"""Rows and columns of one kernel tile (the unit of work and of the progress count)."""
+TILE = 256
+"""Rows of one strip of the kernel (the unit of work and of the progress count)."""
 CAPTURE_SHARE = 0.25
 """Share of the memory budget for one capture chunk (activations, patches, per-example gradients)."""
 RESIDENT_SHARE = 0.35
@@ -348,36 +348,39 @@ class _Engine:
     def _symmetric(self, x: Tensor, progress: Progress | None) -> Tensor:
         kernel = x.new_empty(len(x), len(x))
 
-        def write(rows: slice, cols: slice, tile: Tensor) -> None:
-            if rows == cols:
-                kernel[rows, cols] = mirror_upper(tile)
-            else:
-                kernel[rows, cols] = tile
-                kernel[cols, rows] = tile.mT
+        def write(rows: slice, cols: slice, strip: Tensor) -> None:
+            if cols.start == rows.start:  # the strip starts with its diagonal block
+                width = rows.stop - rows.start
+                kernel[rows, rows] = mirror_upper(strip[:, :width])
+                strip, cols = strip[:, width:], slice(rows.stop, cols.stop)
+            kernel[rows, cols] = strip
+            kernel[cols, rows] = strip.mT
 
-        self._upper_tiles(x, _chunks(len(x), TILE), write, progress)
+        self._upper_strips(x, _chunks(len(x), TILE), write, progress)
         return kernel
 
     def train_test(self, x_train: Tensor, x_test: Tensor, progress: Progress | None) -> tuple[Tensor, Tensor]:
-        """K(train, train) and K(test, train) from one pass: the upper tiles of the Gram matrix of
+        """K(train, train) and K(test, train) from one pass: the upper part of the Gram matrix of
         [train; test] without its test-test block, so every example's factors are computed once."""
         n = len(x_train)
         k_train, k_test = x_train.new_empty(n, n), x_train.new_empty(len(x_test), n)
         shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), TILE)]
 
-        def write(rows: slice, cols: slice, tile: Tensor) -> None:
-            if cols.start >= n:  # rows train, cols test
-                k_test[cols.start - n : cols.stop - n, rows] = tile.mT
-            elif rows == cols:
-                k_train[rows, cols] = mirror_upper(tile)
-            else:
-                k_train[rows, cols] = tile
-                k_train[cols, rows] = tile.mT
+        def write(rows: slice, cols: slice, strip: Tensor) -> None:  # rows are training rows
+            if cols.start == rows.start:
+                width = rows.stop - rows.start
+                k_train[rows, rows] = mirror_upper(strip[:, :width])
+                strip, cols = strip[:, width:], slice(rows.stop, cols.stop)
+            split = min(max(cols.start, n), cols.stop) - cols.start  # columns before the test rows
+            train_cols = slice(cols.start, cols.start + split)
+            k_train[rows, train_cols] = strip[:, :split]
+            k_train[train_cols, rows] = strip[:, :split].mT
+            k_test[cols.start + split - n : cols.stop - n, rows] = strip[:, split:].mT
 
-        self._upper_tiles(torch.cat([x_train, x_test]), _chunks(n, TILE) + shift, write, progress, skip_from=n)
+        self._upper_strips(torch.cat([x_train, x_test]), _chunks(n, TILE) + shift, write, progress, skip_from=n)
         return k_train, k_test
 
-    def _upper_tiles(
+    def _upper_strips(
         self,
         x: Tensor,
         tiles: list[slice],
@@ -385,55 +388,49 @@ class _Engine:
         progress: Progress | None,
         skip_from: int | None = None,
     ) -> None:
-        """Compute every tile (rows, cols) with rows <= cols (except those with both past ``skip_from``)
-        and hand it to ``write``. Rows are taken in panels whose factors stay resident; the column
-        groups after a panel are recomputed for it."""
-
-        def wanted(rows: slice, cols: slice) -> bool:
-            return skip_from is None or rows.start < skip_from
-
-        total = sum(wanted(r, c) for i, r in enumerate(tiles) for c in tiles[i:])
-        done = 0
+        """Hand ``write`` every strip K(rows, cols) of the upper triangle: for each row tile, the columns
+        from its diagonal to the end of its panel, then each later column group (rows at or past
+        ``skip_from`` are skipped). A panel's factors stay resident; later column groups are recomputed
+        for each panel. Strips rather than square tiles: few, large matrix products."""
         panels = _groups(tiles, self.resident)
+        live = [[rows for rows in panel if skip_from is None or rows.start < skip_from] for panel in panels]
+        total = sum(len(rows) * (len(panels) - p) for p, rows in enumerate(live))
+        done = 0
         for p, panel in enumerate(panels):
-            if not any(wanted(rows, panel[-1]) for rows in panel):
+            if not live[p]:
                 continue
-            start = panel[0].start
-            f_panel = self.factors(x[start : panel[-1].stop])
-            for a, rows in enumerate(panel):
-                for cols in panel[a:]:
-                    if wanted(rows, cols):
-                        write(rows, cols, self._tile(f_panel, f_panel, rows, cols, start, start))
-                        done += 1
+            start, stop = panel[0].start, panel[-1].stop
+            f_panel = self.factors(x[start:stop])
+            for rows in live[p]:
+                cols = slice(rows.start, stop)
+                write(rows, cols, self._tile(f_panel, f_panel, rows, cols, start, start))
+                done += 1
                 if progress:
                     progress(done, total)
             for group in panels[p + 1 :]:
-                g_start = group[0].start
-                f_group = self.factors(x[g_start : group[-1].stop])
-                for rows in panel:
-                    for cols in group:
-                        if wanted(rows, cols):
-                            write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, g_start))
-                            done += 1
+                cols = slice(group[0].start, group[-1].stop)
+                f_group = self.factors(x[cols])
+                for rows in live[p]:
+                    write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, cols.start))
+                    done += 1
                     if progress:
                         progress(done, total)
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
         kernel = x1.new_empty(len(x1), len(x2))
-        rows_tiles, cols_tiles = _chunks(len(x1), TILE), _chunks(len(x2), TILE)
-        panels, groups = _groups(rows_tiles, self.resident), _groups(cols_tiles, self.resident)
-        total, done = len(rows_tiles) * len(cols_tiles), 0
+        panels = _groups(_chunks(len(x1), TILE), self.resident)
+        groups = _groups(_chunks(len(x2), TILE), self.resident)
+        total, done = sum(map(len, panels)) * len(groups), 0
         cached = self.factors(x2) if len(groups) == 1 else None
         for panel in panels:
             start = panel[0].start
             f_panel = self.factors(x1[start : panel[-1].stop])
             for group in groups:
-                g_start = group[0].start
-                f_group = cached if cached is not None else self.factors(x2[g_start : group[-1].stop])
+                cols = slice(group[0].start, group[-1].stop)
+                f_group = cached if cached is not None else self.factors(x2[cols])
                 for rows in panel:
-                    for cols in group:
-                        kernel[rows, cols] = self._tile(f_panel, f_group, rows, cols, start, g_start)
-                        done += 1
+                    kernel[rows, cols] = self._tile(f_panel, f_group, rows, cols, start, cols.start)
+                    done += 1
                     if progress:
                         progress(done, total)
         return kernel
@@ -496,14 +493,22 @@ def _progress(progress: bool | Progress) -> Progress | None:
 
 @contextmanager
 def _tf32(device: torch.device, allow: bool) -> Iterator[None]:
-    """On CUDA, TF32 in matmuls and cuDNN convolutions exactly when ``allow`` (restored afterwards)."""
+    """On CUDA, TF32 in matmuls and cuDNN convolutions exactly when ``allow`` (restored afterwards). cuDNN
+    convolutions default to TF32, which would cost the kernel about three decimal digits."""
     if device.type != "cuda":
         yield
         return
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (matmul.allow_tf32, cudnn.allow_tf32)
-    matmul.allow_tf32 = cudnn.allow_tf32 = allow
+    settings = [
+        (torch.backends.cuda.matmul, "fp32_precision", "tf32" if allow else "ieee"),
+        (torch.backends.cudnn.conv, "fp32_precision", "tf32" if allow else "ieee"),
+    ]
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch < 2.9: the older switches
+        settings = [(torch.backends.cuda.matmul, "allow_tf32", allow), (torch.backends.cudnn, "allow_tf32", allow)]
+    saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
         yield
     finally:
-        matmul.allow_tf32, cudnn.allow_tf32 = saved
+        for (owner, name, _), value in zip(settings, saved, strict=True):
+            setattr(owner, name, value)

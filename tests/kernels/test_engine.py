@@ -96,6 +96,7 @@ MODELS = {
 def force_forms(monkeypatch, form: str) -> None:
     """Make every eligible layer take ``form`` ("structured" or "materialised")."""
     original = _structured.choose_forms
+
     def forced(layers, probe, pairs, examples, force):
         return original(layers, probe, pairs, examples, form)
 
@@ -135,6 +136,29 @@ def test_each_layer_form_matches_the_reference(monkeypatch, name, form):
     assert relative_error(cross, reference_ntk(model, x1, x2)) < 1e-9
 
 
+@pytest.mark.parametrize("name", ["conv_strided_padded", "conv_grouped_dilated", "conv_same_reflect_circular"])
+def test_conv_weight_gradients_by_im2col_equal_the_grouped_convolution(monkeypatch, name):
+    make, shape = MODELS[name]
+    model = make()
+    x = torch.randn(6, *shape)
+    grouped = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
+    monkeypatch.setattr(_structured, "GROUPED_CONV_DEVICES", ())  # the GPU route: patches and a batched matmul
+    im2col = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
+    assert relative_error(im2col, grouped) < 1e-12
+    assert relative_error(im2col, reference_ntk(model, x)) < 1e-10
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_tf32_is_off_on_cuda_unless_asked_and_restored(allow):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    with empirical._tf32(torch.device("cuda"), allow):
+        assert matmul.fp32_precision == conv.fp32_precision == ("tf32" if allow else "ieee")
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with empirical._tf32(torch.device("cpu"), allow):
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
 def test_cost_model_picks_structured_linear_and_materialised_convs():
     model = seeded(
         0, nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 50), nn.ReLU(), nn.Linear(50, 1)
@@ -157,7 +181,7 @@ def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch
     calls = []
     options = dict(implementation=implementation, dtype=torch.float64, batch_size=3, memory_budget=2_000)
     tiled = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
-    assert calls[-1] == (21, 21) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # 6 x 7 / 2 tiles
+    assert calls[-1] == (21, 21) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # one tile per panel: 6 + 5 + ... + 1 strips
     assert relative_error(tiled, whole) < 1e-12 and torch.equal(tiled, tiled.T)
     assert relative_error(empirical_ntk(model, x1, x2, **options), whole_cross) < 1e-12
 
