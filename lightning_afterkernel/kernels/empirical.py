@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from lightning_afterkernel.errors import ConfigurationError, ModelError
+from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import _structured as st
 from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
 from lightning_afterkernel.kernels._gram import paired as paired_rows
@@ -35,6 +35,8 @@ CAPTURE_SHARE = 0.25
 RESIDENT_SHARE = 0.35
 """Share of the memory budget for each of the two sets of factors held at once (row panel, column group)."""
 MAX_CHUNK = 4096
+OOM_RETRIES = 4
+"""Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
 
 
@@ -51,6 +53,7 @@ def empirical_ntk(
     device: torch.device | str | None = None,
     progress: bool | Progress = False,
     allow_tf32: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
     r"""Empirical NTK :math:`K(x, x') = \langle \partial f(x)/\partial\theta, \partial f(x')/\partial\theta
     \rangle` over the parameters :math:`\theta` with ``requires_grad=True``.
@@ -98,6 +101,9 @@ def empirical_ntk(
         progress: ``True`` for a tqdm bar, or a callable ``(tiles_done, tiles_total)`` (e.g. one feeding
             Lightning's progress bar).
         allow_tf32: let CUDA matmuls and convolutions use TF32 (10 mantissa bits; faster, less exact).
+        shard: ``(rank, world_size)``: compute only this rank's share of the work (blocks of the result
+            balanced by cost across ranks) and leave zeros elsewhere, so that summing the results of all
+            ranks (one ``torch.distributed.all_reduce``) gives the kernel, exactly.
 
     Returns:
         The (n1, n2) kernel, or the (n1,) vector when ``paired``, in ``dtype`` on the computation device.
@@ -111,7 +117,7 @@ def empirical_ntk(
     def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> Tensor:
         return engine.run(a, b, paired, report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
     n1, n2 = _length(x1), _length(x2)
     if paired:
         workload = (n1, n1 + n2)
@@ -132,6 +138,7 @@ def empirical_ntk_train_test(
     device: torch.device | str | None = None,
     progress: bool | Progress = False,
     allow_tf32: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The train Gram matrix K(x_train, x_train) and the cross kernel K(x_test, x_train) in one pass.
 
@@ -143,7 +150,7 @@ def empirical_ntk_train_test(
     def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> tuple[Tensor, Tensor]:
         return engine.train_test(a, a if b is None else b, report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
     n1, n2 = _length(x_train), _length(x_test)
     workload = (n1 * n1 / 2 + n1 * n2, n1 + n2)
     return _compute(model, x_train, x_test, workload, task, implementation, progress, allow_tf32, **options)
@@ -160,6 +167,7 @@ def empirical_ntk_views(
     device: torch.device | str | None = None,
     progress: bool | Progress = False,
     allow_tf32: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
     r"""Per-example Gram matrices across views: :math:`G[i, a, b] = K(v_a[i], v_b[i])` for v views
     :math:`v_1, \dots, v_v` of the same n examples (e.g. images and their transforms).
@@ -181,7 +189,7 @@ def empirical_ntk_views(
     def task(engine: _Engine, stacked: Tensor, _: Tensor | None, report: Progress | None) -> Tensor:
         return engine.views(list(stacked.split(n)), report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device)
+    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
     workload = (n * count * (count + 1) / 2, n * count)
     stacked = torch.cat(views)
     return _compute(model, stacked, None, workload, task, implementation, progress, allow_tf32, **options)
@@ -201,6 +209,7 @@ def _compute(
     memory_budget: int | float | str | None,
     dtype: torch.dtype,
     device: torch.device | str | None,
+    shard: tuple[int, int] | None,
 ):
     """Checks, model state handling and the choice of engine around ``task(engine, x1, x2, progress)``."""
     check_model(model, needs_trainable=True)
@@ -208,18 +217,53 @@ def _compute(
     if implementation not in IMPLEMENTATIONS:
         raise ConfigurationError(f"implementation={implementation!r} must be one of {list(IMPLEMENTATIONS)}.")
     budget = parse_memory_budget(memory_budget)
+    _check_shard(shard)
     with eval_mode(model), autograd_enabled():
         x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
         budget = budget or default_budget(x1.device)
+        general = implementation == "vmap"
+        tile, failures = TILE, 0
         with _tf32(x1.device, allow_tf32):
-            engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
-            try:
-                return task(engine, x1, x2, _progress(progress))
-            except st.Unsupported as why:  # found only past the probe (e.g. data-dependent control flow)
-                if implementation != "auto":
-                    raise _unsupported_error(implementation, why) from why
-                _warn_fallback(why)
-                return task(_Engine(model, trainable, fixed, None, batch_size, budget), x1, x2, _progress(progress))
+            while True:
+                try:
+                    if general:
+                        engine = _Engine(model, trainable, fixed, None, batch_size, budget)
+                    else:
+                        engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
+                    engine.shard, engine.tile = shard, tile
+                    return task(engine, x1, x2, _progress(progress))
+                except st.Unsupported as why:  # found past the probe (e.g. data-dependent control flow)
+                    if implementation != "auto":
+                        raise _unsupported_error(implementation, why) from why
+                    _warn_fallback(why)
+                    general = True
+                except RuntimeError as err:  # torch.OutOfMemoryError is one
+                    if not _out_of_memory(err):
+                        raise
+                    if failures == OOM_RETRIES:
+                        n1, n2 = len(x1), len(x1 if x2 is None else x2)
+                        raise KernelError(
+                            f"the kernel computation ran out of memory {failures + 1} times, the last with a memory "
+                            f"budget of {budget} bytes and {tile}-row strips ({err}). The result alone needs "
+                            f"{n1 * n2 * dtype.itemsize} bytes; use fewer examples or a device with more memory."
+                        ) from err
+                    failures += 1
+                    engine = None
+                    if x1.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    budget, tile = budget // 2, max(16, tile // 2)
+                    batch_size = None if batch_size is None else max(1, batch_size // 2)
+                    warnings.warn(
+                        f"empirical_ntk ran out of memory ({str(err).splitlines()[0][:120]}); retrying with half the "
+                        f"memory budget ({budget} bytes) and {tile}-row strips.",
+                        stacklevel=4,
+                    )
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error or a failed CPU allocation."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _engine(
@@ -275,6 +319,8 @@ class _Engine:
         budget: int,
     ) -> None:
         self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
+        self.shard: tuple[int, int] | None = None
+        self.tile = TILE
         tensor = next(iter(trainable.values()))
         itemsize = tensor.element_size()
         if structured is None:
@@ -323,9 +369,12 @@ class _Engine:
         return self._cross(x1, x2, progress)
 
     def _paired(self, x1: Tensor, x2: Tensor | None, progress: Progress | None) -> Tensor:
-        out = x1.new_empty(len(x1))
+        out = self._new(x1, len(x1))
         chunks = _chunks(len(x1), self.chunk)
+        mine = self._mine([rows.stop - rows.start for rows in chunks])
         for k, rows in enumerate(chunks):
+            if k not in mine:
+                continue
             f1 = self.factors(x1[rows])
             out[rows] = paired_rows(f1, f1 if x2 is None else self.factors(x2[rows]))
             if progress:
@@ -334,9 +383,12 @@ class _Engine:
 
     def views(self, views: list[Tensor], progress: Progress | None) -> Tensor:
         count, n = len(views), len(views[0])
-        out = views[0].new_empty(n, count, count)
+        out = self._new(views[0], n, count, count)
         chunks = _chunks(n, max(1, min(self.chunk, self.resident // count)))
+        mine = self._mine([rows.stop - rows.start for rows in chunks])
         for k, rows in enumerate(chunks):
+            if k not in mine:
+                continue
             factors = [self.factors(view[rows]) for view in views]
             for a in range(count):
                 for b in range(a, count):
@@ -345,8 +397,27 @@ class _Engine:
                 progress(k + 1, len(chunks))
         return out
 
+    def _new(self, like: Tensor, *shape: int) -> Tensor:
+        """The output: zeros when sharded (other ranks' entries stay 0 for the all-reduce)."""
+        return like.new_zeros(shape) if self.shard else like.new_empty(shape)
+
+    def _mine(self, costs: list[float]) -> set[int]:
+        """Indices of the work units this shard computes: longest-processing-time-first assignment of the
+        units to the ranks (the same on every rank), so that the ranks' total costs are balanced."""
+        if not self.shard:
+            return set(range(len(costs)))
+        rank, world = self.shard
+        loads = [0.0] * world
+        mine = set()
+        for unit in sorted(range(len(costs)), key=lambda u: (-costs[u], u)):
+            owner = min(range(world), key=lambda r: (loads[r], r))
+            loads[owner] += costs[unit]
+            if owner == rank:
+                mine.add(unit)
+        return mine
+
     def _symmetric(self, x: Tensor, progress: Progress | None) -> Tensor:
-        kernel = x.new_empty(len(x), len(x))
+        kernel = self._new(x, len(x), len(x))
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:
             if cols.start == rows.start:  # the strip starts with its diagonal block
@@ -356,15 +427,15 @@ class _Engine:
             kernel[rows, cols] = strip
             kernel[cols, rows] = strip.mT
 
-        self._upper_strips(x, _chunks(len(x), TILE), write, progress)
+        self._upper_strips(x, _chunks(len(x), self.tile), write, progress)
         return kernel
 
     def train_test(self, x_train: Tensor, x_test: Tensor, progress: Progress | None) -> tuple[Tensor, Tensor]:
         """K(train, train) and K(test, train) from one pass: the upper part of the Gram matrix of
         [train; test] without its test-test block, so every example's factors are computed once."""
         n = len(x_train)
-        k_train, k_test = x_train.new_empty(n, n), x_train.new_empty(len(x_test), n)
-        shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), TILE)]
+        k_train, k_test = self._new(x_train, n, n), self._new(x_train, len(x_test), n)
+        shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), self.tile)]
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:  # rows are training rows
             if cols.start == rows.start:
@@ -377,7 +448,7 @@ class _Engine:
             k_train[train_cols, rows] = strip[:, :split].mT
             k_test[cols.start + split - n : cols.stop - n, rows] = strip[:, split:].mT
 
-        self._upper_strips(torch.cat([x_train, x_test]), _chunks(n, TILE) + shift, write, progress, skip_from=n)
+        self._upper_strips(torch.cat([x_train, x_test]), _chunks(n, self.tile) + shift, write, progress, skip_from=n)
         return k_train, k_test
 
     def _upper_strips(
@@ -394,45 +465,55 @@ class _Engine:
         for each panel. Strips rather than square tiles: few, large matrix products."""
         panels = _groups(tiles, self.resident)
         live = [[rows for rows in panel if skip_from is None or rows.start < skip_from] for panel in panels]
-        total = sum(len(rows) * (len(panels) - p) for p, rows in enumerate(live))
+        units = [  # (panel, column group, row tile, columns)
+            (p, q, rows, slice(rows.start if q == p else panels[q][0].start, panels[q][-1].stop))
+            for p in range(len(panels))
+            for q in range(p, len(panels))
+            for rows in live[p]
+        ]
+        mine = self._mine([(rows.stop - rows.start) * (cols.stop - cols.start) for _, _, rows, cols in units])
+        units = [unit for u, unit in enumerate(units) if u in mine]
         done = 0
         for p, panel in enumerate(panels):
-            if not live[p]:
+            todo = [unit for unit in units if unit[0] == p]
+            if not todo:
                 continue
             start, stop = panel[0].start, panel[-1].stop
             f_panel = self.factors(x[start:stop])
-            for rows in live[p]:
-                cols = slice(rows.start, stop)
-                write(rows, cols, self._tile(f_panel, f_panel, rows, cols, start, start))
-                done += 1
-                if progress:
-                    progress(done, total)
-            for group in panels[p + 1 :]:
-                cols = slice(group[0].start, group[-1].stop)
-                f_group = self.factors(x[cols])
-                for rows in live[p]:
-                    write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, cols.start))
+            for q in sorted({unit[1] for unit in todo}):
+                group = slice(panels[q][0].start, panels[q][-1].stop)
+                f_group = f_panel if q == p else self.factors(x[group])
+                for _, _, rows, cols in (unit for unit in todo if unit[1] == q):
+                    write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, group.start))
                     done += 1
                     if progress:
-                        progress(done, total)
+                        progress(done, len(units))
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
-        kernel = x1.new_empty(len(x1), len(x2))
-        panels = _groups(_chunks(len(x1), TILE), self.resident)
-        groups = _groups(_chunks(len(x2), TILE), self.resident)
-        total, done = sum(map(len, panels)) * len(groups), 0
-        cached = self.factors(x2) if len(groups) == 1 else None
-        for panel in panels:
+        kernel = self._new(x1, len(x1), len(x2))
+        panels = _groups(_chunks(len(x1), self.tile), self.resident)
+        groups = [slice(g[0].start, g[-1].stop) for g in _groups(_chunks(len(x2), self.tile), self.resident)]
+        units = [(p, cols, rows) for p in range(len(panels)) for cols in groups for rows in panels[p]]
+        mine = self._mine([(rows.stop - rows.start) * (cols.stop - cols.start) for _, cols, rows in units])
+        units = [unit for u, unit in enumerate(units) if u in mine]
+        cached = self.factors(x2) if len(groups) == 1 and units else None
+        done = 0
+        for p, panel in enumerate(panels):
+            todo = [unit for unit in units if unit[0] == p]
+            if not todo:
+                continue
             start = panel[0].start
             f_panel = self.factors(x1[start : panel[-1].stop])
-            for group in groups:
-                cols = slice(group[0].start, group[-1].stop)
+            for cols in groups:
+                rows_here = [rows for _, c, rows in todo if c == cols]
+                if not rows_here:
+                    continue
                 f_group = cached if cached is not None else self.factors(x2[cols])
-                for rows in panel:
+                for rows in rows_here:
                     kernel[rows, cols] = self._tile(f_panel, f_group, rows, cols, start, cols.start)
                     done += 1
                     if progress:
-                        progress(done, total)
+                        progress(done, len(units))
         return kernel
 
     @staticmethod
@@ -442,6 +523,17 @@ class _Engine:
         block2 = f2.rows(slice(cols.start - offset2, cols.stop - offset2))
         like = block1.jac if block1.jac is not None else block1.pairs[0][0]
         return gram(block1, block2, like.new_empty(len(block1), len(block2)))
+
+
+def _check_shard(shard: object) -> None:
+    if shard is None:
+        return
+    ok = isinstance(shard, (tuple, list)) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+    if not ok or not 0 <= shard[0] < shard[1]:
+        raise ConfigurationError(
+            f"shard={shard!r} must be (rank, world_size) with 0 <= rank < world_size, e.g. "
+            "(torch.distributed.get_rank(), torch.distributed.get_world_size()); None computes everything."
+        )
 
 
 def _length(x: object) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_afterkernel.errors import ConfigurationError, ModelError
+from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import (
     _gram,
     _structured,
@@ -181,7 +181,9 @@ def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch
     calls = []
     options = dict(implementation=implementation, dtype=torch.float64, batch_size=3, memory_budget=2_000)
     tiled = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
-    assert calls[-1] == (21, 21) and [d for d, _ in calls] == sorted(d for d, _ in calls)  # one tile per panel: 6 + 5 + ... + 1 strips
+    assert calls[-1] == (21, 21) and [d for d, _ in calls] == sorted(
+        d for d, _ in calls
+    )  # one tile per panel: 6 + 5 + ... + 1 strips
     assert relative_error(tiled, whole) < 1e-12 and torch.equal(tiled, tiled.T)
     assert relative_error(empirical_ntk(model, x1, x2, **options), whole_cross) < 1e-12
 
@@ -340,3 +342,66 @@ def test_views_give_each_examples_gram_matrix_across_views(implementation):
             assert relative_error(gram[:, a, b], expected) < 1e-10
     with pytest.raises(ConfigurationError, match="views must be a non-empty sequence of tensors of one shape"):
         empirical_ntk_views(model, [views[0], views[1][:3]])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("implementation", ["structured", "vmap"])
+def test_shards_sum_to_the_kernel_and_split_the_work(monkeypatch, world, implementation):
+    monkeypatch.setattr(empirical, "TILE", 4)
+    make, shape = MODELS["batchnorm"]
+    model = make()
+    x1, x2 = torch.randn(19, *shape), torch.randn(9, *shape)
+    options = dict(implementation=implementation, dtype=torch.float64, memory_budget=4_000)
+    calls = {
+        "gram": lambda **kw: empirical_ntk(model, x1, **kw),
+        "cross": lambda **kw: empirical_ntk(model, x1, x2, **kw),
+        "paired": lambda **kw: empirical_ntk(model, x1[:9], x2, paired=True, batch_size=2, **kw),
+        "train_test": lambda **kw: torch.cat(empirical_ntk_train_test(model, x1, x2, **kw)),
+        "views": lambda **kw: empirical_ntk_views(model, [x1, x1.flip(0)], batch_size=3, **kw),
+    }
+    for name, call in calls.items():
+        whole = call(**options)
+        parts = [call(shard=(rank, world), **options) for rank in range(world)]
+        assert torch.equal(sum(parts), whole), name  # every entry computed by exactly one rank
+        nonzero = [int((part != 0).sum()) for part in parts]
+        assert all(count > 0 for count in nonzero), (name, nonzero)  # each rank does a share
+
+
+def test_bad_shard_is_refused():
+    make, shape = MODELS["mlp"]
+    with pytest.raises(ConfigurationError, match=r"shard=\(2, 2\) must be \(rank, world_size\)"):
+        empirical_ntk(make(), torch.randn(3, *shape), shard=(2, 2))
+
+
+def test_out_of_memory_halves_the_budget_and_retries(monkeypatch):
+    make, shape = MODELS["mlp"]
+    model = make()
+    x = torch.randn(12, *shape)
+    expected = empirical_ntk(model, x, dtype=torch.float64)
+    failures = iter([True, True])
+    original = empirical._Engine.factors
+
+    def flaky(self, rows):
+        if next(failures, False):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, rows)
+
+    monkeypatch.setattr(empirical._Engine, "factors", flaky)
+    with pytest.warns(UserWarning, match="ran out of memory.*retrying with half the memory budget") as caught:
+        kernel = empirical_ntk(model, x, dtype=torch.float64, memory_budget="1MiB")
+    assert len(caught) == 2
+    assert torch.equal(kernel, expected)
+
+
+def test_out_of_memory_every_time_is_a_clear_error(monkeypatch):
+    make, shape = MODELS["mlp"]
+
+    def broke(self, rows):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(empirical._Engine, "factors", broke)
+    with pytest.warns(UserWarning), pytest.raises(KernelError, match="ran out of memory 5 times.*result alone needs"):
+        empirical_ntk(make(), torch.randn(4, *shape))
+    monkeypatch.setattr(empirical._Engine, "factors", lambda self, rows: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other errors are not retried
+        empirical_ntk(make(), torch.randn(4, *shape))
