@@ -1,7 +1,7 @@
-"""``AfterKernelCallback``: compute and judge the network's kernels at chosen epochs of ``fit``.
+"""``AfterKernelCallback``: compute, judge and analyse the network's kernels at chosen epochs of ``fit``.
 
 The callback decides *when* to compute and *what* to log; the maths lives in
-:mod:`lightning_afterkernel.kernels` and :mod:`lightning_afterkernel.svm`.
+:mod:`lightning_afterkernel.kernels`, :mod:`lightning_afterkernel.svm` and :mod:`lightning_afterkernel.invariance`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,20 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
+from lightning_afterkernel.callbacks import _figures
+from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError, SolverError
+from lightning_afterkernel.invariance import PAPER_FAMILIES, invariance_scores
 from lightning_afterkernel.kernels import (
     IMPLEMENTATIONS,
+    centered_kernel_alignment,
     conjugate_kernel,
+    effective_rank,
+    eigenspectrum,
     empirical_ntk_train_test,
     has_features_method,
     kernel_alignment,
+    kernel_distance,
+    kernel_target_alignment,
     parse_memory_budget,
 )
 from lightning_afterkernel.kernels._model import eval_mode
@@ -40,6 +47,25 @@ KernelName = Literal["ntk", "ck"]
 KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
 RESULTS_FILENAME = "afterkernel_results.json"
 INITIAL_KERNELS_FILENAME = "afterkernel_initial_kernels.pt"
+KERNELS_DIRNAME = "kernels"
+FIGURES_DIRNAME = "figures"
+KERNEL_FILE_FORMAT = 1
+"""Version of the dict in ``kernels/epoch_<e>_<kernel>.pt`` (see :class:`AfterKernelCallback`)."""
+INVARIANCE_FAMILIES = tuple(PAPER_FAMILIES)
+"""The paper's four invariance scores: globalness, shift, rotation, zoom."""
+KERNEL_METRICS = (
+    "svm_test_acc",
+    "svm_min_margin",
+    "svm_n_support",
+    "svm_separable",
+    "alignment_to_initial",
+    "cka_to_initial",
+    "distance_to_initial",
+    "kta",
+    "effective_rank",
+    "effective_rank_entropy",
+)
+"""Per-kernel fields of a result row logged as ``afterkernel/<kernel>/<field>``."""
 
 
 def _check_epochs(epochs: Sequence[int]) -> list[int]:
@@ -74,6 +100,18 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite_or_none(v) for v in value]
     return value
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameters as plain Python values (loadable with ``torch.load(weights_only=True)``); others by repr."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return repr(value)
 
 
 def _atomic_write_json(path: Path, payload: Any) -> None:
@@ -136,20 +174,48 @@ class _KernelProgress:
 
 
 class AfterKernelCallback(pl.Callback):
-    """Compute the network's kernels at chosen epochs and judge each with a hard-margin SVM.
+    """Compute the network's kernels at chosen epochs, judge each with a hard-margin SVM and analyse them.
 
     At every scheduled point the callback takes fixed, seeded subsets of the training and test data
     (``n_train``, ``n_test`` examples), computes for each requested kernel the train Gram matrix
     K(X_train, X_train) and the cross kernel K(X_test, X_train), fits
-    :class:`~lightning_afterkernel.svm.HardMarginSVM` and logs, per kernel:
+    :class:`~lightning_afterkernel.svm.HardMarginSVM` and logs, per kernel (``<kernel>`` = ``ntk``/``ck``):
 
     - ``afterkernel/<kernel>/svm_test_acc``: the SVM's test accuracy on the kernel test subset,
-    - ``afterkernel/<kernel>/svm_min_margin`` and ``svm_n_support``,
+    - ``afterkernel/<kernel>/svm_min_margin``, ``svm_n_support``, ``svm_separable``,
     - ``afterkernel/<kernel>/alignment_to_initial``: uncentred alignment with the epoch-0 kernel,
+      ``cka_to_initial``: centred alignment with it, ``distance_to_initial``: the relative change
+      ||K - K_0||_F / ||K_0||_F (:func:`~lightning_afterkernel.kernels.kernel_distance`, ``"frobenius"``),
+    - ``afterkernel/<kernel>/kta``: kernel-target alignment y^T K y / (n ||K||_F) on the train subset,
+    - ``afterkernel/<kernel>/effective_rank`` (tr K / lambda_max, the paper's) and ``effective_rank_entropy``
+      (exp of the entropy of the normalised eigenvalues),
+    - ``afterkernel/<kernel>/invariance/<family>`` for ``globalness``, ``shift``, ``rotation``, ``zoom``: the
+      paper's mean kernel-space cosine between x and T x
+      (:func:`~lightning_afterkernel.invariance.invariance_scores`) on the first ``n_invariance`` images of the
+      train subset,
 
-    plus ``afterkernel/alignment_ntk_ck`` (NTK vs CK on the train subset) and
+    plus ``afterkernel/alignment_ntk_ck`` and ``afterkernel/cka_ntk_ck`` (NTK vs CK on the train subset) and
     ``afterkernel/network_test_acc`` (the network itself on the same test subset). ``ntk`` at epoch 0
-    is the *initial kernel*; later it is the *after kernel*.
+    is the *initial kernel*; later it is the *after kernel*. Every metric is computed from the Gram
+    matrices computed once for the SVM (the invariance scores need only the per-image diagonals of the
+    transformed views). A metric that is undefined for a kernel (e.g. a CK with a zero feature vector) is
+    NaN, with a warning; training goes on.
+
+    Outputs in the output folder (``dirpath``): ``afterkernel_results.json`` (one row per epoch and kernel with
+    all the numbers above), ``afterkernel_initial_kernels.pt`` (the epoch-0 train kernels, for resuming), and
+
+    - with ``figures=True``, PNGs in ``figures/``: ``kernel_heatmap_epoch_<e>.png`` (the train kernels,
+      cosine-normalised, sorted by class), ``eigenspectrum_epoch_<e>.png`` (eigenvalues / the largest, log-log,
+      initial vs epoch e), ``invariance.png`` (scores vs epoch) and ``accuracy.png`` (SVM and network test
+      accuracy vs epoch), redrawn at every evaluation and logged to W&B (``afterkernel/figures/<name>``) when the
+      Trainer has a :class:`~pytorch_lightning.loggers.WandbLogger`;
+    - with ``save_kernels=True``, ``kernels/epoch_<e>_<kernel>.pt`` per evaluation and kernel: a dict for
+      ``torch.load(path, weights_only=True)`` with ``format`` (1), ``kernel`` (``"ntk"``/``"ck"``), ``epoch``,
+      ``step``, ``k_train`` (n_train, n_train) = K(X_train, X_train) and ``k_test`` (n_test, n_train) =
+      K(X_test, X_train) in the computation ``dtype``, ``y_train``, ``y_test`` (int64 labels),
+      ``train_indices``, ``test_indices`` (positions in the training and test data), ``seed``, ``model``
+      (class name), ``hparams`` (the model's hyperparameters, plain values) and ``num_parameters``. Written
+      atomically (temporary file, then ``os.replace``); n_train^2 + n_test n_train floats each.
 
     Args:
         epochs: when to compute. 0 = at the start of fit, before any optimisation step; e > 0 =
@@ -165,6 +231,11 @@ class AfterKernelCallback(pl.Callback):
             features than training examples), fit :class:`~lightning_afterkernel.svm.SoftMarginSVM`
             with this C on the normalised kernel and report its test accuracy as
             ``svm_soft_test_acc``; ``None`` disables the fallback.
+        n_invariance: number of training images the invariance scores are averaged over: the first
+            ``min(n_invariance, n_train)`` of the (random, seeded) train subset, so no extra data is drawn. 0
+            turns the scores off. They need image batches (n, C, H, W); the globalness score needs an even
+            height and width (otherwise it is skipped with a message). Cost: 7 per-image kernel diagonals each
+            (the image and its six transforms), no n x n matrix.
         kernel_batch_size: examples per forward/backward chunk in the kernel computation (None: from the
             memory budget).
         implementation: the NTK engine's implementation (see
@@ -175,7 +246,10 @@ class AfterKernelCallback(pl.Callback):
         dtype: ``"float32"`` or ``"float64"`` for the kernel computation.
         progress: show the kernel computation's progress beside Lightning's progress bar (when the Trainer
             has one).
-        dirpath: where ``afterkernel_results.json`` is written (None: the Trainer's log dir).
+        dirpath: where ``afterkernel_results.json``, figures and kernels are written (None: the Trainer's log
+            dir; with W&B, ``<save_dir>/afterkernel/<run id>``).
+        figures: draw the PNG figures after every evaluation (and log them to W&B).
+        save_kernels: save the train and test Gram matrices of every evaluation (format above).
         verbose: print the summary table at the end of fit.
 
     Data: the test subset comes from ``datamodule.tensors("test")`` when the datamodule has it
@@ -203,6 +277,9 @@ class AfterKernelCallback(pl.Callback):
         progress: bool = True,
         dirpath: str | None = None,
         verbose: bool = True,
+        n_invariance: int = 500,
+        figures: bool = True,
+        save_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.epochs = _check_epochs(epochs)
@@ -229,7 +306,18 @@ class AfterKernelCallback(pl.Callback):
             ) from err
         if soft_margin_c is not None and not soft_margin_c > 0:
             raise ConfigurationError(f"soft_margin_c={soft_margin_c!r} must be a positive C, or None to disable.")
+        if isinstance(n_invariance, bool) or not isinstance(n_invariance, int) or n_invariance < 0:
+            raise ConfigurationError(
+                f"n_invariance={n_invariance!r} must be a non-negative integer: the number of training images the "
+                "invariance scores are averaged over (0 turns them off)."
+            )
+        for name, value in (("figures", figures), ("save_kernels", save_kernels)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{name}={value!r} must be True or False.")
         self.soft_margin_c = soft_margin_c
+        self.n_invariance = n_invariance
+        self.figures = figures
+        self.save_kernels = save_kernels
         self.at_end = at_end
         self.n_train = n_train
         self.n_test = n_test
@@ -250,6 +338,10 @@ class AfterKernelCallback(pl.Callback):
         self._progress: int | float | None = None  # epochs behind the weights at the last epoch end
         self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
         self._initial_file: str | None = None  # where a restored checkpoint says the epoch-0 kernels are
+        self._families: tuple[str, ...] | None = None  # invariance families the data allows, set at first use
+        self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
+        self._initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
+        self._spectra: dict[str, Tensor] = {}  # eigenvalues of this evaluation's train kernels
 
     @property
     def state_key(self) -> str:
@@ -281,6 +373,8 @@ class AfterKernelCallback(pl.Callback):
         else:
             self._active_kernels = list(self.kernels)
         dm = trainer.datamodule
+        plus, minus = getattr(dm, "plus_class", None), getattr(dm, "minus_class", None)
+        self._class_names = {0: f"{minus} (y=0)", 1: f"{plus} (y=1)"} if None not in (plus, minus) else {}
         if dm is not None and (callable(getattr(dm, "tensors", None)) or getattr(dm, "train_dataset", None)):
             self._data = self._draw_subsets(trainer)  # bad sizes or one-class subsets fail before training
         if self.epochs and trainer.max_epochs not in (None, -1) and self.epochs[-1] > trainer.max_epochs:
@@ -418,7 +512,7 @@ class AfterKernelCallback(pl.Callback):
 
     # ---------------------------------------------------------------- evaluation
     def _kernels(self, trainer: pl.Trainer, name: str, model: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        """K(train, train) and K(test, train) on the kernel subsets, float64 on the CPU."""
+        """K(train, train) and K(test, train) on the kernel subsets, in ``dtype`` on the computation device."""
         x_train, x_test = self._data["train"][0], self._data["test"][0]
         options = dict(batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
         if name == "ntk":
@@ -435,11 +529,12 @@ class AfterKernelCallback(pl.Callback):
         else:
             k_train = conjugate_kernel(model, x_train, **options)
             k_test = conjugate_kernel(model, x_test, x_train, **options)
-        return k_train.detach().to("cpu", torch.float64), k_test.detach().to("cpu", torch.float64)
+        return k_train.detach(), k_test.detach()
 
     @rank_zero_only
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
         assert self._data is not None
+        self._spectra = {}
         x_tr, y_tr = self._data["train"]
         x_te, y_te = self._data["test"]
         param = next(pl_module.parameters())
@@ -453,9 +548,15 @@ class AfterKernelCallback(pl.Callback):
             t0 = time.perf_counter()
             k_train, k_test = self._kernels(trainer, name, pl_module)
             kernel_time = time.perf_counter() - t0
-            train_grams[name] = k_train
+            if self.save_kernels:
+                self._save_kernels(trainer, name, epoch, k_train, k_test)
+            # The metrics run where the kernel is (eigen-decompositions are much faster on a GPU), in float64.
+            analysis_device = k_train.device if k_train.device.type == "cuda" else torch.device("cpu")
+            train_grams[name] = k_train.to(analysis_device, torch.float64)
+            k_train_cpu = train_grams[name].cpu()
+            k_test = k_test.to("cpu", torch.float64)
             if trainer.global_step == 0 and name not in self._initial_kernels:
-                self._initial_kernels[name] = k_train.to(torch.float32)
+                self._initial_kernels[name] = k_train_cpu.to(torch.float32)
             row: dict[str, Any] = {
                 "epoch": epoch,
                 "step": trainer.global_step,
@@ -463,21 +564,111 @@ class AfterKernelCallback(pl.Callback):
                 "network_test_acc": network_acc,
                 "kernel_time_s": kernel_time,
             }
-            row.update(self._fit_svm(name, epoch, k_train, y_tr, k_test, y_te))
-            initial = self._initial_kernels.get(name)
-            row["alignment_to_initial"] = (
-                kernel_alignment(k_train, initial.to(torch.float64)) if initial is not None else math.nan
-            )
+            row.update(self._fit_svm(name, epoch, k_train_cpu, y_tr, k_test, y_te))
+            del k_train_cpu, k_test
+            t0 = time.perf_counter()
+            row.update(self._kernel_metrics(name, epoch, train_grams[name], y_tr))
+            row["analysis_time_s"] = time.perf_counter() - t0
             rows.append(row)
         if {"ntk", "ck"} <= train_grams.keys():
-            align = kernel_alignment(train_grams["ntk"], train_grams["ck"])
+            pair = (train_grams["ntk"], train_grams["ck"])
+            align = self._metric("the NTK-CK alignment", epoch, kernel_alignment, *pair)
+            cka = self._metric("the NTK-CK CKA", epoch, centered_kernel_alignment, *pair)
             for row in rows:
                 row["alignment_ntk_ck"] = align
+                row["cka_ntk_ck"] = cka
+        families = self._invariance_families()
+        if families:
+            for row in rows:
+                t0 = time.perf_counter()
+                row.update(self._invariance(trainer, pl_module, row["kernel"], epoch, families))
+                row["analysis_time_s"] += time.perf_counter() - t0
         self.results.extend(rows)
         self._log(trainer, rows)
         if trainer.global_step == 0:
             self._save_initial_kernels()
         self._save(trainer)
+        if self.figures:
+            self._draw_figures(trainer, epoch, train_grams, y_tr)
+
+    def _metric(self, what: str, epoch: int | float, fn: Any, *args: Any) -> float:
+        """``fn(*args)``, or NaN with a warning when the metric is undefined for these kernels."""
+        try:
+            return float(fn(*args))
+        except KernelError as err:
+            rank_zero_warn(f"AfterKernelCallback: {what} at epoch {epoch} is NaN: {err}")
+            return math.nan
+
+    def _kernel_metrics(self, name: str, epoch: int | float, k_train: Tensor, y_train: Tensor) -> dict[str, float]:
+        """Alignment, CKA and relative distance to the epoch-0 kernel, kernel-target alignment, effective ranks."""
+        label = KERNEL_LABELS[name]
+        initial = self._initial_kernels.get(name)
+        out = dict.fromkeys(("alignment_to_initial", "cka_to_initial", "distance_to_initial"), math.nan)
+        if initial is not None:
+            initial = initial.to(k_train.device, torch.float64)
+            out["alignment_to_initial"] = self._metric(
+                f"the {label} alignment to the initial kernel", epoch, kernel_alignment, k_train, initial
+            )
+            out["cka_to_initial"] = self._metric(
+                f"the {label} CKA to the initial kernel", epoch, centered_kernel_alignment, k_train, initial
+            )
+            out["distance_to_initial"] = self._metric(
+                f"the {label} distance to the initial kernel", epoch, kernel_distance, k_train, initial, "frobenius"
+            )
+        out["kta"] = self._metric(
+            f"the {label} kernel-target alignment", epoch, kernel_target_alignment, k_train, y_train
+        )
+        spectrum = eigenspectrum(k_train)  # once per kernel and evaluation: both ranks and the figure use it
+        self._spectra[name] = spectrum.cpu()
+        out["effective_rank"] = self._metric(f"the {label} effective rank", epoch, effective_rank, spectrum, "trace")
+        out["effective_rank_entropy"] = self._metric(
+            f"the {label} entropy effective rank", epoch, effective_rank, spectrum, "entropy"
+        )
+        return out
+
+    def _invariance_families(self) -> tuple[str, ...]:
+        """The paper's families the kernel train images allow (decided once; a message for what is skipped)."""
+        if self._families is not None:
+            return self._families
+        assert self._data is not None
+        x = self._data["train"][0]
+        if self.n_invariance == 0:
+            self._families = ()
+        elif x.ndim != 4 or not x.is_floating_point():
+            self._families = ()
+            rank_zero_warn(
+                f"AfterKernelCallback: the invariance scores are skipped because the inputs are not floating-point "
+                f"image batches (n, C, H, W) (got shape {tuple(x.shape)}, dtype {x.dtype}); set n_invariance=0 to "
+                "silence this."
+            )
+        elif x.shape[-2] % 2 or x.shape[-1] % 2:
+            self._families = tuple(f for f in INVARIANCE_FAMILIES if f != "globalness")
+            rank_zero_warn(
+                f"AfterKernelCallback: the globalness score is skipped: the quadrant swap needs an even height and "
+                f"width, the images are {x.shape[-2]} x {x.shape[-1]}."
+            )
+        else:
+            self._families = INVARIANCE_FAMILIES
+        return self._families
+
+    def _invariance(
+        self, trainer: pl.Trainer, model: pl.LightningModule, name: str, epoch: int | float, families: Sequence[str]
+    ) -> dict[str, float]:
+        assert self._data is not None
+        x = self._data["train"][0][: self.n_invariance]
+        options: dict[str, Any] = dict(batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
+        label = KERNEL_LABELS[name]
+        try:
+            if name == "ntk":
+                options.update(implementation=self.implementation, memory_budget=self.memory_budget)
+                with _KernelProgress(trainer, "after kernel: NTK invariance", enabled=self.progress) as progress:
+                    scores = invariance_scores(model, x, families, kernel="ntk", progress=progress, **options)
+            else:
+                scores = invariance_scores(model, x, families, kernel="ck", **options)
+        except KernelError as err:
+            rank_zero_warn(f"AfterKernelCallback: the {label} invariance scores at epoch {epoch} are NaN: {err}")
+            scores = dict.fromkeys(families, math.nan)
+        return {f"invariance_{family}": scores[family] for family in families}
 
     def _fit_svm(
         self, name: str, epoch: int | float, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor
@@ -527,14 +718,95 @@ class AfterKernelCallback(pl.Callback):
         metrics: dict[str, float] = {"afterkernel/epoch": float(rows[0]["epoch"])}
         metrics["afterkernel/network_test_acc"] = rows[0]["network_test_acc"]
         for row in rows:
-            for key in ("svm_test_acc", "svm_min_margin", "svm_n_support", "svm_separable", "alignment_to_initial"):
-                metrics[f"afterkernel/{row['kernel']}/{key}"] = float(row[key])
+            prefix = f"afterkernel/{row['kernel']}"
+            for key in KERNEL_METRICS:
+                metrics[f"{prefix}/{key}"] = float(row[key])
             if not math.isnan(row["svm_soft_test_acc"]):
-                metrics[f"afterkernel/{row['kernel']}/svm_soft_test_acc"] = row["svm_soft_test_acc"]
-            if "alignment_ntk_ck" in row:
-                metrics["afterkernel/alignment_ntk_ck"] = row["alignment_ntk_ck"]
+                metrics[f"{prefix}/svm_soft_test_acc"] = row["svm_soft_test_acc"]
+            for family in INVARIANCE_FAMILIES:
+                if f"invariance_{family}" in row:
+                    metrics[f"{prefix}/invariance/{family}"] = row[f"invariance_{family}"]
+            for key in ("alignment_ntk_ck", "cka_ntk_ck"):
+                if key in row:
+                    metrics[f"afterkernel/{key}"] = row[key]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _draw_figures(self, trainer: pl.Trainer, epoch: int | float, grams: dict[str, Tensor], y_train: Tensor) -> None:
+        """Redraw the PNGs after an evaluation and log them to W&B (rank 0 only, as :meth:`_evaluate`)."""
+        assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
+        folder = self._dir / FIGURES_DIRNAME
+        spectra: dict[str, dict[int | float, Tensor]] = {}
+        for name, gram in grams.items():
+            spectra[name] = {epoch: self._spectra[name] if name in self._spectra else eigenspectrum(gram).cpu()}
+            if epoch == 0 and trainer.global_step == 0:
+                self._initial_spectra[name] = spectra[name][epoch]
+            elif name in self._initial_kernels:
+                if name not in self._initial_spectra:  # e.g. after resuming: once, from the side file
+                    self._initial_spectra[name] = eigenspectrum(self._initial_kernels[name]).cpu()
+                spectra[name][0] = self._initial_spectra[name]
+        kernels = list(grams)
+        tag = f"{epoch:g}"
+        try:
+            paths = {
+                "kernel_heatmap": _figures.kernel_heatmaps(
+                    folder / f"kernel_heatmap_epoch_{tag}.png", grams, y_train, epoch, KERNEL_LABELS, self._class_names
+                ),
+                "eigenspectrum": _figures.eigenspectra(
+                    folder / f"eigenspectrum_epoch_{tag}.png", spectra, KERNEL_LABELS, self.n_train
+                ),
+                "accuracy": _figures.accuracy_curves(
+                    folder / "accuracy.png", self.results, kernels, KERNEL_LABELS, self.n_train, self.n_test
+                ),
+            }
+            families = self._invariance_families()
+            if families:
+                paths["invariance"] = _figures.invariance_curves(
+                    folder / "invariance.png",
+                    self.results,
+                    families,
+                    kernels,
+                    KERNEL_LABELS,
+                    min(self.n_invariance, self.n_train),
+                )
+        except OSError as err:
+            rank_zero_warn(f"AfterKernelCallback: could not write the figures to {folder}: {err}")
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for key, path in paths.items():
+                    logger.log_image(key=f"afterkernel/figures/{key}", images=[str(path)], step=trainer.global_step)
+
+    def _save_kernels(
+        self, trainer: pl.Trainer, name: str, epoch: int | float, k_train: Tensor, k_test: Tensor
+    ) -> None:
+        """``kernels/epoch_<e>_<kernel>.pt``, atomically; the format is in the class docstring."""
+        assert self._dir is not None and self._data is not None
+        model = trainer.lightning_module
+        payload = {
+            "format": KERNEL_FILE_FORMAT,
+            "kernel": name,
+            "epoch": epoch,
+            "step": trainer.global_step,
+            "k_train": k_train.detach().cpu(),
+            "k_test": k_test.detach().cpu(),
+            "y_train": self._data["train"][1].clone(),
+            "y_test": self._data["test"][1].clone(),
+            "train_indices": self._indices["train"].clone(),
+            "test_indices": self._indices["test"].clone(),
+            "seed": self.seed,
+            "model": type(model).__name__,
+            "hparams": _plain(dict(getattr(model, "hparams", {}))),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        path = self._dir / KERNELS_DIRNAME / f"epoch_{epoch:g}_{name}.pt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except OSError as err:
+            rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; the kernels are not saved.")
 
     @rank_zero_only
     def _log_table(self, trainer: pl.Trainer) -> None:
@@ -584,6 +856,8 @@ class AfterKernelCallback(pl.Callback):
             "n_train": self.n_train,
             "n_test": self.n_test,
             "seed": self.seed,
+            "n_invariance": min(self.n_invariance, self.n_train) if self._invariance_families() else 0,
+            "invariance_families": list(self._invariance_families()),
             "kernels": self._active_kernels,
             "model": type(trainer.lightning_module).__name__,
             "results": self.results,
@@ -597,7 +871,8 @@ class AfterKernelCallback(pl.Callback):
 
     # ---------------------------------------------------------------- reporting
     def summary_table(self) -> str:
-        """Kernel x epoch -> SVM test accuracy, beside the network's own test accuracy, as text."""
+        """Kernel x epoch -> SVM test accuracy, beside the network's own test accuracy, then the kernel analyses
+        (kernel-target alignment, effective rank, change from the initial kernel, invariance scores), as text."""
         epochs = self.done_epochs
         by_key = {(r["epoch"], r["kernel"]): r for r in self.results}
         kernels = [k for k in self.kernels if any(r["kernel"] == k for r in self.results)]
@@ -614,21 +889,47 @@ class AfterKernelCallback(pl.Callback):
             soft = row.get("svm_soft_test_acc", math.nan)
             return "not separable" if math.isnan(soft) else f"{pct(soft)} (soft)"
 
+        def number(row: dict[str, Any] | None, key: str, digits: int) -> str:
+            value = math.nan if row is None else row.get(key, math.nan)
+            return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
         lines = []
         for k in kernels:
             lines.append([f"{KERNEL_LABELS[k]} SVM"] + [cell(by_key.get((e, k))) for e in epochs])
         net = {r["epoch"]: r["network_test_acc"] for r in self.results}
         lines.append(["network itself"] + [pct(net[e]) for e in epochs])
-        widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+        analyses = [("kernel-target alignment", "kta", 3), ("effective rank", "effective_rank", 1)]
+        analyses += [
+            ("alignment to epoch 0", "alignment_to_initial", 3),
+            ("change from epoch 0", "distance_to_initial", 3),
+        ]
+        families = [f for f in INVARIANCE_FAMILIES if any(f"invariance_{f}" in r for r in self.results)]
+        analyses += [(family, f"invariance_{family}", 3) for family in families]
+        extra = [
+            [f"{KERNEL_LABELS[k]} {label}"] + [number(by_key.get((e, k)), key, digits) for e in epochs]
+            for k in kernels
+            for label, key, digits in analyses
+        ]
+        widths = [max(len(row[i]) for row in [header] + lines + extra) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         title = f"After-kernel summary: test accuracy on {self.n_test} test examples (SVM trained on {self.n_train})"
         table = [title, rule, fmt.format(*header), rule] + [fmt.format(*r) for r in lines] + [rule]
+        table += [fmt.format(*r) for r in extra] + [rule]
         if any(not r["svm_separable"] for r in self.results):
             table.append(
                 "(soft): no hard-margin SVM exists for that kernel; soft-margin SVM "
                 f"(C={self.soft_margin_c}, normalised kernel) accuracy instead."
             )
+        note = (
+            f"Kernel analyses on the {self.n_train} training examples: kernel-target alignment y'Ky / (n ||K||), "
+            "effective rank tr K / max eigenvalue, alignment <K, K0> / (||K|| ||K0||) and relative change "
+            "||K - K0|| / ||K0|| from the epoch-0 kernel K0"
+        )
+        if families:
+            n_inv = min(self.n_invariance, self.n_train)
+            note += f"; invariance: mean kernel-space cosine between x and T(x) over {n_inv} training images"
+        table.append(note + ".")
         return "\n".join(table)
 
     @rank_zero_only

@@ -80,7 +80,8 @@ def eigenspectrum(kernel: Tensor) -> Tensor:
 
 def effective_rank(kernel: Tensor, method: Literal["trace", "entropy"] = "trace") -> float:
     r"""Effective rank of a positive semi-definite kernel, from its eigenvalues :math:`\lambda_1 \ge \dots \ge
-    \lambda_n \ge 0` (negative rounding noise set to 0).
+    \lambda_n \ge 0` (negative rounding noise set to 0). ``kernel`` is the (n, n) matrix or, to decompose it
+    only once for several uses, its eigenvalues from :func:`eigenspectrum` (1-D, descending).
 
     ``"trace"`` (the paper's): :math:`\sum_i \lambda_i / \lambda_1 = \mathrm{tr} K / \lambda_1`.
     ``"entropy"`` (Roy & Vetterli 2007): :math:`\exp(-\sum_i p_i \log p_i)`, :math:`p_i = \lambda_i /
@@ -90,7 +91,12 @@ def effective_rank(kernel: Tensor, method: Literal["trace", "entropy"] = "trace"
     """
     if method not in ("trace", "entropy"):
         raise ConfigurationError(f"method must be 'trace' or 'entropy'; got {method!r}.")
-    eigenvalues = eigenspectrum(kernel)
+    if isinstance(kernel, Tensor) and kernel.ndim == 1:
+        eigenvalues = kernel.detach().to(torch.float64)
+        if len(eigenvalues) == 0 or not torch.isfinite(eigenvalues).all():
+            raise KernelError("the eigenvalues must be a non-empty finite 1-D tensor (from eigenspectrum).")
+    else:
+        eigenvalues = eigenspectrum(kernel)
     largest = eigenvalues[0]
     if largest <= 0:
         raise KernelError("effective rank is undefined for a kernel without a positive eigenvalue (e.g. all zeros).")

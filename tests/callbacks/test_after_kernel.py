@@ -115,7 +115,7 @@ def wide_mlp(**kwargs) -> MLPClassifier:
 
 
 def small_callback(**kwargs) -> AfterKernelCallback:
-    options = {"epochs": [0, 1], "n_train": 40, "n_test": 24, "verbose": False}
+    options = {"epochs": [0, 1], "n_train": 40, "n_test": 24, "verbose": False, "figures": False}
     options.update(kwargs)
     return AfterKernelCallback(**options)
 

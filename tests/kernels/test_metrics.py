@@ -218,3 +218,14 @@ def test_kernel_distances():
 def test_kernel_distance_refuses_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         kernel_distance(*args)
+
+
+def test_effective_rank_from_a_precomputed_spectrum():
+    torch.manual_seed(0)
+    features = torch.randn(30, 5, dtype=torch.float64)
+    kernel = features @ features.T
+    spectrum = eigenspectrum(kernel)
+    for method in ("trace", "entropy"):
+        assert effective_rank(spectrum, method) == pytest.approx(effective_rank(kernel, method), rel=1e-12)
+    with pytest.raises(KernelError, match="non-empty finite 1-D"):
+        effective_rank(torch.tensor([1.0, float("nan")]))

@@ -1,0 +1,204 @@
+"""PNG figures of :class:`~lightning_afterkernel.callbacks.AfterKernelCallback`'s results.
+
+Drawn on :class:`matplotlib.figure.Figure` objects rendered by the Agg canvas, never through ``pyplot``: no
+global figure registry, no interactive backend, nothing that needs a display; matplotlib is imported only when a
+figure is drawn. Each function writes one PNG atomically (temporary file, then ``os.replace``) and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DPI = 110
+HEATMAP_MAX_EXAMPLES = 400
+"""The heatmap shows the first this many examples of the train subset (a random draw), sorted by class."""
+SPECTRUM_FLOOR = 1e-7
+"""Eigenvalues below this fraction of the largest are left out of the spectrum plot: float32 rounding noise."""
+
+_STYLES = {"ntk": ("tab:blue", "o"), "ck": ("tab:orange", "s"), "network": ("tab:green", "^")}
+_FAMILY_COLOURS = {"globalness": "tab:red", "shift": "tab:blue", "rotation": "tab:green", "zoom": "tab:purple"}
+
+
+def _figure(ncols: int, width: float, height: float, **margins: float) -> tuple[Any, list[Any]]:
+    """``ncols`` panels of ``width`` x ``height`` inches side by side, with fixed margins in inches (a layout engine
+    would triple the drawing time)."""
+    from matplotlib.figure import Figure
+
+    m = {"left": 0.8, "right": 0.2, "bottom": 0.6, "top": 0.45, "gap": 0.8} | margins
+    w = width * ncols
+    axis_width = (w - m["left"] - m["right"] - (ncols - 1) * m["gap"]) / ncols
+    fig = Figure(figsize=(w, height), dpi=DPI)
+    fig.subplots_adjust(
+        left=m["left"] / w,
+        right=1 - m["right"] / w,
+        bottom=m["bottom"] / height,
+        top=1 - m["top"] / height,
+        wspace=m["gap"] / axis_width,
+    )
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, path)
+    return path
+
+
+def _epoch_axis(ax: Any, results: Sequence[Mapping[str, Any]]) -> None:
+    """x axis in epochs: a tick at every evaluated epoch when there are few, else integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = sorted({r["epoch"] for r in results})
+    if len(epochs) <= 12:
+        ax.set_xticks(epochs, [f"{e:g}" for e in epochs])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
+def _epoch_label(epoch: float) -> str:
+    return f"epoch {epoch:g}" + (" (initial)" if epoch == 0 else "")
+
+
+def kernel_heatmaps(
+    path: Path,
+    grams: Mapping[str, Tensor],
+    labels: Tensor,
+    epoch: float,
+    labels_text: Mapping[str, str],
+    class_names: Mapping[int, str],
+) -> Path:
+    """The train Gram matrices, cosine-normalised (K_ij / sqrt(K_ii K_jj)), rows and columns sorted by class;
+    one panel per kernel, on the first :data:`HEATMAP_MAX_EXAMPLES` examples, one colour scale."""
+    n = min(len(labels), HEATMAP_MAX_EXAMPLES)
+    y = labels[:n].long()
+    order = torch.sort(y, stable=True).indices
+    classes = sorted(set(y.tolist()))
+    counts = [int((y == c).sum()) for c in classes]
+    cosines = {}
+    for name, gram in grams.items():
+        k = gram[:n, :n].detach().to("cpu", torch.float64)[order][:, order]
+        d = k.diagonal().clamp(min=torch.finfo(torch.float64).tiny).sqrt()
+        cosines[name] = (k / d[:, None] / d[None, :]).clamp(-1, 1).numpy()
+    low = min(0.0, *(float(c.min()) for c in cosines.values()))
+    fig, axes = _figure(len(grams), 4.0, 4.3, left=0.7, right=1.1, gap=0.5, top=0.65)
+    edges = [sum(counts[: i + 1]) - 0.5 for i in range(len(counts) - 1)]
+    centres = [sum(counts[:i]) + c / 2 - 0.5 for i, c in enumerate(counts)]
+    names = [class_names.get(c, f"y={c}") for c in classes]
+    for ax, (name, cosine) in zip(axes, cosines.items(), strict=True):
+        image = ax.imshow(cosine, cmap="viridis", vmin=low, vmax=1.0, interpolation="nearest")
+        for edge in edges:
+            ax.axhline(edge, color="white", linewidth=1.2)
+            ax.axvline(edge, color="white", linewidth=1.2)
+        ax.set_xticks(centres, names)
+        ax.set_yticks(centres, names, rotation=90, va="center")
+        ax.set_title(labels_text.get(name, name))
+        ax.set_xlabel("training examples, by class")
+    axes[0].set_ylabel("training examples, by class")
+    cax = fig.add_axes((1 - 0.95 / fig.get_figwidth(), 0.6 / 4.3, 0.15 / fig.get_figwidth(), 1 - 1.35 / 4.3))
+    fig.colorbar(image, cax=cax, label="K(x, x') / sqrt(K(x, x) K(x', x'))")
+    fig.suptitle(f"Train kernel (cosine-normalised, {n} examples), {_epoch_label(epoch)}")
+    return _save(fig, path)
+
+
+def eigenspectra(
+    path: Path, spectra: Mapping[str, Mapping[float, Tensor]], labels_text: Mapping[str, str], n: int
+) -> Path:
+    """Eigenvalues of the train kernels divided by the largest, log-log, one line per epoch (e.g. the initial and
+    the latest kernel), down to :data:`SPECTRUM_FLOOR`; one panel per kernel."""
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = _figure(len(spectra), 4.4, 3.8, left=0.9, gap=0.9)
+    for ax, (name, by_epoch) in zip(axes, spectra.items(), strict=True):
+        for i, (epoch, eigenvalues) in enumerate(sorted(by_epoch.items())):
+            values = eigenvalues.detach().to("cpu", torch.float64)
+            values = values / values.max()
+            values = values[values >= SPECTRUM_FLOOR]
+            rank = torch.arange(1, len(values) + 1)
+            style = "--" if i == 0 and len(by_epoch) > 1 else "-"
+            ax.loglog(rank.numpy(), values.numpy(), linestyle=style, label=_epoch_label(epoch))
+        for axis in (ax.xaxis, ax.yaxis):  # labels on the decades only: minor labels crowd a narrow range
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{labels_text.get(name, name)} eigen-spectrum (train, n = {n})")
+        ax.set_xlabel("index i (descending)")
+        ax.set_ylabel(r"eigenvalue $\lambda_i / \lambda_1$")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def invariance_curves(
+    path: Path,
+    results: Sequence[Mapping[str, Any]],
+    families: Sequence[str],
+    kernels: Sequence[str],
+    labels_text: Mapping[str, str],
+    n: int,
+) -> Path:
+    """Invariance scores (mean kernel-space cosine between x and T x) against epochs; one panel per kernel."""
+    fig, axes = _figure(len(kernels), 4.4, 3.8)
+    for ax, name in zip(axes, kernels, strict=True):
+        rows = sorted((r for r in results if r["kernel"] == name), key=lambda r: r["epoch"])
+        for family in families:
+            points = [(r["epoch"], r.get(f"invariance_{family}", math.nan)) for r in rows]
+            points = [(e, v) for e, v in points if v is not None and math.isfinite(v)]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", color=_FAMILY_COLOURS.get(family), label=family)
+        ax.set_title(f"{labels_text.get(name, name)} invariance ({n} train images)")
+        _epoch_axis(ax, results)
+        ax.set_ylabel("mean cosine of x and T(x) in kernel space")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def accuracy_curves(
+    path: Path,
+    results: Sequence[Mapping[str, Any]],
+    kernels: Sequence[str],
+    labels_text: Mapping[str, str],
+    n_train: int,
+    n_test: int,
+) -> Path:
+    """Test accuracy against epochs: the hard-margin SVM of each kernel (hollow markers: the soft-margin fallback,
+    where no hard margin exists) and the network itself, on the same test subset."""
+    fig, (ax,) = _figure(1, 6.0, 4.0)
+    soft_seen = False
+    for name in kernels:
+        rows = sorted((r for r in results if r["kernel"] == name), key=lambda r: r["epoch"])
+        colour, marker = _STYLES.get(name, ("tab:gray", "o"))
+        points = []
+        for r in rows:
+            hard = bool(r["svm_separable"])
+            value = r["svm_test_acc"] if hard else r.get("svm_soft_test_acc", math.nan)
+            if value is not None and math.isfinite(value):
+                points.append((r["epoch"], 100 * value, hard))
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, color=colour, marker=marker, label=f"{labels_text.get(name, name)} SVM")
+        soft = [(e, v) for e, v, hard in points if not hard]
+        if soft:
+            soft_seen = True
+            ax.plot(*zip(*soft, strict=True), linestyle="none", marker=marker, color=colour, markerfacecolor="white")
+    network = sorted({r["epoch"]: r["network_test_acc"] for r in results}.items())
+    colour, marker = _STYLES["network"]
+    ax.plot([e for e, _ in network], [100 * a for _, a in network], color=colour, marker=marker, label="network")
+    if soft_seen:
+        ax.plot([], [], linestyle="none", marker="o", color="gray", markerfacecolor="white", label="soft-margin SVM")
+    ax.set_title(f"Test accuracy on {n_test} test examples (SVMs trained on {n_train})")
+    _epoch_axis(ax, results)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
