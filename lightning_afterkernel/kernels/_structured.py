@@ -165,8 +165,6 @@ def capture(
 
     ``state`` holds detached tensors, so autograd only differentiates with respect to the hooks' zero
     tensors: a backward pass without any weight gradient."""
-    if x.ndim == 4 and x.device.type == "cpu" and any(layer.kind == "conv2d" for layer in layers):
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast layout for convolutions
     with _hooks(layers) as records:
         out = functional_call(model, state, (x,))
         check_logits(out, x)
