@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
 from lightning_afterkernel.svm import sklearn_backend
@@ -27,30 +28,53 @@ from lightning_afterkernel.svm._checks import (
     warn_if_indefinite,
 )
 from lightning_afterkernel.svm.lowrank import RANK_TOL, certify_separability
+from lightning_afterkernel.svm.torch_backend import resolve_device
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
 
-_BACKENDS = {"sklearn": "lightning_afterkernel.svm.sklearn_backend"}
-_AUTO_ORDER = ("sklearn",)
-_PLANNED = ("torch", "cuml", "thundersvm")
+_BACKENDS = {
+    "auto": "lightning_afterkernel.svm.auto_backend",
+    "torch": "lightning_afterkernel.svm.torch_backend",
+    "sklearn": "lightning_afterkernel.svm.sklearn_backend",
+    "cuml": "lightning_afterkernel.svm.cuml_backend",
+    "thundersvm": "lightning_afterkernel.svm.thundersvm_backend",
+}
+"""Every backend module has ``fit_dual(K, y_pm, fit_intercept, tol, max_iter, time_limit, **options)``,
+``DEFAULT_TOL`` and ``MARGIN_TOL``; the optional ones also ``check_available()``."""
+
+_DEVICE_BACKENDS = ("auto", "torch")
+"""Backends that take ``device`` and ``shrinking`` (the interior-point method)."""
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names accepted by ``HardMarginSVM(backend=...)``."""
-    return ("auto", *_BACKENDS)
+    """Names accepted by ``HardMarginSVM(backend=...)`` whose dependencies are installed here."""
+    names = []
+    for name, path in _BACKENDS.items():
+        try:
+            getattr(importlib.import_module(path), "check_available", lambda: None)()
+        except ConfigurationError:
+            continue
+        names.append(name)
+    return tuple(names)
 
 
-def _resolve_backend(name: object) -> tuple[str, ModuleType]:
-    """Map a backend name to (chosen name, module exposing ``fit_dual``)."""
-    valid = ", ".join(repr(b) for b in available_backends())
-    if name in _PLANNED:
-        raise ConfigurationError(f"backend={name!r} is not available yet; valid backends: {valid}.")
-    if name == "auto":
-        name = _AUTO_ORDER[0]
-    if name not in _BACKENDS:
+def _resolve_backend(name: object) -> ModuleType:
+    """The module of backend ``name``; ConfigurationError when unknown or not installed."""
+    if not isinstance(name, str) or name not in _BACKENDS:
+        valid = ", ".join(repr(b) for b in _BACKENDS)
         raise ConfigurationError(f"unknown backend={name!r}; valid backends: {valid}.")
-    return name, importlib.import_module(_BACKENDS[name])
+    module = importlib.import_module(_BACKENDS[name])
+    getattr(module, "check_available", lambda: None)()
+    return module
+
+
+def _kernel_device(K: object) -> str | None:
+    """The device of a torch kernel (e.g. "cuda:0"), None for anything else."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(K, torch.Tensor):
+        return str(K.device)
+    return None
 
 
 class _KernelSVM(ClassifierMixin, BaseEstimator):
@@ -77,8 +101,8 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
         for name in ("fit_intercept", "normalize"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise ConfigurationError(f"{name} must be True or False; got {getattr(self, name)!r}.")
-        if not _positive_real(self.tol):
-            raise ConfigurationError(f"tol must be a positive number (e.g. 1e-3); got {self.tol!r}.")
+        if self.tol is not None and not _positive_real(self.tol):
+            raise ConfigurationError(f"tol must be a positive number (e.g. 1e-3) or None; got {self.tol!r}.")
         if self.max_iter is not None and not (
             isinstance(self.max_iter, Integral) and not isinstance(self.max_iter, bool) and self.max_iter >= 1
         ):
@@ -89,34 +113,43 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
             )
 
     def _fit(self, K: object, y: object) -> Self:
+        # numpy's OpenBLAS threads spin against torch's OpenMP threads on few cores (a 0.1 s pivoted Cholesky
+        # took 1.4 s right after a torch Cholesky on 2 cores); its products here are memory-bound anyway.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._fit_single_blas(K, y)
+
+    def _fit_single_blas(self, K: object, y: object) -> Self:
         start = time.perf_counter()
         self._check_params()
-        K = check_kernel(K)
+        K_in, K = K, check_kernel(K, pad=0 if self.fit_intercept else 2)  # room for the SMO's no-bias emulation
         y_pm, classes = check_labels(y, K.shape[0])
         scale = float(np.sqrt(np.diagonal(K)).mean() ** 2) if self.normalize else 1.0
         if scale != 1.0:
             K /= scale
-        self._fit_normalized(K, y_pm)
+        self._fit_normalized(K, y_pm, _kernel_device(K_in))
         self.scale_ = scale
         self.classes_ = classes
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
+        """Solve on the checked, normalised float64 kernel; ``kernel_device``: where the caller's K lived."""
         raise NotImplementedError
 
-    def _solver_args(self, seconds_used: float = 0.0) -> tuple[bool, float, int | None, float | None]:
+    def _solver_args(
+        self, default_tol: float, seconds_used: float = 0.0
+    ) -> tuple[bool, float, int | None, float | None]:
         """(fit_intercept, tol, max_iter, time left of ``time_limit`` after ``seconds_used``) for a backend."""
         left = None if self.time_limit is None else max(float(self.time_limit) - seconds_used, 1e-3)
-        return bool(self.fit_intercept), float(self.tol), None if self.max_iter is None else int(self.max_iter), left
+        tol = default_tol if self.tol is None else float(self.tol)
+        return bool(self.fit_intercept), tol, None if self.max_iter is None else int(self.max_iter), left
 
     @staticmethod
     def _training_fit(K: np.ndarray, y: np.ndarray, result: DualResult) -> tuple[np.ndarray, np.ndarray, float]:
         """(support, margins y_i f(x_i), a^T Q a = ||w||^2) of a solution, in float64."""
         alpha = result.alpha
-        support = np.flatnonzero(alpha > 0)
-        f0 = K[:, support] @ (alpha[support] * y[support])
-        return support, y * (f0 + float(result.intercept)), float((alpha * y) @ f0)
+        f0 = K @ (alpha * y)
+        return np.flatnonzero(alpha > 0), y * (f0 + float(result.intercept)), float((alpha * y) @ f0)
 
     def _store_dual(self, y: np.ndarray, result: DualResult, support: np.ndarray, margins: np.ndarray) -> None:
         """Set the fitted attributes every SVM has."""
@@ -172,6 +205,21 @@ class HardMarginSVM(_KernelSVM):
     With ``normalize=True`` K is first divided by s = (mean_i sqrt(K_ii))^2, i.e. features are divided
     by their mean train norm; this rescales alpha by s and leaves the classifier unchanged.
 
+    Backends (one module each in ``lightning_afterkernel.svm``):
+
+    - ``"auto"`` (default): a true hard margin by the fastest route. On a CUDA device the interior-point
+      method; on the CPU libsvm followed by an exact polish (``auto_backend``). Margins >= 1 - 1e-9.
+    - ``"torch"``: a float64 primal-dual interior-point method on any torch device (``torch_backend``):
+      9-30 iterations of one Cholesky each, margins >= 1 - 1e-9, non-separable data detected in seconds.
+      A GPU method: n = 2,000 in ~2 s and n = 12,000 in minutes on 2 CPU cores.
+    - ``"sklearn"``: libsvm's SMO with a huge box bound (``sklearn_backend``; without a bias through an
+      exact emulation with two virtual examples). Fast on easy kernels; float32 kernel cache, so margins
+      may fall ~1e-2 short of 1.
+    - ``"cuml"``: cuML's GPU SMO on the precomputed kernel (``cuml_backend``; needs cuML >= 26.02 and CUDA).
+    - ``"thundersvm"``: thundersvm's linear kernel on explicit features Phi with K = Phi Phi^T from an
+      eigendecomposition (``thundersvm_backend``; needs the ``thundersvm-cpu`` package). Never its
+      precomputed mode, which trains an RBF kernel on the rows of K (upstream issue #66).
+
     Before the solve, inputs that no hard margin can separate raise ``NotSeparableError`` at once:
     examples with opposite labels and numerically identical feature vectors and, without a bias, zero
     feature vectors (O(n^2)); and **low-rank kernels with no separating direction** (``lowrank``): a
@@ -186,27 +234,31 @@ class HardMarginSVM(_KernelSVM):
     (then the solve runs as usual). Kernels of rank above min(200, n / 2) (NTKs, RBF kernels) skip it after
     200 factor steps (0.03 s at n = 12,000). A clearly indefinite K warns.
 
-    The solve is bounded by ``time_limit``: on non-separable data a hard-margin solver never finishes. After
-    the solve, everything is verified in float64 on the normalised kernel: the minimum functional training
-    margin ``min_i y_i f(x_i)`` (1 for an exact solution) must be >= 1 - ``margin_tol``.
+    The solve is bounded by ``time_limit``. After it, everything is verified in float64 on the normalised
+    kernel: the minimum functional training margin ``min_i y_i f(x_i)`` (1 for an exact solution) must be
+    >= 1 - ``margin_tol``.
 
     Args:
-        backend: "auto" (currently "sklearn") or "sklearn" (libsvm SMO; without a bias it solves the
-            exact no-bias dual through an augmented kernel, see ``sklearn_backend``).
+        backend: "auto", "torch", "sklearn", "cuml" or "thundersvm" (see above).
         fit_intercept: fit a bias b. False (default) is the paper's formulation.
         normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
-        tol: the solver's stopping tolerance (libsvm: KKT violation).
-        max_iter: solver iteration limit, None for none.
+        tol: the solver's stopping tolerance; None for the backend's default: the relative duality gap 1e-9
+            for "auto" and "torch" (interior-point method), the KKT violation 1e-3 for the SMO backends.
+        max_iter: solver iteration limit, None for the backend's own (interior-point method: 200).
         time_limit: seconds for the certificate and the solve together before the fit is abandoned with
-            SolverError (non-separable data with a hard margin never converges); None for none.
-        margin_tol: accepted shortfall of the minimum training margin below 1. The default 1e-2 covers
-            libsvm's float32 kernel cache, which leaves margins short by up to ~1e-2 on hard kernels
-            whatever ``tol``; the true value is reported in ``min_margin_``.
+            SolverError (an SMO never converges on non-separable data); None for none.
+        margin_tol: accepted shortfall of the minimum training margin below 1; None for the backend's default:
+            1e-6 for "auto" and "torch", 1e-2 for the SMO backends (libsvm's float32 kernel cache leaves
+            margins short by up to ~1e-2 on hard kernels whatever ``tol``). The true value is in ``min_margin_``.
         rank_tol: relative residual (of max K_ii) below which a direction of K counts as numerically absent
             in the low-rank certificate; a separation needing such directions has a geometric margin below
             sqrt(rank_tol) of the largest feature norm and is not trusted. The default 1e-5 lies above the
             float32 round-off seen in practice (<= 3.2e-6; see ``lowrank``); use ~1e-9 for float64 kernels.
             None skips the certificate.
+        device: torch device of the interior-point method ("auto" and "torch" only); None: the device of K
+            when K is a torch tensor, else the CPU.
+        shrinking: let the interior-point method drop clearly non-support examples from its linear system
+            (verified at the end; "auto" and "torch" only).
 
     Attributes:
         alpha_: (n,) dual variables a >= 0, in the normalised kernel's scale.
@@ -223,8 +275,9 @@ class HardMarginSVM(_KernelSVM):
             rank above the cap, or ``rank_tol=None``).
         scale_: s (1.0 when ``normalize=False``).
         classes_: the two labels in the caller's encoding; ``classes_[1]`` is the positive class.
-        n_iter_: solver iterations.
-        backend_: the backend used.
+        n_iter_: solver iterations ("auto": libsvm's plus the polish's solves or the interior-point iterations).
+        backend_: the backend used; for "auto" the route: "torch", "sklearn+polish" or "sklearn+torch".
+        solver_info_: the backend's diagnostics (dict; e.g. thundersvm's feature rank and dropped eigenvalues).
         fit_time_: seconds spent in ``fit``.
     """
 
@@ -233,11 +286,13 @@ class HardMarginSVM(_KernelSVM):
         backend: str = "auto",
         fit_intercept: bool = False,
         normalize: bool = True,
-        tol: float = 1e-3,
+        tol: float | None = None,
         max_iter: int | None = None,
         time_limit: float | None = 60.0,
-        margin_tol: float = 1e-2,
+        margin_tol: float | None = None,
         rank_tol: float | None = RANK_TOL,
+        device: str | None = None,
+        shrinking: bool = True,
     ) -> None:
         self.backend = backend
         self.fit_intercept = fit_intercept
@@ -247,17 +302,28 @@ class HardMarginSVM(_KernelSVM):
         self.time_limit = time_limit
         self.margin_tol = margin_tol
         self.rank_tol = rank_tol
+        self.device = device
+        self.shrinking = shrinking
 
     def _check_params(self) -> None:
         _resolve_backend(self.backend)
         super()._check_params()
-        if not (_real(self.margin_tol) and 0.0 <= self.margin_tol < 1.0):
-            raise ConfigurationError(f"margin_tol must be in [0, 1) (e.g. 1e-2); got {self.margin_tol!r}.")
+        if self.margin_tol is not None and not (_real(self.margin_tol) and 0.0 <= self.margin_tol < 1.0):
+            raise ConfigurationError(f"margin_tol must be in [0, 1) (e.g. 1e-2) or None; got {self.margin_tol!r}.")
         if self.rank_tol is not None and not (_real(self.rank_tol) and 0.0 < self.rank_tol < 1.0):
             raise ConfigurationError(
                 f"rank_tol must be in (0, 1) (e.g. {RANK_TOL:g}) or None to skip the certificate; got "
                 f"{self.rank_tol!r}."
             )
+        if not isinstance(self.shrinking, bool | np.bool_):
+            raise ConfigurationError(f"shrinking must be True or False; got {self.shrinking!r}.")
+        if self.device is not None:
+            if self.backend not in _DEVICE_BACKENDS:
+                raise ConfigurationError(
+                    f"device={self.device!r} applies to the interior-point backends 'auto' and 'torch' only; "
+                    f"backend={self.backend!r} picks its own device. Pass device=None."
+                )
+            resolve_device(self.device)
 
     def fit(self, K: object, y: object) -> Self:
         """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
@@ -271,28 +337,35 @@ class HardMarginSVM(_KernelSVM):
         """
         return self._fit(K, y)
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
-        backend, solver = _resolve_backend(self.backend)
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
+        solver = _resolve_backend(self.backend)
         check_separable_precheck(K, y, self.fit_intercept)
         warn_if_indefinite(K)
         rank, seconds = None, 0.0
         if self.rank_tol is not None:
-            fit_intercept, _, _, time_limit = self._solver_args()
+            fit_intercept, _, _, time_limit = self._solver_args(solver.DEFAULT_TOL)
             cert = certify_separability(K, y, fit_intercept, float(self.rank_tol), time_limit)
             rank, seconds = cert.rank, cert.seconds
-        result = solver.fit_dual(K, y, *self._solver_args(seconds))
+        options = {}
+        if self.backend in _DEVICE_BACKENDS:
+            options = {"device": self.device or kernel_device, "shrinking": bool(self.shrinking)}
+        result = solver.fit_dual(K, y, *self._solver_args(solver.DEFAULT_TOL, seconds), **options)
         support, margins, w_sq = self._training_fit(K, y, result)
         min_margin = float(margins.min())
-        if min_margin < 1.0 - self.margin_tol:
+        margin_tol = solver.MARGIN_TOL if self.margin_tol is None else float(self.margin_tol)
+        backend = result.backend or self.backend
+        if min_margin < 1.0 - margin_tol:
             if not result.converged:
                 advice = (
                     f"the solver stopped at max_iter={self.max_iter} before converging; raise max_iter or "
                     "set it to None (time_limit still bounds the run)"
                 )
             else:
+                tol = solver.DEFAULT_TOL if self.tol is None else self.tol
                 advice = (
-                    f"the {backend!r} solver stopped short at tol={self.tol:g}; use a smaller tol (e.g. "
-                    f"{self.tol / 10:g}), or accept the shortfall with margin_tol > {1.0 - min_margin:.3g}"
+                    f"the {backend!r} solver stopped short at tol={tol:g}; use a smaller tol (e.g. "
+                    f"{tol / 10:g}), backend='auto' (exact), or accept the shortfall with margin_tol > "
+                    f"{1.0 - min_margin:.3g}"
                     + (
                         " (libsvm caches the kernel in float32, so margins may stay ~1e-2 short)"
                         if backend == "sklearn"
@@ -301,7 +374,7 @@ class HardMarginSVM(_KernelSVM):
                 )
             raise SolverError(
                 f"no hard-margin solution: the minimum training margin is {min_margin:.6g} < 1 - margin_tol = "
-                f"{1.0 - self.margin_tol:g} (float64, normalised kernel); {advice}."
+                f"{1.0 - margin_tol:g} (float64, normalised kernel); {advice}."
             )
         self._store_dual(y, result, support, margins)
         dual = float(result.alpha.sum()) - 0.5 * w_sq
@@ -310,6 +383,7 @@ class HardMarginSVM(_KernelSVM):
         self.duality_gap_ = (primal - dual) / primal
         self.numerical_rank_ = rank
         self.backend_ = backend
+        self.solver_info_ = dict(result.info)
 
 
 class SoftMarginSVM(_KernelSVM):
@@ -329,7 +403,7 @@ class SoftMarginSVM(_KernelSVM):
         C: box bound (> 0) on the dual coefficients, in the (normalised) kernel's scale.
         fit_intercept: fit a bias b. False (default) matches the paper's hard-margin formulation.
         normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
-        tol: libsvm's stopping tolerance (KKT violation).
+        tol: libsvm's stopping tolerance (KKT violation); None for libsvm's default 1e-3.
         max_iter: solver iteration limit, None for none (stopping there warns, with the duality gap).
         time_limit: seconds before the solve is abandoned with SolverError; None for none.
 
@@ -377,10 +451,10 @@ class SoftMarginSVM(_KernelSVM):
         """
         return self._fit(K, y)
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray) -> None:
+    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
         warn_if_indefinite(K)
         C = float(self.C)
-        result = sklearn_backend.fit_soft_dual(K, y, C, *self._solver_args())
+        result = sklearn_backend.fit_soft_dual(K, y, C, *self._solver_args(sklearn_backend.DEFAULT_TOL))
         support, margins, w_sq = self._training_fit(K, y, result)
         self._store_dual(y, result, support, margins)
         dual = float(self.alpha_.sum()) - 0.5 * w_sq

@@ -52,6 +52,12 @@ from sklearn.svm import SVC
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
 from lightning_afterkernel.svm._checks import DualResult, training_margins
 
+DEFAULT_TOL = 1e-3
+"""libsvm's stopping tolerance (KKT violation) when ``tol=None``."""
+
+MARGIN_TOL = 1e-2
+"""Default accepted margin shortfall: libsvm's float32 kernel cache leaves margins up to ~1e-2 short."""
+
 C_REL = 1e10
 """Box bound C times mean_i K_ii: far above any dual coefficient of a solvable hard margin."""
 
@@ -152,6 +158,29 @@ def run_with_time_limit(
     return payload
 
 
+def no_bias_problem(K: np.ndarray, y_pm: np.ndarray, capacity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The augmented (n + 2) x (n + 2) kernel and labels of the no-bias emulation (see the module docstring).
+
+    The two virtual examples have features +-u / sqrt(capacity), u orthogonal to every phi(x_i), and labels
+    +1, -1: they absorb y^T a at no cost while |y^T a| < capacity. When K is the top-left corner of an
+    (n + 2) x (n + 2) buffer (``check_kernel(..., pad=2)``) the buffer is completed in place; else K is copied.
+    """
+    n = K.shape[0]
+    base = K.base
+    if not (
+        isinstance(base, np.ndarray)
+        and base.shape == (n + 2, n + 2)
+        and base.flags.c_contiguous
+        and K.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+    ):
+        base = np.empty((n + 2, n + 2))  # not np.zeros: calloc'd pages fault twice when K is written (2-10x slower)
+        base[:n, :n] = K
+    base[:n, n:] = 0.0
+    base[n:, :n] = 0.0
+    base[n:, n:] = np.array([[1.0, -1.0], [-1.0, 1.0]]) / capacity
+    return base, np.concatenate([y_pm, [1.0, -1.0]])
+
+
 def _solve(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -175,10 +204,7 @@ def _solve(
     if fit_intercept:
         K_solve, y_solve = K, y_pm
     else:
-        K_solve = np.zeros((n + 2, n + 2))
-        K_solve[:n, :n] = K
-        K_solve[n:, n:] = np.array([[1.0, -1.0], [-1.0, 1.0]]) / capacity
-        y_solve = np.concatenate([y_pm, [1.0, -1.0]])
+        K_solve, y_solve = no_bias_problem(K, y_pm, capacity)
         if capacity > C:
             weights = np.concatenate([np.ones(n), [capacity / C, capacity / C]])
     support, dual_coef, intercept, n_iter, converged, others = run_with_time_limit(
@@ -213,27 +239,53 @@ def fit_dual(
         NotSeparableError: an alpha reached the box bound C.
         SolverError: time limit hit, or the no-bias emulation saturated.
     """
-    mean_diag = float(np.diagonal(K).mean())
-    C = C_REL / mean_diag
-    capacity = ABSORBER_REL / mean_diag
+    C, capacity = hard_margin_bounds(K)
     try:
-        alpha, intercept, n_iter, converged = _solve(K, y_pm, C, fit_intercept, capacity, tol, max_iter, time_limit)
+        alpha, _, n_iter, converged = _solve(K, y_pm, C, fit_intercept, capacity, tol, max_iter, time_limit)
     except TimeoutError:
         raise SolverError(
             f"libsvm hit the time limit (time_limit={time_limit:g} s) without a solution. The training data "
             "may not be separable by this kernel (then no hard-margin SVM exists and libsvm never finishes); "
             "if it is separable but hard, raise time_limit (None removes the limit)."
         ) from None
+    return finish_hard_margin(K, y_pm, alpha, fit_intercept, C, capacity, n_iter, converged)
+
+
+def hard_margin_bounds(K: np.ndarray) -> tuple[float, float]:
+    """(box bound C, no-bias capacity B) of an SMO hard margin: ``C_REL`` and ``ABSORBER_REL`` / mean K_ii."""
+    mean_diag = float(np.diagonal(K).mean())
+    return C_REL / mean_diag, ABSORBER_REL / mean_diag
+
+
+def finish_hard_margin(
+    K: np.ndarray,
+    y_pm: np.ndarray,
+    alpha: np.ndarray,
+    fit_intercept: bool,
+    C: float,
+    capacity: float,
+    n_iter: int,
+    converged: bool,
+) -> DualResult:
+    """Checks shared by the SMO backends, on the real examples' alphas of a hard-margin solve.
+
+    With a bias, b is recomputed in float64 (``best_intercept``); without, the emulation must not have
+    saturated (|y^T a| < capacity / 2, else SolverError). Any alpha at the box bound C means not separable.
+
+    Raises:
+        NotSeparableError: an alpha reached the box bound C.
+        SolverError: the no-bias emulation saturated.
+    """
     if fit_intercept:
-        intercept = _best_intercept(K, y_pm, alpha)
+        intercept = best_intercept(K, y_pm, alpha)
     else:
         intercept = 0.0
         y_dot_alpha = float(y_pm @ alpha)
         if abs(y_dot_alpha) >= 0.5 * capacity:
             raise SolverError(
                 f"the no-bias emulation saturated: |y^T alpha| = {y_dot_alpha:.3g} is not below half its "
-                f"capacity {capacity:.3g}, so libsvm's bias may not be 0. This kernel's no-bias hard margin is "
-                "extremely small; use fit_intercept=True or backend='torch' (coming)."
+                f"capacity {capacity:.3g}, so the SMO's bias may not be 0. This kernel's no-bias hard margin is "
+                "extremely small; use fit_intercept=True or backend='torch'."
             )
     at_bound = alpha >= C * (1.0 - AT_BOUND_RTOL)
     if at_bound.any():
@@ -289,7 +341,7 @@ def fit_soft_dual(
     return DualResult(alpha=alpha, intercept=intercept, n_iter=n_iter, converged=converged)
 
 
-def _best_intercept(K: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
+def best_intercept(K: np.ndarray, y: np.ndarray, alpha: np.ndarray) -> float:
     """The b maximising min_i y_i (f_i + b) for fixed alpha, in float64.
 
     libsvm's own b comes from float32-cached gradients; for fixed w the best b balances the smallest

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
-from lightning_afterkernel.svm import HardMarginSVM
+from lightning_afterkernel.svm import HardMarginSVM, available_backends
 from lightning_afterkernel.svm._checks import check_kernel, warn_if_indefinite
 
 
@@ -93,14 +95,38 @@ def test_bad_cross_kernels(separable):
 
 
 def test_unknown_backend(separable):
-    with pytest.raises(ConfigurationError, match=r"unknown backend='libsvm'; valid backends: 'auto', 'sklearn'"):
+    valid = "'auto', 'torch', 'sklearn', 'cuml', 'thundersvm'"
+    with pytest.raises(ConfigurationError, match=f"unknown backend='libsvm'; valid backends: {valid}"):
         HardMarginSVM(backend="libsvm").fit(separable.K, separable.y)
 
 
-@pytest.mark.parametrize("name", ["torch", "cuml", "thundersvm"])
-def test_future_backends_not_available_yet(separable, name):
-    with pytest.raises(ConfigurationError, match=f"backend='{name}' is not available yet"):
-        HardMarginSVM(backend=name).fit(separable.K, separable.y)
+def test_missing_optional_backends_name_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "thundersvm", None)  # import thundersvm -> ImportError
+    monkeypatch.setitem(sys.modules, "cuml", None)
+    with pytest.raises(ConfigurationError, match=r"needs the thundersvm-cpu package: pip install"):
+        HardMarginSVM(backend="thundersvm").check_params()
+    with pytest.raises(ConfigurationError, match=r"needs RAPIDS cuML >= 26.02 .*pip install"):
+        HardMarginSVM(backend="cuml").check_params()
+    assert "thundersvm" not in available_backends() and "cuml" not in available_backends()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the message shown without CUDA")
+def test_cuda_device_without_cuda(separable):
+    with pytest.raises(ConfigurationError, match="device='cuda' needs CUDA, which is not available"):
+        HardMarginSVM(device="cuda").fit(separable.K, separable.y)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"device": "gpu0"}, "device='gpu0' is not a torch device"),
+        ({"backend": "sklearn", "device": "cpu"}, "applies to the interior-point backends 'auto' and 'torch' only"),
+        ({"shrinking": "yes"}, "shrinking must be True or False"),
+    ],
+)
+def test_bad_device_options(params, match):
+    with pytest.raises(ConfigurationError, match=match):
+        HardMarginSVM(**params).check_params()
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,7 @@ def test_separable_low_rank_kernel_passes_and_fits_exactly(exact_no_bias_w):
     X, y = _separable_low_rank(1500, 30)
     est = HardMarginSVM(tol=1e-4).fit(X @ X.T, y)
     assert est.numerical_rank_ == 30
-    assert abs(est.min_margin_ - 1.0) <= est.margin_tol
+    assert abs(est.min_margin_ - 1.0) <= 1e-9
     y_pm = 2.0 * y - 1.0
     w = exact_no_bias_w(X, y_pm)
     assert est.dual_objective_ == pytest.approx(0.5 * est.scale_ * w @ w, rel=2e-3)
@@ -119,7 +119,7 @@ def test_bias_only_separation():
         HardMarginSVM(fit_intercept=False).fit(K, y)
     est = HardMarginSVM(fit_intercept=True).fit(K, y)
     assert est.numerical_rank_ == 5
-    assert abs(est.min_margin_ - 1.0) <= est.margin_tol
+    assert abs(est.min_margin_ - 1.0) <= 1e-9
     assert est.score(K, y) == 1.0
     assert est.intercept_ < -1.0  # the threshold z_0 ~ 1.1 needs a real bias
 
@@ -134,7 +134,7 @@ def test_full_rank_kernels_skip_the_certificate_and_fit_as_before():
     ref = HardMarginSVM(rank_tol=None).fit(K, y)
     assert est.numerical_rank_ is None and ref.numerical_rank_ is None
     np.testing.assert_array_equal(est.alpha_, ref.alpha_)
-    assert abs(est.min_margin_ - 1.0) <= est.margin_tol
+    assert abs(est.min_margin_ - 1.0) <= 1e-9
 
 
 def test_rank_above_the_cap_skips(monkeypatch):
@@ -142,7 +142,7 @@ def test_rank_above_the_cap_skips(monkeypatch):
     X, y = _separable_low_rank(600, 30)
     est = HardMarginSVM().fit(X @ X.T, y)
     assert est.numerical_rank_ is None
-    assert abs(est.min_margin_ - 1.0) <= est.margin_tol
+    assert abs(est.min_margin_ - 1.0) <= 1e-9
 
 
 def test_working_set_rounds_find_a_late_conflict(monkeypatch):

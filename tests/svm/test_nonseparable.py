@@ -50,7 +50,7 @@ def test_time_limit_bounds_a_hopeless_fit():
     K, y = _overlapping()
     start = time.perf_counter()
     with pytest.raises(SolverError, match=r"time limit \(time_limit=2 s\).*may not be separable"):
-        HardMarginSVM(time_limit=2.0, rank_tol=None).fit(K, y)
+        HardMarginSVM(backend="sklearn", time_limit=2.0, rank_tol=None).fit(K, y)
     assert time.perf_counter() - start < 2.0 + 5.0
     assert multiprocessing.active_children() == []
 
@@ -60,40 +60,42 @@ def test_alphas_at_the_box_bound_mean_not_separable(monkeypatch):
     monkeypatch.setattr(sklearn_backend, "C_REL", 100.0)
     K, y = _overlapping()
     with pytest.raises(NotSeparableError, match=r"not separable by this kernel \(alphas at the box bound C\)") as info:
-        HardMarginSVM(time_limit=30.0, rank_tol=None).fit(K, y)
+        HardMarginSVM(backend="sklearn", time_limit=30.0, rank_tol=None).fit(K, y)
     assert info.value.best_margin is not None and info.value.best_margin < 0.0
 
 
 def test_max_iter_turns_into_a_solver_error(separable):
     with pytest.raises(SolverError, match="stopped at max_iter=2 before converging; raise max_iter"):
-        HardMarginSVM(max_iter=2).fit(separable.K, separable.y)
+        HardMarginSVM(backend="sklearn", max_iter=2).fit(separable.K, separable.y)
 
 
 def test_iteration_limit_is_accepted_when_the_solution_verifies(separable):
     """A ConvergenceWarning alone is not an error: the float64 margin check decides."""
-    n_iter = HardMarginSVM().fit(separable.K, separable.y).n_iter_
+    n_iter = HardMarginSVM(backend="sklearn").fit(separable.K, separable.y).n_iter_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        est = HardMarginSVM(max_iter=n_iter - 2).fit(separable.K, separable.y)
+        est = HardMarginSVM(backend="sklearn", max_iter=n_iter - 2).fit(separable.K, separable.y)
     assert est.n_iter_ == n_iter - 2
-    assert est.min_margin_ >= 1.0 - est.margin_tol
+    assert est.min_margin_ >= 1.0 - sklearn_backend.MARGIN_TOL
 
 
 def test_loose_tolerance_is_caught_by_the_margin_check(separable):
     with pytest.raises(SolverError, match=r"minimum training margin is .* < 1 - margin_tol.*smaller tol"):
-        HardMarginSVM(tol=50.0).fit(separable.K, separable.y)
+        HardMarginSVM(backend="sklearn", tol=50.0).fit(separable.K, separable.y)
 
 
 def test_saturated_no_bias_emulation_is_reported(monkeypatch, separable):
     monkeypatch.setattr(sklearn_backend, "ABSORBER_REL", 1e-3)
     with pytest.raises(SolverError, match="no-bias emulation saturated"):
-        HardMarginSVM(fit_intercept=False).fit(separable.K, separable.y)
+        HardMarginSVM(backend="sklearn", fit_intercept=False).fit(separable.K, separable.y)
+    est = HardMarginSVM(backend="auto", fit_intercept=False).fit(separable.K, separable.y)
+    assert est.backend_ == "torch" and est.min_margin_ >= 1.0 - 1e-9  # auto hands over to the IPM
 
 
 def test_spawn_start_method_gives_the_same_fit(monkeypatch, separable):
-    ref = HardMarginSVM(time_limit=None).fit(separable.K, separable.y)
+    ref = HardMarginSVM(backend="sklearn", time_limit=None).fit(separable.K, separable.y)
     monkeypatch.setattr(sklearn_backend, "START_METHOD", "spawn")
-    est = HardMarginSVM(time_limit=60.0).fit(separable.K, separable.y)
+    est = HardMarginSVM(backend="sklearn", time_limit=60.0).fit(separable.K, separable.y)
     np.testing.assert_array_equal(est.alpha_, ref.alpha_)
 
 
