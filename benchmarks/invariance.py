@@ -1,10 +1,10 @@
 """Invariance scores (the paper's four: globalness, shift, rotation, zoom) beside the n x n Gram matrix, in one run.
 
 On n real MNIST 3-vs-8 training images, for the paper MLP and VGG at initialisation:
-``invariance_scores(model, x)`` (six transforms, through the kernel's paired mode) is timed beside the baseline
-``empirical_ntk(model, x)``, the Gram matrix a direct computation would start from, and beside one kernel diagonal
-``empirical_ntk(model, x, paired=True)`` as the unit of cost. Prints medians, the ratio Gram / scores, the
-scores' cost in diagonals, and the scores themselves (NTK and CK).
+``invariance_scores(model, x)`` (six transforms: one factor pass per view, (6 + 1) n per-example gradients) is
+timed beside the baseline ``empirical_ntk(model, x)``, the Gram matrix a direct computation would start from,
+and beside one kernel diagonal ``empirical_ntk(model, x, paired=True)`` as the unit of cost. Prints medians,
+the ratio Gram / scores, the scores' cost in diagonals, and the scores themselves (NTK and CK).
 
     python benchmarks/invariance.py                       # n = 1000, ../shared/data
     python benchmarks/invariance.py --n 200 --repeats 3 --models mlp
