@@ -19,11 +19,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check $(wildcard lightning_afterkernel tests scripts benchmarks)
 
+# One BLAS/OpenMP thread per test process: the tests run small problems (and two-process DDP runs), where
+# threads only wait on each other, badly so when the cores are shared.
 test: lint
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 test-all: lint
-	$(PY) -m pytest -m "slow or not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "slow or not slow"
 
 clean:
 	rm -rf runs wandb lightning_logs .pytest_cache
