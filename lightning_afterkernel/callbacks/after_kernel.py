@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
@@ -47,6 +48,7 @@ KernelName = Literal["ntk", "ck"]
 KERNEL_LABELS = {"ntk": "NTK", "ck": "CK"}
 RESULTS_FILENAME = "afterkernel_results.json"
 INITIAL_KERNELS_FILENAME = "afterkernel_initial_kernels.pt"
+INITIAL_WEIGHTS_FILENAME = "afterkernel_initial_weights.pt"
 KERNELS_DIRNAME = "kernels"
 FIGURES_DIRNAME = "figures"
 KERNEL_FILE_FORMAT = 1
@@ -251,13 +253,27 @@ class AfterKernelCallback(pl.Callback):
         figures: draw the PNG figures after every evaluation (and log them to W&B).
         save_kernels: save the train and test Gram matrices of every evaluation (format above).
         verbose: print the summary table at the end of fit.
+        on_error: what a failed kernel computation does: non-finite network outputs or kernels, or a
+            :class:`~lightning_afterkernel.errors.KernelError` from the engine (e.g. out of memory after its
+            retries with half the memory budget). ``"raise"``: a ``KernelError`` naming the epoch and kernel stops
+            training; ``"warn"``: the evaluation is recorded as failed (NaN metrics and an ``error`` message in its
+            rows) with a warning, and training goes on.
 
     Data: the test subset comes from ``datamodule.tensors("test")`` when the datamodule has it
     (``BinaryPairDataModule`` does), else from ``datamodule.test_dataset`` / ``val_dataset`` or the
     validation dataloader's dataset; the train subset likewise from the training data. Any
     map-style dataset returning ``(x, y)`` with binary ``y`` works.
 
-    Distributed runs: the kernels are computed and logged on global rank 0 only.
+    Distributed runs (DDP, any number of devices and nodes): every rank computes a cost-balanced share of the NTK
+    (``shard=(rank, world_size)`` of :func:`~lightning_afterkernel.kernels.empirical_ntk_train_test`) and one
+    all-reduce (sum) gives every rank the exact kernel; the CK, the SVM, the analyses (invariance scores included),
+    logging and files are global rank 0's. Every rank takes the same decisions (which epochs to evaluate, which
+    kernels failed), so all enter the same collectives.
+
+    Resuming (``ckpt_path``): results live in the checkpoint; the results file is checked against them and
+    rewritten when corrupt, partial or missing (rows written after the checkpoint belong to weights the
+    interruption lost and are recomputed). The epoch-0 weights are saved beside the epoch-0 kernels
+    (``afterkernel_initial_weights.pt``), so kernels missing or corrupt in the side file are recomputed from them.
     """
 
     def __init__(
@@ -280,6 +296,7 @@ class AfterKernelCallback(pl.Callback):
         n_invariance: int = 500,
         figures: bool = True,
         save_kernels: bool = False,
+        on_error: Literal["raise", "warn"] = "raise",
     ) -> None:
         super().__init__()
         self.epochs = _check_epochs(epochs)
@@ -311,6 +328,11 @@ class AfterKernelCallback(pl.Callback):
                 f"n_invariance={n_invariance!r} must be a non-negative integer: the number of training images the "
                 "invariance scores are averaged over (0 turns them off)."
             )
+        if on_error not in ("raise", "warn"):
+            raise ConfigurationError(
+                f"on_error={on_error!r} must be 'raise' (a failed kernel computation stops training) or 'warn' "
+                "(it is recorded with NaN metrics and a warning, and training goes on)."
+            )
         for name, value in (("figures", figures), ("save_kernels", save_kernels)):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{name}={value!r} must be True or False.")
@@ -318,6 +340,7 @@ class AfterKernelCallback(pl.Callback):
         self.n_invariance = n_invariance
         self.figures = figures
         self.save_kernels = save_kernels
+        self.on_error = on_error
         self.at_end = at_end
         self.n_train = n_train
         self.n_test = n_test
@@ -342,6 +365,7 @@ class AfterKernelCallback(pl.Callback):
         self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
         self._initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
         self._spectra: dict[str, Tensor] = {}  # eigenvalues of this evaluation's train kernels
+        self._evaluated: set[tuple[int | float, int]] = set()  # (epoch, step) evaluated in this process, every rank
 
     @property
     def state_key(self) -> str:
@@ -352,6 +376,13 @@ class AfterKernelCallback(pl.Callback):
     def done_epochs(self) -> list[int | float]:
         """Epochs of training behind each evaluation, ascending (fractional when training stopped mid-epoch)."""
         return sorted({row["epoch"] for row in self.results})
+
+    def _done(self) -> tuple[set[int | float], set[int]]:
+        """Epochs and global steps already evaluated, identical on every rank: rank 0's results (restored from the
+        checkpoint on every rank) and the evaluations every rank took part in. The decision to evaluate rests on
+        this alone, so all ranks enter the same collectives."""
+        done = {(r["epoch"], r["step"]) for r in self.results} | self._evaluated
+        return {e for e, _ in done}, {s for _, s in done}
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -391,7 +422,9 @@ class AfterKernelCallback(pl.Callback):
             self._data = self._draw_subsets(trainer)
         completed = trainer.current_epoch
         if trainer.global_step > 0:
-            self._restore_initial_kernels()
+            if trainer.is_global_zero:
+                self._check_results_file(trainer)
+                self._restore_initial_kernels(trainer, pl_module)
             missed = [e for e in self.epochs if e < completed and e not in self.done_epochs]
             if missed:
                 rank_zero_warn(
@@ -399,7 +432,7 @@ class AfterKernelCallback(pl.Callback):
                     "saved results (the checkpoint holds none for them) and their weights are gone, so they "
                     "are skipped."
                 )
-        if completed in self.epochs and completed not in self.done_epochs:
+        if completed in self.epochs and completed not in self._done()[0]:
             # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved before this
             # callback ran (e.g. a ModelCheckpoint saving at validation end).
             self._evaluate(trainer, pl_module, epoch=completed)
@@ -412,13 +445,13 @@ class AfterKernelCallback(pl.Callback):
         total = trainer.num_training_batches
         partial = math.isfinite(total) and 0 < total and seen < total
         self._progress = round(trainer.current_epoch + seen / total, 3) if partial else trainer.current_epoch + 1
-        if not partial and self._progress in self.epochs and self._progress not in self.done_epochs:
+        if not partial and self._progress in self.epochs and self._progress not in self._done()[0]:
             self._evaluate(trainer, pl_module, epoch=self._progress)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.at_end or self._data is None:
             return
-        if any(r["step"] == trainer.global_step for r in self.results):
+        if trainer.global_step in self._done()[1]:
             return  # these very weights were already evaluated
         epoch = self._progress if self._progress is not None else trainer.current_epoch
         self._evaluate(trainer, pl_module, epoch=epoch)
@@ -511,8 +544,18 @@ class AfterKernelCallback(pl.Callback):
         return data
 
     # ---------------------------------------------------------------- evaluation
-    def _kernels(self, trainer: pl.Trainer, name: str, model: pl.LightningModule) -> tuple[Tensor, Tensor]:
-        """K(train, train) and K(test, train) on the kernel subsets, in ``dtype`` on the computation device."""
+    def _shard(self, trainer: pl.Trainer) -> tuple[int, int] | None:
+        """``(rank, world_size)`` when the NTK is shared out among DDP ranks, else None."""
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            return trainer.global_rank, trainer.world_size
+        return None
+
+    def _compute_kernel(
+        self, trainer: pl.Trainer, name: str, model: pl.LightningModule, shard: tuple[int, int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """K(train, train) and K(test, train) on the kernel subsets, in ``dtype`` on the computation device; with
+        ``shard``, this rank's share of the NTK (zeros elsewhere)."""
+        assert self._data is not None
         x_train, x_test = self._data["train"][0], self._data["test"][0]
         options = dict(batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
         if name == "ntk":
@@ -524,6 +567,7 @@ class AfterKernelCallback(pl.Callback):
                     implementation=self.implementation,
                     memory_budget=self.memory_budget,
                     progress=progress,
+                    shard=shard,
                     **options,
                 )
         else:
@@ -531,23 +575,130 @@ class AfterKernelCallback(pl.Callback):
             k_test = conjugate_kernel(model, x_test, x_train, **options)
         return k_train.detach(), k_test.detach()
 
-    @rank_zero_only
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
+    def _network_logits(self, pl_module: pl.LightningModule, epoch: int | float) -> Tensor:
+        """The network's logits on the kernel test subset; a :class:`KernelError` when they are not finite."""
         assert self._data is not None
-        self._spectra = {}
-        x_tr, y_tr = self._data["train"]
-        x_te, y_te = self._data["test"]
+        x_te = self._data["test"][0]
         param = next(pl_module.parameters())
         with torch.no_grad(), eval_mode(pl_module):
             x = x_te.to(param.device, param.dtype if x_te.is_floating_point() else x_te.dtype)
             logits = pl_module(x).reshape(-1).float().cpu()
-        network_acc = float(((logits > 0) == (y_te > 0)).double().mean())
+        bad = int((~torch.isfinite(logits)).sum())
+        if bad:
+            raise KernelError(
+                f"the network's outputs at epoch {epoch} are not finite on {bad} of the {len(logits)} kernel test "
+                "examples (nan or inf: diverged training?), so neither kernel can be computed; lower the learning "
+                "rate or check the model."
+            )
+        return logits
 
+    def _local_kernels(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float, shard: tuple[int, int] | None
+    ) -> tuple[Tensor | None, dict[str, tuple[Tensor, Tensor, float]], dict[str, str]]:
+        """This rank's part of an evaluation, with no collectives: the network's logits (every rank), its share
+        of the NTK (every rank) and the CK (rank 0). Failures are returned by stage, not raised."""
+        failures: dict[str, str] = {}
+        try:
+            logits = self._network_logits(pl_module, epoch)
+        except KernelError as err:
+            return None, {}, {"network": str(err)}
+        kernels: dict[str, tuple[Tensor, Tensor, float]] = {}
+        for name in self._active_kernels:
+            if name == "ck" and trainer.global_rank != 0:
+                continue  # cheap: rank 0 computes it alone
+            t0 = time.perf_counter()
+            try:
+                k_train, k_test = self._compute_kernel(trainer, name, pl_module, shard if name == "ntk" else None)
+            except (KernelError, torch.OutOfMemoryError) as err:
+                failures[name] = f"the {KERNEL_LABELS[name]} computation at epoch {epoch} failed: {err}"
+                continue
+            bad = [what for what, k in (("train", k_train), ("test", k_test)) if not torch.isfinite(k).all()]
+            if bad:
+                failures[name] = (
+                    f"the {KERNEL_LABELS[name]} at epoch {epoch} has non-finite entries (nan or inf) in its "
+                    f"{' and '.join(bad)} kernel; check the model's weights and outputs."
+                )
+                continue
+            kernels[name] = (k_train, k_test, time.perf_counter() - t0)
+        return logits, kernels, failures
+
+    def _agree_on_failures(
+        self, failures: dict[str, str], device: torch.device, shard: tuple[int, int] | None, epoch: int | float
+    ) -> dict[str, str]:
+        """Every rank learns which stages failed on any rank (one small all-reduce), so all ranks take the same
+        path through the collectives that follow and raise together."""
+        stages = ["network", *self._active_kernels]
+        if shard is None:
+            return failures
+        flags = torch.tensor([float(s in failures) for s in stages], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        merged = {}
+        for stage, flag in zip(stages, flags.tolist(), strict=True):
+            if flag:
+                label = "network's outputs" if stage == "network" else KERNEL_LABELS[stage]
+                elsewhere = f"the {label} at epoch {epoch} failed on another rank (see its log)"
+                merged[stage] = failures.get(stage, elsewhere)
+        return merged
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
+        """One evaluation. Every rank runs it (the same decisions on every rank: see :meth:`_done`): under DDP each
+        rank computes its share of the NTK and one all-reduce sums them; the SVM, analyses, logs and files are
+        rank 0's."""
+        assert self._data is not None
+        self._evaluated.add((epoch, trainer.global_step))
+        shard = self._shard(trainer)
+        logits, kernels, failures = self._local_kernels(trainer, pl_module, epoch, shard)
+        if failures and trainer.global_rank != 0 and self.on_error == "warn":  # rank 0 only learns that it failed
+            message = "; ".join(failures.values())
+            warnings.warn(f"AfterKernelCallback (rank {trainer.global_rank}): {message}", stacklevel=2)
+        failures = self._agree_on_failures(failures, pl_module.device, shard, epoch)
+        if "network" in failures:
+            failures = {name: failures["network"] for name in self._active_kernels}
+        kernels = {name: k for name, k in kernels.items() if name not in failures}  # the same choice on all ranks
+        if shard is not None and "ntk" in kernels:
+            for k in kernels["ntk"][:2]:
+                torch.distributed.all_reduce(k, op=torch.distributed.ReduceOp.SUM)
+        if failures:
+            message = "; ".join(dict.fromkeys(m.rstrip(". ") for m in failures.values()))
+            if self.on_error == "raise":
+                raise KernelError(
+                    f"AfterKernelCallback: {message}. Set on_error='warn' to record the failure (NaN metrics) "
+                    "and keep training."
+                )
+            rank_zero_warn(f"AfterKernelCallback: {message}; recorded as failed (NaN metrics), training goes on.")
+        if trainer.global_rank == 0:
+            self._analyse(trainer, pl_module, epoch, logits, kernels, failures)
+
+    def _failed_row(self, name: str, message: str) -> dict[str, Any]:
+        row: dict[str, Any] = dict.fromkeys(KERNEL_METRICS, math.nan)
+        row.update(svm_soft_test_acc=math.nan, svm_time_s=math.nan, kernel_time_s=math.nan, analysis_time_s=math.nan)
+        row.update({f"invariance_{family}": math.nan for family in self._invariance_families()})
+        row["error"] = message
+        return row
+
+    def _analyse(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int | float,
+        logits: Tensor | None,
+        kernels: dict[str, tuple[Tensor, Tensor, float]],
+        failures: dict[str, str],
+    ) -> None:
+        """Rank 0's part of an evaluation: SVMs, analyses, logs, files and figures (no collectives)."""
+        assert self._data is not None
+        self._spectra = {}
+        y_tr, y_te = self._data["train"][1], self._data["test"][1]
+        network_acc = math.nan if logits is None else float(((logits > 0) == (y_te > 0)).double().mean())
         rows, train_grams = [], {}
         for name in self._active_kernels:
-            t0 = time.perf_counter()
-            k_train, k_test = self._kernels(trainer, name, pl_module)
-            kernel_time = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step, "kernel": name}
+            row["network_test_acc"] = network_acc
+            if name not in kernels:
+                row.update(self._failed_row(name, failures.get(name, "not computed")))
+                rows.append(row)
+                continue
+            k_train, k_test, row["kernel_time_s"] = kernels[name]
             if self.save_kernels:
                 self._save_kernels(trainer, name, epoch, k_train, k_test)
             # The metrics run where the kernel is (eigen-decompositions are much faster on a GPU), in float64.
@@ -557,38 +708,35 @@ class AfterKernelCallback(pl.Callback):
             k_test = k_test.to("cpu", torch.float64)
             if trainer.global_step == 0 and name not in self._initial_kernels:
                 self._initial_kernels[name] = k_train_cpu.to(torch.float32)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "step": trainer.global_step,
-                "kernel": name,
-                "network_test_acc": network_acc,
-                "kernel_time_s": kernel_time,
-            }
             row.update(self._fit_svm(name, epoch, k_train_cpu, y_tr, k_test, y_te))
             del k_train_cpu, k_test
             t0 = time.perf_counter()
             row.update(self._kernel_metrics(name, epoch, train_grams[name], y_tr))
             row["analysis_time_s"] = time.perf_counter() - t0
             rows.append(row)
-        if {"ntk", "ck"} <= train_grams.keys():
-            pair = (train_grams["ntk"], train_grams["ck"])
-            align = self._metric("the NTK-CK alignment", epoch, kernel_alignment, *pair)
-            cka = self._metric("the NTK-CK CKA", epoch, centered_kernel_alignment, *pair)
+        if {"ntk", "ck"} <= set(self._active_kernels):
+            align = cka = math.nan
+            if {"ntk", "ck"} <= train_grams.keys():
+                pair = (train_grams["ntk"], train_grams["ck"])
+                align = self._metric("the NTK-CK alignment", epoch, kernel_alignment, *pair)
+                cka = self._metric("the NTK-CK CKA", epoch, centered_kernel_alignment, *pair)
             for row in rows:
                 row["alignment_ntk_ck"] = align
                 row["cka_ntk_ck"] = cka
         families = self._invariance_families()
         if families:
             for row in rows:
+                if "error" in row:
+                    continue
                 t0 = time.perf_counter()
                 row.update(self._invariance(trainer, pl_module, row["kernel"], epoch, families))
                 row["analysis_time_s"] += time.perf_counter() - t0
         self.results.extend(rows)
         self._log(trainer, rows)
-        if trainer.global_step == 0:
-            self._save_initial_kernels()
+        if trainer.global_step == 0 and self._initial_kernels:
+            self._save_initial_kernels(pl_module)
         self._save(trainer)
-        if self.figures:
+        if self.figures and train_grams:
             self._draw_figures(trainer, epoch, train_grams, y_tr)
 
     def _metric(self, what: str, epoch: int | float, fn: Any, *args: Any) -> float:
@@ -829,27 +977,116 @@ class AfterKernelCallback(pl.Callback):
         assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
         return self._dir / INITIAL_KERNELS_FILENAME
 
-    def _save_initial_kernels(self) -> None:
+    @staticmethod
+    def _atomic_torch_save(payload: Any, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def _save_initial_kernels(self, pl_module: pl.LightningModule | None = None) -> None:
+        """The epoch-0 train kernels, and (at step 0) the epoch-0 weights beside them so that a lost or corrupt
+        kernel file can be recomputed on resume."""
         path = self._initial_kernels_path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(self._initial_kernels, tmp)
-            os.replace(tmp, path)
+            self._atomic_torch_save(self._initial_kernels, path)
+            if pl_module is not None:
+                weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+                self._atomic_torch_save(weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will lack them.")
 
-    def _restore_initial_kernels(self) -> None:
+    def _load_initial_kernels(self, path: Path) -> tuple[dict[str, Tensor], str]:
+        """The valid kernels of the side file, and what is wrong with the rest ("" when nothing)."""
+        try:
+            loaded = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            return {}, f"{path} is missing"
+        except Exception as err:  # truncated or garbled files fail in many ways
+            return {}, f"{path} is unreadable ({type(err).__name__}: {str(err)[:200]})"
+        if not isinstance(loaded, dict):
+            return {}, f"{path} holds a {type(loaded).__name__}, not a dict of kernels"
+        shape = (self.n_train, self.n_train)
+        valid = {
+            k: v
+            for k, v in loaded.items()
+            if k in KERNEL_LABELS and isinstance(v, Tensor) and v.shape == shape and bool(torch.isfinite(v).all())
+        }
+        bad = sorted(set(loaded) - set(valid))
+        return valid, f"{path} has invalid entries {bad}" if bad else ""
+
+    def _restore_initial_kernels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank 0 on resume: the epoch-0 kernels from the side file; the ones missing or corrupt there are
+        recomputed from the saved epoch-0 weights (no collectives) and the file rewritten."""
         if self._initial_kernels:
             return
-        path = self._initial_file
-        if path and Path(path).is_file():
-            self._initial_kernels = torch.load(path, weights_only=True)
-        elif self.results:
+        wanted = sorted({r["kernel"] for r in self.results if r["step"] == 0 and "error" not in r})
+        if not wanted:
+            return
+        if not self._initial_file:
             rank_zero_warn(
-                f"AfterKernelCallback: the epoch-0 kernels ({path}) are gone, so alignment_to_initial is NaN "
-                "from here on."
+                "AfterKernelCallback: the checkpoint names no file of epoch-0 kernels, so alignment_to_initial is "
+                "NaN from here on."
             )
+            return
+        path = Path(self._initial_file)
+        kernels, problem = self._load_initial_kernels(path)
+        missing = [k for k in wanted if k not in kernels]
+        self._initial_kernels = kernels
+        if not missing:
+            return
+        problem = problem or f"{path} lacks the {missing} kernels"
+        weights_path = path.with_name(INITIAL_WEIGHTS_FILENAME)
+        try:
+            weights = torch.load(weights_path, weights_only=True)
+        except Exception as err:
+            rank_zero_warn(
+                f"AfterKernelCallback: {problem}, and the epoch-0 weights ({weights_path}) cannot be read "
+                f"({type(err).__name__}), so alignment_to_initial of {missing} is NaN from here on."
+            )
+            return
+        rank_zero_warn(f"AfterKernelCallback: {problem}; recomputing the epoch-0 {missing} kernels from {weights_path}")
+        trained = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        try:
+            pl_module.load_state_dict(weights)
+            for name in missing:
+                k_train = self._compute_kernel(trainer, name, pl_module)[0]
+                self._initial_kernels[name] = k_train.to("cpu", torch.float32)
+        except (KernelError, RuntimeError) as err:
+            rank_zero_warn(f"AfterKernelCallback: recomputing the epoch-0 kernels failed ({err}); NaN alignments.")
+        finally:
+            pl_module.load_state_dict(trained)  # copies into the same tensors: bit-exact, the optimiser unaffected
+        self._save_initial_kernels()
+
+    def _check_results_file(self, trainer: pl.Trainer) -> None:
+        """Rank 0 on resume: the results file must hold the checkpoint's rows; a corrupt, partial or stale one is
+        rewritten from them (rows written after the checkpoint belong to weights the kill lost: recomputed)."""
+        assert self._dir is not None
+        path = self._dir / RESULTS_FILENAME
+        expected = json.loads(json.dumps(_finite_or_none(self.results)))
+        try:
+            saved = json.loads(path.read_text())["results"]
+        except FileNotFoundError:
+            saved, problem = None, "is missing"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            saved, problem = None, f"is corrupt ({type(err).__name__}: {str(err)[:120]})"
+        else:
+            problem = "" if isinstance(saved, list) else "is corrupt (its results are not a list)"
+            saved = saved if isinstance(saved, list) else None
+        if saved is not None:
+            if saved[: len(expected)] == expected:
+                if len(saved) == len(expected):
+                    return
+                later = sorted({r.get("epoch") for r in saved[len(expected) :]}, key=str)
+                rank_zero_info(
+                    f"AfterKernelCallback: {path} has results for epochs {later} computed after the checkpoint was "
+                    "saved; their weights were lost, so they are recomputed."
+                )
+            else:
+                problem = "does not match the checkpoint's results (partial or from another run)"
+        if problem and self.results:
+            rank_zero_warn(f"AfterKernelCallback: {path} {problem}; rewriting it from the checkpoint's results.")
+        self._save(trainer)
 
     def _save(self, trainer: pl.Trainer) -> None:
         payload = {
@@ -884,6 +1121,8 @@ class AfterKernelCallback(pl.Callback):
         def cell(row: dict[str, Any] | None) -> str:
             if row is None:
                 return "-"
+            if "error" in row:
+                return "failed"
             if row["svm_separable"]:
                 return pct(row["svm_test_acc"])
             soft = row.get("svm_soft_test_acc", math.nan)

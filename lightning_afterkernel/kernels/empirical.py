@@ -230,7 +230,9 @@ def _compute(
                         engine = _Engine(model, trainable, fixed, None, batch_size, budget)
                     else:
                         engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
-                    engine.shard, engine.tile = shard, tile
+                    engine.shard = shard
+                    # sharded: strips small enough that every rank gets several, for balance
+                    engine.tile = tile if shard is None else min(tile, max(16, -(-len(x1) // (4 * shard[1]))))
                     return task(engine, x1, x2, _progress(progress))
                 except st.Unsupported as why:  # found past the probe (e.g. data-dependent control flow)
                     if implementation != "auto":

@@ -1,6 +1,9 @@
-"""Run by test_ddp_two_processes: a 2-process CPU (gloo) DDP fit with AfterKernelCallback defaults.
+"""Run by the DDP tests: a CPU (gloo) fit with AfterKernelCallback, in float64, on ``DEVICES`` processes
+(n_train=300 > the engine's 256-row strips, so the ranks have work to share).
 
-Usage: python ddp_fit_script.py OUT_DIR. Rank 0 writes OUT_DIR/rank0.json with the callback's results.
+Usage: python ddp_fit_script.py OUT_DIR [DEVICES]. The callback writes to OUT_DIR (kernels saved); every rank writes
+OUT_DIR/rank<r>.json with the shards it computed (to show that each did its share), rank 0 also its results and
+the final weights (OUT_DIR/final.pt).
 """
 
 import json
@@ -11,34 +14,63 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_afterkernel.callbacks import AfterKernelCallback
+from lightning_afterkernel.callbacks import AfterKernelCallback, after_kernel
 from lightning_afterkernel.models import MLPClassifier
 
 
-def main(out: Path) -> None:
-    pl.seed_everything(0)
+def toy_inputs() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(96) % 2
-    x = 0.6 * torch.rand(96, 1, 8, 8, generator=g)
-    x[y == 1, :, :4] += 0.4
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    callback = AfterKernelCallback(epochs=[0, 1], n_train=40, n_test=24, verbose=False)  # dirpath=None
-    trainer = pl.Trainer(
-        strategy="ddp",
-        devices=2,
-        accelerator="cpu",
-        max_epochs=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
-    trainer.fit(MLPClassifier(input_shape=(1, 8, 8), width=64), loader, loader)
+    x = 0.6 * torch.rand(400, 1, 8, 8, generator=g)
+    x[torch.arange(400) % 2 == 1, :, :4] += 0.4
+    return x
+
+
+def main(out: Path, devices: int = 2) -> AfterKernelCallback:
+    calls = []
+    engine = after_kernel.empirical_ntk_train_test
+
+    def recording(*args, **kwargs):
+        k_train, k_test = engine(*args, **kwargs)
+        computed = int((k_train != 0).sum() + (k_test != 0).sum())
+        calls.append({"shard": kwargs.get("shard"), "nonzero": computed, "total": k_train.numel() + k_test.numel()})
+        return k_train, k_test
+
+    after_kernel.empirical_ntk_train_test = recording
+    try:
+        pl.seed_everything(0)
+        loader = DataLoader(TensorDataset(toy_inputs(), torch.arange(400) % 2), batch_size=50)
+        callback = AfterKernelCallback(
+            epochs=[0, 1],
+            n_train=300,
+            n_test=40,
+            n_invariance=8,
+            verbose=False,
+            dtype="float64",
+            save_kernels=True,
+            dirpath=str(out),
+        )
+        trainer = pl.Trainer(
+            strategy="ddp" if devices > 1 else "auto",
+            devices=devices,
+            accelerator="cpu",
+            max_epochs=2,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out,
+        )
+        model = MLPClassifier(input_shape=(1, 8, 8), width=16)
+        trainer.fit(model, loader, loader)
+    finally:
+        after_kernel.empirical_ntk_train_test = engine
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"calls": calls, "done": callback.done_epochs}))
     if trainer.is_global_zero:
-        (out / "rank0.json").write_text(json.dumps({"done": callback.done_epochs, "n": len(callback.results)}))
+        torch.save(model.state_dict(), out / "final.pt")
+        (out / "results.json").write_text(json.dumps(callback.results))
+    return callback
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +23,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
-from lightning_afterkernel.errors import ConfigurationError, DataError
-from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk
+from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
+from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, empirical_ntk_train_test
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 from lightning_afterkernel.svm import HardMarginSVM
 
@@ -517,12 +521,303 @@ def test_epochs_beyond_max_epochs_are_announced(tmp_path):
     assert cb.done_epochs == [0]
 
 
-def test_ddp_two_processes_finish_and_rank_zero_writes(tmp_path):
-    """Rank-0-only work must not call collectives (Trainer.log_dir broadcasts): this used to hang."""
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.endswith("_time_s") and not isinstance(v, str)}
+
+
+def test_ddp_two_processes_shard_the_ntk_and_match_a_single_process(tmp_path):
+    """2-process gloo DDP: each rank computes its share of the NTK, one all-reduce sums them, rank 0 alone writes;
+    the epoch-0 results equal a single-process run's and the final kernels equal a single-process kernel.
+    (Rank-0-only work must not call collectives: Trainer.log_dir broadcasts; this used to hang.)"""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp.mkdir()
+    single.mkdir()
     script = Path(__file__).with_name("ddp_fit_script.py")
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=tmp_path
+        [sys.executable, str(script), str(ddp), "2"], capture_output=True, text=True, timeout=300, cwd=ddp
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "rank0.json").read_text()) == {"done": [0, 1, 2], "n": 6}
-    assert (tmp_path / "afterkernel_results.json").is_file()
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["done"] == [0, 1, 2]  # epochs 0, 1 and the end (2)
+    for rank, info in enumerate(ranks):  # both ranks worked at every evaluation, on disjoint entries
+        assert [c["shard"] for c in info["calls"]] == [[rank, 2]] * 3
+        assert all(0 < c["nonzero"] < c["total"] for c in info["calls"])
+    assert [a["nonzero"] + b["nonzero"] for a, b in zip(*(r["calls"] for r in ranks), strict=True)] == [
+        c["total"] for c in ranks[0]["calls"]
+    ]
+    saved = json.loads((ddp / "afterkernel_results.json").read_text())["results"]
+    assert sorted({r["epoch"] for r in saved}) == [0, 1, 2]
+
+    reference = _load_script("ddp_fit_script").main(single, devices=1)
+    assert [c["shard"] for c in json.loads((single / "rank0.json").read_text())["calls"]] == [None] * 3
+    ddp_rows = json.loads((ddp / "results.json").read_text())
+    for ours, theirs in zip(ddp_rows[:2], reference.results[:2], strict=True):
+        assert ours["epoch"] == 0 and ours["kernel"] == theirs["kernel"]
+        assert _comparable(ours) == pytest.approx(_comparable(theirs), rel=1e-6, nan_ok=True)
+
+    # the kernels of the DDP run's final weights equal a single-process computation on those weights
+    model = MLPClassifier(input_shape=SHAPE, width=16)
+    model.load_state_dict(torch.load(ddp / "final.pt", weights_only=True))
+    saved_kernel = torch.load(ddp / "kernels" / "epoch_2_ntk.pt", weights_only=True)
+    x = _load_script("ddp_fit_script").toy_inputs()
+    k_train, k_test = empirical_ntk_train_test(
+        model, x[saved_kernel["train_indices"]], x[saved_kernel["test_indices"]], dtype=torch.float64
+    )
+    for ours, theirs in ((saved_kernel["k_train"], k_train), (saved_kernel["k_test"], k_test)):
+        assert ours.dtype == torch.float64
+        assert float((ours - theirs).norm() / theirs.norm()) <= 1e-6
+
+
+# ---------------------------------------------------------------- killed runs, corrupt files
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (rc {process.returncode}) before it could be killed")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def _saved_rows(folder: Path) -> list[dict]:
+    try:
+        return json.loads((folder / "afterkernel" / "afterkernel_results.json").read_text())["results"]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+@pytest.mark.parametrize("when", ["training", "kernel"])
+def test_a_killed_run_resumes_its_schedule_and_loses_nothing(tmp_path, when):
+    """SIGKILL a real run during training (after epoch 1's results) or inside epoch 2's kernel computation, resume
+    with ckpt_path='last' in a fresh process: epochs 0..3 each once, the rows from before the kill unchanged."""
+    script = Path(__file__).with_name("resume_fit_script.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if when == "training":
+        env["AFTERKERNEL_TEST_BATCH_SLEEP"] = "0.3"
+    else:
+        env["AFTERKERNEL_TEST_HANG_EPOCH"] = "2"
+    run = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if when == "training":
+            last = tmp_path / "ckpt" / "last.ckpt"
+            _wait_for(lambda: last.is_file() and 1 in {r["epoch"] for r in _saved_rows(tmp_path)}, run)
+            time.sleep(0.3)  # inside epoch 2's training batches (6 x 0.3 s)
+        else:
+            _wait_for((tmp_path / "hanging").is_file, run)
+        before = _saved_rows(tmp_path)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL
+    assert sorted({r["epoch"] for r in before}) == [0, 1]  # killed before epoch 2's results
+
+    env.pop("AFTERKERNEL_TEST_BATCH_SLEEP", None)
+    env.pop("AFTERKERNEL_TEST_HANG_EPOCH", None)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "resume"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+    assert "rewriting" not in resumed.stderr  # the results file was intact
+    after = _saved_rows(tmp_path)
+    assert sorted((r["epoch"], r["kernel"]) for r in after) == [(e, k) for e in range(4) for k in ("ck", "ntk")]
+    assert after[: len(before)] == before  # kept as they were (kernel_time_s included), not recomputed
+    assert all(r["step"] == 6 * r["epoch"] for r in after)
+    assert all(0 < r["alignment_to_initial"] <= 1 for r in after if r["kernel"] == "ntk")
+
+
+class Poison(pl.Callback):
+    """Puts a NaN into the first weight at the end of epoch `at` (before AfterKernelCallback, listed after it)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 == self.at:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = math.nan
+
+
+class NaNGradient(PlainLogit):
+    """Finite outputs, NaN kernel: a hidden unit fixed at 0 goes through sqrt(h^2), whose derivative there is 0/0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.net[1].weight[0] = 0.0
+            self.net[1].bias[0] = 0.0
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        return self.net[3](torch.sqrt(h * h)).squeeze(-1)
+
+
+def test_on_error_is_checked():
+    with pytest.raises(ConfigurationError, match="on_error"):
+        small_callback(on_error="ignore")
+
+
+def test_non_finite_network_outputs_raise_naming_the_epoch(tmp_path):
+    cb = small_callback(epochs=[0, 1], at_end=False)
+    with pytest.raises(KernelError, match=r"network's outputs at epoch 1 are not finite.*on_error='warn'"):
+        make_trainer(tmp_path, [Poison(at=1), cb], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    assert cb.done_epochs == [0]
+
+
+def test_non_finite_network_outputs_with_warn_are_recorded_and_training_goes_on(tmp_path, capsys):
+    logger = MemoryLogger()
+    cb = small_callback(epochs=[0, 1, 2], at_end=False, on_error="warn", dirpath=str(tmp_path))
+    trainer = make_trainer(tmp_path, [Poison(at=1), cb], max_epochs=2, logger=logger)
+    with pytest.warns(UserWarning, match="network's outputs at epoch 1 are not finite"):
+        trainer.fit(wide_mlp(), datamodule=ToyData())
+    assert trainer.current_epoch == 2 and cb.done_epochs == [0, 1, 2]
+    failed = [r for r in cb.results if r["epoch"] >= 1]
+    assert len(failed) == 4 and all("not finite" in r["error"] for r in failed)
+    assert all(math.isnan(r[key]) for r in failed for key in ("svm_test_acc", "kta", "invariance_shift"))
+    assert all("error" not in r and r["svm_test_acc"] > 0.5 for r in cb.results if r["epoch"] == 0)
+    assert math.isnan(logger.values("afterkernel/ntk/svm_test_acc")[1])
+    saved = json.loads((tmp_path / "afterkernel_results.json").read_text())["results"]
+    assert saved[-1]["svm_test_acc"] is None and "not finite" in saved[-1]["error"]
+    assert "failed" in cb.summary_table()
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_non_finite_kernel_names_the_epoch_and_kernel(tmp_path, on_error):
+    model = NaNGradient()
+    assert torch.isfinite(model(toy_data(8, 0)[0])).all()
+    cb = small_callback(epochs=[0], at_end=False, on_error=on_error, n_invariance=0)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
+    if on_error == "raise":
+        with pytest.raises(KernelError, match=r"the NTK at epoch 0 has non-finite entries"):
+            trainer.fit(model, datamodule=ToyData())
+        return
+    with pytest.warns(UserWarning, match=r"the NTK at epoch 0 has non-finite entries"):
+        trainer.fit(model, datamodule=ToyData())
+    assert trainer.current_epoch == 1
+    (row,) = cb.results
+    assert row["kernel"] == "ntk" and "non-finite" in row["error"] and math.isnan(row["svm_test_acc"])
+    assert cb._initial_kernels == {}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_out_of_memory_after_every_retry_follows_on_error(tmp_path, monkeypatch, on_error):
+    """The engine halves its budget and retries on out-of-memory, then gives up with a KernelError: with
+    on_error='warn' the evaluation is recorded as failed and training never crashes because of the callback."""
+    from lightning_afterkernel.kernels import empirical
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(empirical._Engine, "train_test", no_memory)
+    cb = small_callback(epochs=[0], at_end=False, on_error=on_error, n_invariance=0)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1)
+    with pytest.warns(UserWarning, match="retrying with half the memory budget"):
+        if on_error == "raise":
+            with pytest.raises(KernelError, match=r"the NTK computation at epoch 0 failed: .*ran out of memory 5"):
+                trainer.fit(wide_mlp(), datamodule=ToyData())
+            return
+        trainer.fit(wide_mlp(), datamodule=ToyData())
+    assert trainer.current_epoch == 1
+    ntk, ck = cb.results
+    assert "out of memory" in ntk["error"] and math.isnan(ntk["svm_test_acc"])
+    assert "error" not in ck and ck["svm_test_acc"] > 0.5  # the CK still computed and judged
+
+
+def test_an_unsupported_layer_takes_the_general_path_and_still_gets_ntk_results(tmp_path):
+    class WithLayerNorm(PlainLogit):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 1))
+
+    model = WithLayerNorm()
+    cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"], n_invariance=4)
+    with pytest.warns(UserWarning, match="general per-example-gradient path"):
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=ToyData())
+    (row,) = cb.results
+    assert "error" not in row and 0.5 < row["svm_test_acc"] <= 1 and row["svm_separable"] == 1
+    assert 0 < row["invariance_shift"] <= 1
+
+
+def _first_run_with_checkpoint(tmp_path) -> tuple[AfterKernelCallback, Path]:
+    pl.seed_everything(0)
+    cb = small_callback(epochs=[0, 1, 2], at_end=False, dirpath=str(tmp_path / "ak"))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=1).fit(wide_mlp(), datamodule=ToyData())
+    assert cb.done_epochs == [0, 1]
+    return cb, tmp_path / "ckpt" / "last.ckpt"
+
+
+def _resume(tmp_path, last: Path) -> tuple[AfterKernelCallback, MLPClassifier]:
+    pl.seed_everything(1)  # the same shuffling in every resumed run
+    model = wide_mlp()
+    cb = small_callback(epochs=[0, 1, 2], at_end=False, dirpath=str(tmp_path / "ak"))
+    make_trainer(tmp_path, [cb], max_epochs=2).fit(model, datamodule=ToyData(), ckpt_path=str(last))
+    return cb, model
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "other run"])
+def test_a_corrupt_or_partial_results_file_is_rewritten_on_resume(tmp_path, damage):
+    first, last = _first_run_with_checkpoint(tmp_path)
+    path = tmp_path / "ak" / "afterkernel_results.json"
+    intact = json.loads(path.read_text())["results"]
+    if damage == "truncated":
+        path.write_text(path.read_text()[:200])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00\xff" * 50)
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({"results": intact[:1]}))
+    with pytest.warns(UserWarning, match="rewriting it from the checkpoint's results"):
+        _resume(tmp_path, last)
+    saved = json.loads(path.read_text())["results"]
+    assert sorted({r["epoch"] for r in saved}) == [0, 1, 2]
+    assert saved[: len(intact)] == intact
+
+
+def test_a_corrupt_initial_kernels_file_is_recomputed_from_the_epoch_0_weights(tmp_path):
+    first, last = _first_run_with_checkpoint(tmp_path)
+    side = tmp_path / "ak" / "afterkernel_initial_kernels.pt"
+    assert (tmp_path / "ak" / "afterkernel_initial_weights.pt").is_file()
+    reference, reference_model = _resume(tmp_path, last)  # intact side file
+
+    side.write_bytes(side.read_bytes()[:300])  # truncated
+    with pytest.warns(UserWarning, match="unreadable.*recomputing the epoch-0"):
+        repaired, repaired_model = _resume(tmp_path, last)
+    for name in ("ntk", "ck"):
+        ours, theirs = repaired._initial_kernels[name], first._initial_kernels[name]
+        assert float((ours - theirs).norm() / theirs.norm()) <= 1e-6
+    keys = ("alignment_to_initial", "cka_to_initial", "distance_to_initial")
+    late = [r[k] for r in repaired.results if r["epoch"] == 2 for k in keys]
+    assert late == pytest.approx([r[k] for r in reference.results if r["epoch"] == 2 for k in keys], rel=1e-5)
+    for a, b in zip(repaired_model.state_dict().values(), reference_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the trained weights were restored bit-exactly: training is unaffected
+    assert torch.load(side, weights_only=True).keys() == {"ntk", "ck"}  # the file is rewritten
+
+    side.unlink()
+    (tmp_path / "ak" / "afterkernel_initial_weights.pt").write_text("garbage")
+    with pytest.warns(UserWarning, match="missing, and the epoch-0 weights .* cannot be read"):
+        lost, _ = _resume(tmp_path, last)
+    assert lost.done_epochs == [0, 1, 2]
+    assert all(math.isnan(r["alignment_to_initial"]) for r in lost.results if r["epoch"] == 2)

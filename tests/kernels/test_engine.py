@@ -362,7 +362,8 @@ def test_shards_sum_to_the_kernel_and_split_the_work(monkeypatch, world, impleme
     for name, call in calls.items():
         whole = call(**options)
         parts = [call(shard=(rank, world), **options) for rank in range(world)]
-        assert torch.equal(sum(parts), whole), name  # every entry computed by exactly one rank
+        assert relative_error(sum(parts), whole) < 1e-12, name  # (sharded runs use shorter strips)
+        assert int(torch.stack([part != 0 for part in parts]).sum(0).max()) == 1, name  # one rank per entry
         nonzero = [int((part != 0).sum()) for part in parts]
         assert all(count > 0 for count in nonzero), (name, nonzero)  # each rank does a share
 
