@@ -102,3 +102,20 @@ def test_bad_dataset_on_the_command_line_fails_clearly(tmp_path):
     )
     assert result.returncode != 0
     assert "svhn" in result.stderr and "mnist" in result.stderr
+
+
+def test_reproduce_and_report_subcommands_have_help(capsys):
+    from lightning_afterkernel.__main__ import run
+
+    for command in ("reproduce", "report"):
+        with pytest.raises(SystemExit) as exc:
+            run([command, "--help"])
+        assert exc.value.code == 0
+        assert f"python -m lightning_afterkernel {command}" in capsys.readouterr().out
+
+
+def test_top_level_help_lists_reproduce_and_report_beside_fit():
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_afterkernel", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
+    assert "reproduce" in out and "report" in out and "{fit,validate,test,predict}" in out

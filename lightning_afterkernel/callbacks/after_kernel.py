@@ -254,10 +254,11 @@ class AfterKernelCallback(pl.Callback):
         save_kernels: save the train and test Gram matrices of every evaluation (format above).
         verbose: print the summary table at the end of fit.
         on_error: what a failed kernel computation does: non-finite network outputs or kernels, or a
-            :class:`~lightning_afterkernel.errors.KernelError` from the engine (e.g. out of memory after its
-            retries with half the memory budget). ``"raise"``: a ``KernelError`` naming the epoch and kernel stops
-            training; ``"warn"``: the evaluation is recorded as failed (NaN metrics and an ``error`` message in its
-            rows) with a warning, and training goes on.
+            :class:`~lightning_afterkernel.errors.KernelError` from the engine. ``"raise"``: a ``KernelError``
+            naming the epoch and kernel stops training; ``"warn"``: the evaluation is recorded as failed (NaN
+            metrics and an ``error`` message in its rows) with a warning, and training goes on. Running out of
+            memory (after the engine's retries with half the budget each) is always recorded, never raised:
+            training never crashes because of the callback's memory use.
 
     Data: the test subset comes from ``datamodule.tensors("test")`` when the datamodule has it
     (``BinaryPairDataModule`` does), else from ``datamodule.test_dataset`` / ``val_dataset`` or the
@@ -611,6 +612,8 @@ class AfterKernelCallback(pl.Callback):
                 k_train, k_test = self._compute_kernel(trainer, name, pl_module, shard if name == "ntk" else None)
             except (KernelError, torch.OutOfMemoryError) as err:
                 failures[name] = f"the {KERNEL_LABELS[name]} computation at epoch {epoch} failed: {err}"
+                if "out of memory" in str(err).lower():
+                    self._memory_failures.add(name)
                 continue
             bad = [what for what, k in (("train", k_train), ("test", k_test)) if not torch.isfinite(k).all()]
             if bad:
@@ -630,10 +633,16 @@ class AfterKernelCallback(pl.Callback):
         stages = ["network", *self._active_kernels]
         if shard is None:
             return failures
-        flags = torch.tensor([float(s in failures) for s in stages], device=device)
+        flags = torch.tensor(
+            [float(s in failures) for s in stages]
+            + [float(s in failures and s not in self._memory_failures) for s in stages],
+            device=device,
+        )
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        failed, other = flags.tolist()[: len(stages)], flags.tolist()[len(stages) :]
+        self._memory_failures = {s for s, f, o in zip(stages, failed, other, strict=True) if f and not o}
         merged = {}
-        for stage, flag in zip(stages, flags.tolist(), strict=True):
+        for stage, flag in zip(stages, failed, strict=True):
             if flag:
                 label = "network's outputs" if stage == "network" else KERNEL_LABELS[stage]
                 elsewhere = f"the {label} at epoch {epoch} failed on another rank (see its log)"
@@ -646,6 +655,7 @@ class AfterKernelCallback(pl.Callback):
         rank 0's."""
         assert self._data is not None
         self._evaluated.add((epoch, trainer.global_step))
+        self._memory_failures: set[str] = set()  # stages that ran out of memory (never stop training)
         shard = self._shard(trainer)
         logits, kernels, failures = self._local_kernels(trainer, pl_module, epoch, shard)
         if failures and trainer.global_rank != 0 and self.on_error == "warn":  # rank 0 only learns that it failed
@@ -660,7 +670,7 @@ class AfterKernelCallback(pl.Callback):
                 torch.distributed.all_reduce(k, op=torch.distributed.ReduceOp.SUM)
         if failures:
             message = "; ".join(dict.fromkeys(m.rstrip(". ") for m in failures.values()))
-            if self.on_error == "raise":
+            if self.on_error == "raise" and not set(failures) <= self._memory_failures:
                 raise KernelError(
                     f"AfterKernelCallback: {message}. Set on_error='warn' to record the failure (NaN metrics) "
                     "and keep training."

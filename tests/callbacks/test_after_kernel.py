@@ -721,9 +721,9 @@ def test_non_finite_kernel_names_the_epoch_and_kernel(tmp_path, on_error):
 
 
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
-def test_out_of_memory_after_every_retry_follows_on_error(tmp_path, monkeypatch, on_error):
-    """The engine halves its budget and retries on out-of-memory, then gives up with a KernelError: with
-    on_error='warn' the evaluation is recorded as failed and training never crashes because of the callback."""
+def test_out_of_memory_after_every_retry_never_stops_training(tmp_path, monkeypatch, on_error):
+    """The engine halves its budget and retries on out-of-memory, then gives up with a KernelError: the
+    evaluation is recorded as failed and training goes on, whatever on_error says (it governs real errors)."""
     from lightning_afterkernel.kernels import empirical
 
     def no_memory(*args, **kwargs):
@@ -733,14 +733,11 @@ def test_out_of_memory_after_every_retry_follows_on_error(tmp_path, monkeypatch,
     cb = small_callback(epochs=[0], at_end=False, on_error=on_error, n_invariance=0)
     trainer = make_trainer(tmp_path, [cb], max_epochs=1)
     with pytest.warns(UserWarning, match="retrying with half the memory budget"):
-        if on_error == "raise":
-            with pytest.raises(KernelError, match=r"the NTK computation at epoch 0 failed: .*ran out of memory 5"):
-                trainer.fit(wide_mlp(), datamodule=ToyData())
-            return
         trainer.fit(wide_mlp(), datamodule=ToyData())
     assert trainer.current_epoch == 1
     ntk, ck = cb.results
-    assert "out of memory" in ntk["error"] and math.isnan(ntk["svm_test_acc"])
+    assert "out of memory" in ntk["error"] and "ran out of memory 5" in ntk["error"]
+    assert math.isnan(ntk["svm_test_acc"])
     assert "error" not in ck and ck["svm_test_acc"] > 0.5  # the CK still computed and judged
 
 

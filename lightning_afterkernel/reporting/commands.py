@@ -1,0 +1,79 @@
+"""``python -m lightning_afterkernel reproduce ...`` and ``python -m lightning_afterkernel report ...``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from lightning_afterkernel.reporting.grid import SCALES, grid_cells, run_grid
+from lightning_afterkernel.reporting.report import write_report
+
+COMMANDS = ("reproduce", "report")
+
+
+def _scales_help() -> str:
+    rows = []
+    for s in SCALES.values():
+        rows.append(
+            f"  {s.name}: train {s.train_subset or 'all'} / test {s.test_subset or 'all'} images, kernels on "
+            f"{s.n_train}/{s.n_test}, {s.max_epochs} epochs (few = {s.few_epochs}), lr study {s.large_lr:g} "
+            f"(cap {s.lr_max_epochs} epochs), {s.seeds} seed(s)"
+        )
+    return "\n".join(rows)
+
+
+def reproduce_parser() -> argparse.ArgumentParser:
+    cells = ", ".join(c.name for c in grid_cells(SCALES["cpu"]))
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_afterkernel reproduce",
+        description=(
+            "Run (or resume) the paper grid {mnist, cifar10} x {vgg, mlp} x {noaug, aug} plus the learning-rate "
+            "study; each cell and seed is one fit with AfterKernelCallback, summarised in <out>/<cell>/seed<k>/"
+            "cell.json. Complete cells are skipped; unfinished ones resume from their last epoch checkpoint."
+        ),
+        epilog=f"scales:\n{_scales_help()}\ncells: {cells}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/paper", help="output folder (default: runs/paper)")
+    p.add_argument("--scale", choices=list(SCALES), default="cpu", help="run size (default: cpu)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
+    p.add_argument(
+        "--data-root",
+        default=os.environ.get("AFTERKERNEL_DATA", "../shared/data"),
+        help="folder with the MNIST/CIFAR-10 files, read without download (default: $AFTERKERNEL_DATA or "
+        "../shared/data)",
+    )
+    p.add_argument("--cells", nargs="+", default=None, metavar="CELL", help="run only these cells (default: all)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default: auto)")
+    return p
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_afterkernel report",
+        description=(
+            "Write the reproduction report (markdown tables, PNG figures, claim-by-claim verdicts) from the cell "
+            "files of a `reproduce` run."
+        ),
+    )
+    p.add_argument("runs", nargs="?", default="runs/paper", help="the reproduce output folder (default: runs/paper)")
+    p.add_argument("--out", default="docs/reproduction.md", help="markdown file (default: docs/reproduction.md)")
+    p.add_argument("--figures-dir", default=None, help="where the PNGs go (default: <out dir>/figures)")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch ``reproduce`` / ``report`` (``argv`` starts with the command name)."""
+    command, rest = argv[0], argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("lightning_afterkernel.reporting").setLevel(logging.INFO)
+    if command == "reproduce":
+        args = reproduce_parser().parse_args(rest)
+        paths = run_grid(args.out, args.scale, args.seeds, args.data_root, args.cells, args.accelerator)
+        print(f"{len(paths)} cell files under {args.out}; next: python -m lightning_afterkernel report {args.out}")
+    elif command == "report":
+        args = report_parser().parse_args(rest)
+        print(f"wrote {write_report(args.runs, args.out, args.figures_dir)}")
+    else:
+        raise SystemExit(f"unknown command {command!r}; expected one of {COMMANDS}")
