@@ -27,9 +27,17 @@ near-exact duplicates). Duplicates blurred by float32 rounding beyond that are l
 time limit."""
 
 PSD_CHECK_SIZE = 1000
-"""The negative-eigenvalue warning looks at a principal submatrix of at most this many evenly spaced
-examples: one Cholesky of m x m (m^3 / 3 flops) at any n. By Cauchy interlacing,
+"""The negative-eigenvalue warning looks at a principal submatrix of m = min(n, PSD_CHECK_SIZE,
+max(PSD_MIN_SIZE, n // 8)) evenly spaced examples: one Cholesky of m x m (m^3 / 3 flops; at most 1/512 of a
+full-size factorisation) after ``PSD_POWER_STEPS`` products with it. By Cauchy interlacing,
 lambda_min(K) <= lambda_min of any principal submatrix, so an eigenvalue found there is in K too."""
+
+PSD_MIN_SIZE = 300
+"""Smallest submatrix of the negative-eigenvalue warning (all of K below it)."""
+
+PSD_POWER_STEPS = 10
+"""Power iterations for the lambda_max estimate of the warning's threshold (a lower bound: a smaller threshold
+makes the warning more sensitive, never less; kernels' top eigenvalue is well separated, so 10 suffice)."""
 
 PSD_RTOL = 1e-6
 """Warn when (a principal submatrix of) K has an eigenvalue below -PSD_RTOL * lambda_max."""
@@ -46,6 +54,8 @@ class DualResult:
         converged: False when the solver stopped at its iteration limit before its own tolerance.
         backend: the route taken, when a backend combines several (``auto``: e.g. "sklearn+polish").
         info: backend diagnostics (e.g. the interior-point method's final system size), for reports.
+        margins: y_i (sum_j alpha_j y_j K_ij + b) in float64 on the kernel the backend got, when the backend
+            computed them for alpha and intercept exactly as returned (saves the estimator one n^2 product).
     """
 
     alpha: np.ndarray
@@ -54,6 +64,7 @@ class DualResult:
     converged: bool = True
     backend: str | None = None
     info: dict[str, float] = field(default_factory=dict)
+    margins: np.ndarray | None = None
 
 
 def _count_nonfinite(a: np.ndarray, name: str) -> None:
@@ -77,15 +88,61 @@ def _read_only_view(x: object, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def _symmetrized_copy(src: np.ndarray, pad: int, block: int = 256) -> tuple[np.ndarray, float, float]:
-    """(K, asym, kmax): K = (src + src^T) / 2 in float64 (the top-left corner of an (n + pad)^2 buffer),
-    max |src_ij - src_ji| and max |K_ij|; asym and kmax are inf when src holds a NaN or inf.
+def _exactly_symmetric(src: torch.Tensor, block: int = 512) -> bool:
+    """src == src^T entry for entry (False when it holds a NaN), compared block pair by block pair.
 
-    One contiguous float64 copy, then one in-place pass over pairs of blocks (small enough for the cache:
-    at n = 12,000 the pass takes about as long as the copy; larger blocks or a fused copy were 2-4x slower)."""
+    512 x 512 blocks keep the transposed reads in the cache; ``torch.equal`` (two threads) took 57 ms at
+    n = 12,000 in float32 and 2.2 ms at 2,000, numpy's ``array_equal`` 96 and 3.4."""
+    n = src.shape[0]
+    for i0 in range(0, n, block):
+        for j0 in range(i0, n, block):
+            if not torch.equal(src[i0 : i0 + block, j0 : j0 + block], src[j0 : j0 + block, i0 : i0 + block].T):
+                return False
+    return True
+
+
+def _torch_view(src: np.ndarray) -> torch.Tensor | None:
+    """src as a CPU tensor sharing its memory, or None (a dtype or negative strides torch cannot share)."""
+    if src.dtype not in (np.float32, np.float64) or any(stride < 0 for stride in src.strides):
+        return None
+    with warnings.catch_warnings():  # read-only inputs (np.load(mmap_mode="r")) are only read through it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(src)
+
+
+def _scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """out = src / scale in float64 (torch: two threads; numpy's casting copy is one-threaded and 1.5x slower)."""
+    source = _torch_view(src)
+    if source is None:
+        np.divide(src, scale, out=out, dtype=np.float64)
+        return
+    target = torch.from_numpy(out)
+    for r0 in range(0, out.shape[0], 64):  # each chunk divided while still in the cache: 1.2x faster
+        chunk = target[r0 : r0 + 64].copy_(source[r0 : r0 + 64])
+        if scale != 1.0:
+            chunk.div_(scale)
+
+
+def _symmetrized_copy(
+    src: np.ndarray, pad: int, scale: float = 1.0, block: int = 256
+) -> tuple[np.ndarray, float, float]:
+    """(K, asym, kmax): K = (src + src^T) / (2 scale) in float64 (the top-left corner of an (n + pad)^2
+    buffer), max |src_ij - src_ji| / scale and max |K_ij|; asym and kmax are inf when src holds a NaN or inf.
+
+    Exactly symmetric input (every kernel built by mirroring tiles, e.g. ``empirical_ntk``'s) is recognised by
+    one blocked comparison and copied once (n = 12,000 float32: 0.2 s in all). Otherwise: one contiguous
+    copy, then one in-place pass over pairs of blocks (small enough for the cache: at n = 12,000 the pass
+    takes about as long as the copy; larger blocks or a fused copy were 2-4x slower)."""
     n = src.shape[0]
     out = np.empty((n + pad, n + pad))[:n, :n]
-    out[...] = src
+    source = _torch_view(src)
+    if source is not None:
+        lo, hi = torch.aminmax(source)
+        kmax = max(float(hi), -float(lo)) / scale
+        if np.isfinite(kmax) and _exactly_symmetric(source):
+            _scaled_copy(src, out, scale)
+            return out, 0.0, kmax
+    _scaled_copy(src, out, scale)
     asym, kmax = 0.0, 0.0
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
@@ -110,9 +167,20 @@ def _symmetrized_copy(src: np.ndarray, pad: int, block: int = 256) -> tuple[np.n
 def check_kernel(K: object, name: str = "K", pad: int = 0) -> np.ndarray:
     """Validate a train-train kernel and return a symmetrised float64 copy owned by the caller.
 
-    One blocked pass reads K (numpy or torch, any real dtype, any device) and writes (K + K^T) / 2 in float64.
-    With ``pad`` > 0 the copy is the top-left n x n corner of an (n + pad) x (n + pad) buffer (a view), so that
-    the SMO's no-bias emulation (``sklearn_backend.no_bias_problem``, pad = 2) needs no second n^2 copy.
+    See ``check_and_normalize_kernel`` (this is it with ``normalize=False``, returning only K).
+    """
+    return check_and_normalize_kernel(K, name, pad, normalize=False)[0]
+
+
+def check_and_normalize_kernel(
+    K: object, name: str = "K", pad: int = 0, normalize: bool = True
+) -> tuple[np.ndarray, float]:
+    """Validate a train-train kernel; return (K / s symmetrised in float64, s), the copy owned by the caller.
+
+    s = (mean_i sqrt(K_ii))^2 with ``normalize`` (the squared mean feature norm), else 1. One pass reads K
+    (numpy or torch, any real dtype, any device) and writes (K + K^T) / (2 s) in float64. With ``pad`` > 0 the
+    copy is the top-left n x n corner of an (n + pad) x (n + pad) buffer (a view), so that the SMO's no-bias
+    emulation (``sklearn_backend.no_bias_problem``, pad = 2) needs no second n^2 copy.
 
     Raises:
         KernelError: not 2-D square, empty, not finite, all zeros, asymmetric beyond
@@ -128,7 +196,11 @@ def check_kernel(K: object, name: str = "K", pad: int = 0) -> np.ndarray:
         )
     if src.shape[0] == 0:
         raise KernelError(f"{name} is empty (shape {src.shape}); pass at least one example per class.")
-    K, asym, kmax = _symmetrized_copy(src, pad)
+    diag = np.diagonal(src).astype(np.float64)
+    scale = 1.0
+    if normalize and np.isfinite(diag).all() and diag.min() >= 0.0 and diag.max() > 0.0:
+        scale = float(np.sqrt(diag).mean() ** 2)
+    K, asym, kmax = _symmetrized_copy(src, pad, scale)
     if not (np.isfinite(asym) and np.isfinite(kmax)):
         _count_nonfinite(src, name)
         raise KernelError(f"{name} has entries too large for float64 arithmetic (overflow); rescale it.")
@@ -136,11 +208,10 @@ def check_kernel(K: object, name: str = "K", pad: int = 0) -> np.ndarray:
         raise KernelError(f"{name} is all zeros; the model's features or gradients vanished.")
     if asym > SYMMETRY_RTOL * kmax:
         raise KernelError(
-            f"{name} is not symmetric: max |K_ij - K_ji| = {asym:.3g} ({asym / kmax:.2g} of max |K_ij|, "
+            f"{name} is not symmetric: max |K_ij - K_ji| = {asym * scale:.3g} ({asym / kmax:.2g} of max |K_ij|, "
             f"tolerance {SYMMETRY_RTOL:g}). Pass the train-train kernel K(X_train, X_train), not a cross "
             "kernel, and with rows and columns in the same order."
         )
-    diag = np.diagonal(K)
     if diag.max() <= 0.0:
         raise KernelError(
             f"{name} has no positive diagonal entry; a kernel's diagonal is ||phi(x_i)||^2, so all feature "
@@ -152,7 +223,7 @@ def check_kernel(K: object, name: str = "K", pad: int = 0) -> np.ndarray:
             f"{name} has {int(np.count_nonzero(diag < 0))} negative diagonal entries (e.g. {name}[{i}, {i}] = "
             f"{diag[i]:.3g}); a kernel's diagonal is ||phi(x_i)||^2 >= 0. Check how the kernel was computed."
         )
-    return K
+    return K, scale
 
 
 def check_cross_kernel(K_cross: object, n_train: int) -> np.ndarray:
@@ -204,12 +275,19 @@ def check_labels(y: object, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, block: int = 1024) -> None:
-    """Refuse training sets that no hard margin can separate, before solving (O(n^2), no solve).
+    """Refuse training sets that no hard margin can separate, before solving (no solve).
 
     Two bounds on ||w||^2 of any separator, with d_ij = K_ii + K_jj - 2 K_ij = ||phi_i - phi_j||^2:
     opposite labels force w . (phi_i - phi_j) = +-2 or more, so ||w||^2 >= 4 / d_ij; without a bias,
     y_i w . phi_i >= 1 forces ||w||^2 >= 1 / K_ii. Either bound above ``MAX_NORM_SQ / mean K_ii``
     (e.g. duplicated examples with opposite labels) raises.
+
+    Only pairs with nearly equal feature norms can be that close: d_ij >= (||phi_i|| - ||phi_j||)^2 - 2 eta
+    (Cauchy-Schwarz, with eta = ``PSD_SLACK`` * max K_ii of room for a computed K_ij slightly above
+    ||phi_i|| ||phi_j||). So the pairs are found through the sorted norms (O(n log n) plus the candidates) and
+    only when most pairs are candidates (e.g. a normalised kernel, all K_ii equal) is every opposite-label
+    pair checked, in blocks of rows (O(n^2)). A pair missed because its K_ij breaks Cauchy-Schwarz by more
+    than eta costs time, never a wrong answer: the solvers detect non-separability themselves.
 
     Raises:
         NotSeparableError: with the offending indices.
@@ -224,8 +302,54 @@ def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, 
                 f"{tiny[0]}] = {diag[tiny[0]]:.3g}): without a bias their decision value is 0, so no hard "
                 "margin exists. Remove them or use fit_intercept=True."
             )
-    pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y < 0)
     d_limit = 4.0 / limit
+    pairs = _close_norm_pairs(diag, y, d_limit + 2.0 * PSD_SLACK * float(diag.max()))
+    if pairs is None:
+        _check_all_opposite_pairs(K, y, diag, d_limit, block)
+        return
+    rows, cols = pairs
+    first, count = None, 0
+    for c0 in range(0, rows.size, block * block):
+        i, j = rows[c0 : c0 + block * block], cols[c0 : c0 + block * block]
+        dist = diag[i] + diag[j] - 2.0 * K[i, j]
+        hit = np.flatnonzero(dist <= d_limit)
+        if hit.size and first is None:
+            first = (int(i[hit[0]]), int(j[hit[0]]), float(dist[hit[0]]))
+        count += hit.size
+    if first is not None:
+        _raise_duplicates(*first, count, float(diag.mean()))
+
+
+PSD_SLACK = 1e-5
+"""Room (relative to max K_ii) for computed kernel entries above the Cauchy-Schwarz bound in the pre-check."""
+
+MAX_CANDIDATE_SHARE = 0.1
+"""The pre-check checks every opposite-label pair once more than this share of them have close norms."""
+
+
+def _close_norm_pairs(diag: np.ndarray, y: np.ndarray, window_sq: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Opposite-label pairs (i, j) with (sqrt K_ii - sqrt K_jj)^2 <= window_sq, or None when they are more than
+    ``MAX_CANDIDATE_SHARE`` of all opposite-label pairs."""
+    norms = np.sqrt(np.maximum(diag, 0.0))
+    pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y < 0)
+    neg = neg[np.argsort(norms[neg], kind="stable")]
+    sorted_neg = norms[neg]
+    width = float(np.sqrt(window_sq))
+    lo = np.searchsorted(sorted_neg, norms[pos] - width, side="left")
+    hi = np.searchsorted(sorted_neg, norms[pos] + width, side="right")
+    counts = hi - lo
+    total = int(counts.sum())
+    if total > MAX_CANDIDATE_SHARE * pos.size * neg.size:
+        return None
+    rows = np.repeat(pos, counts)
+    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = neg[np.repeat(lo, counts) + offsets]
+    return rows, cols
+
+
+def _check_all_opposite_pairs(K: np.ndarray, y: np.ndarray, diag: np.ndarray, d_limit: float, block: int) -> None:
+    """The pre-check on every opposite-label pair, in blocks of rows (O(n^2))."""
+    pos, neg = np.flatnonzero(y > 0), np.flatnonzero(y < 0)
     diag_neg = diag[neg]
     for p0 in range(0, pos.size, block):
         rows = pos[p0 : p0 + block]
@@ -236,30 +360,34 @@ def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, 
         if dist.min() <= d_limit:
             hit = np.argwhere(dist <= d_limit)
             i, j = int(rows[hit[0, 0]]), int(neg[hit[0, 1]])
-            raise NotSeparableError(
-                f"the training data is not separable by this kernel: at least {hit.shape[0]} pairs of examples with "
-                f"opposite labels have (numerically) identical feature vectors, e.g. examples {i} and {j} "
-                f"(||phi_i - phi_j||^2 = {dist[hit[0, 0], hit[0, 1]]:.3g}, mean K_ii = {diag.mean():.3g}). "
-                "Remove duplicated examples with conflicting labels, or fix the labels.",
-                best_margin=None,
-            )
+            _raise_duplicates(i, j, float(dist[hit[0, 0], hit[0, 1]]), hit.shape[0], float(diag.mean()))
+
+
+def _raise_duplicates(i: int, j: int, dist: float, count: int, mean_diag: float) -> None:
+    raise NotSeparableError(
+        f"the training data is not separable by this kernel: at least {count} pairs of examples with opposite "
+        f"labels have (numerically) identical feature vectors, e.g. examples {i} and {j} "
+        f"(||phi_i - phi_j||^2 = {dist:.3g}, mean K_ii = {mean_diag:.3g}). Remove duplicated examples with "
+        "conflicting labels, or fix the labels.",
+        best_margin=None,
+    )
 
 
 def warn_if_indefinite(K: np.ndarray) -> None:
     """Warn (UserWarning) when K is clearly indefinite.
 
-    Checked on the principal submatrix S of ``PSD_CHECK_SIZE`` evenly spaced examples: lambda_max(S)
-    from 30 power iterations (a lower bound), then one Cholesky of S + PSD_RTOL * lambda_max * I, which
+    Checked on the principal submatrix S of every ``step``-th example (see ``PSD_CHECK_SIZE``): lambda_max(S)
+    from ``PSD_POWER_STEPS`` power iterations (a lower bound), then one Cholesky of S + PSD_RTOL * lambda_max * I, which
     fails iff S has an eigenvalue below -PSD_RTOL * lambda_max; K then has one at least as negative. In torch:
     scipy's OpenBLAS threads were erratic beside torch's on 2 busy cores (0.03-1.9 s for this 1,000 x 1,000
     Cholesky).
     """
     n = K.shape[0]
-    idx = np.unique(np.linspace(0, n - 1, min(n, PSD_CHECK_SIZE)).astype(np.intp))
-    S = torch.from_numpy(K[np.ix_(idx, idx)])
-    v = torch.full((idx.size,), 1.0 / np.sqrt(idx.size), dtype=torch.float64)
+    step = -(-n // min(n, PSD_CHECK_SIZE, max(PSD_MIN_SIZE, n // 8)))
+    S = torch.from_numpy(np.array(K[::step, ::step]))  # a copy: its diagonal is shifted below
+    v = torch.full((S.shape[0],), 1.0 / np.sqrt(S.shape[0]), dtype=torch.float64)
     lam = 0.0
-    for _ in range(30):
+    for _ in range(PSD_POWER_STEPS):
         v = S @ v
         lam = float(torch.linalg.vector_norm(v))
         if lam == 0.0:

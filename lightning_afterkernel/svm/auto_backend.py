@@ -6,8 +6,17 @@
   ``torch_backend.polish`` solves margins = 1 on libsvm's support set (one Cholesky of |S| x |S|, a few
   rounds of dropping negative alphas and adding violators). If that does not settle, the interior-point
   method runs on libsvm's support vectors plus every example with margin < 1 + ``WORKING_SLACK`` and adds
-  violators until all n margins hold. libsvm gets ``smo_budget(n)`` seconds; past it (a hard or
-  non-separable kernel) the interior-point method solves the whole problem, and detects non-separability.
+  violators until all n margins hold. libsvm gets iterations worth ``smo_budget(n)`` seconds; past them (a hard
+  or non-separable kernel) the interior-point method solves the whole problem, and detects non-separability.
+
+libsvm cannot be interrupted, so its budget is an iteration cap: the budget at ``SMO_NS_PER_ITER_EXAMPLE`` (an
+SMO iteration reads two kernel rows: 1.7-4.8 ns per example on the 2-core reference CPU; the easy kernels need
+0.5-1.5 n iterations, far below the cap). libsvm runs in this process: no child process to start (a fork plus its
+exit cost 0.02-0.05 s, more than libsvm itself on an easy kernel at n = 2,000 and 13% of it on the VGG's
+initial kernel at n = 11,982), and the route does not depend on the machine's load. The price: on a machine
+slower or busier than the reference, a kernel that libsvm cannot solve overruns the budget (and so
+``time_limit``) by that factor before the interior-point method takes over, as the interior-point method itself
+can overrun by up to one iteration.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ SMO_SECONDS = 2.0
 SMO_SECONDS_PER_GFLOP = 0.15
 """... and up to this times n^3 / 3e9 (about 3 interior-point iterations on 2 CPU cores at 20 GFLOP/s):
 n = 2,000: 2 s, 5,000: 6 s, 12,000: 86 s."""
+
+SMO_NS_PER_ITER_EXAMPLE = 5.0
+"""Nanoseconds per libsvm iteration and training example assumed when turning the budget into an iteration cap
+(measured 1.7-4.8 on the reference CPU; a slower or busier machine overruns the budget by its own factor)."""
 
 WORKING_SLACK = 0.05
 """The interior-point fallback starts on libsvm's support vectors and the examples with margin < 1 + this."""
@@ -74,11 +87,14 @@ def fit_dual(
         return _relabel(result, 0, "torch")
     n = y_pm.size
     budget = smo_budget(n) if time_limit is None else min(time_limit, smo_budget(n))
+    smo_iter = max(1, int(budget / (SMO_NS_PER_ITER_EXAMPLE * 1e-9 * n)))
     try:
-        smo = sklearn_backend.fit_dual(K, y_pm, fit_intercept, SMO_TOL, None, budget)
+        smo = sklearn_backend.fit_dual(K, y_pm, fit_intercept, SMO_TOL, smo_iter, None)
     except NotSeparableError:
         raise
-    except SolverError:  # time budget spent, or the no-bias emulation saturated: the IPM decides
+    except SolverError:  # the no-bias emulation saturated: the IPM decides
+        smo = None
+    if smo is not None and not smo.converged:  # stopped at the iteration cap: as a time-out
         smo = None
     left = None if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)
     if smo is None:
@@ -101,4 +117,6 @@ def _relabel(result: DualResult, smo_iter: int, route: str) -> DualResult:
         n_iter=smo_iter + result.n_iter,
         converged=result.converged,
         backend=route,
+        info=result.info,
+        margins=result.margins,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import sys
@@ -15,14 +16,14 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
 from lightning_afterkernel.svm import sklearn_backend
 from lightning_afterkernel.svm._checks import (
     DualResult,
+    check_and_normalize_kernel,
     check_cross_kernel,
-    check_kernel,
     check_labels,
     check_separable_precheck,
     warn_if_indefinite,
@@ -67,6 +68,12 @@ def _resolve_backend(name: object) -> ModuleType:
     module = importlib.import_module(_BACKENDS[name])
     getattr(module, "check_available", lambda: None)()
     return module
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """One controller for the process: building one scans every loaded library (15 ms, as long as a small fit)."""
+    return ThreadpoolController()
 
 
 def _kernel_device(K: object) -> str | None:
@@ -115,17 +122,18 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
     def _fit(self, K: object, y: object) -> Self:
         # numpy's OpenBLAS threads spin against torch's OpenMP threads on few cores (a 0.1 s pivoted Cholesky
         # took 1.4 s right after a torch Cholesky on 2 cores); its products here are memory-bound anyway.
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             return self._fit_single_blas(K, y)
 
     def _fit_single_blas(self, K: object, y: object) -> Self:
         start = time.perf_counter()
         self._check_params()
-        K_in, K = K, check_kernel(K, pad=0 if self.fit_intercept else 2)  # room for the SMO's no-bias emulation
+        # pad: room for the SMO's no-bias emulation; the division by the scale is part of the one copy
+        K_in, (K, scale) = (
+            K,
+            check_and_normalize_kernel(K, pad=0 if self.fit_intercept else 2, normalize=self.normalize),
+        )
         y_pm, classes = check_labels(y, K.shape[0])
-        scale = float(np.sqrt(np.diagonal(K)).mean() ** 2) if self.normalize else 1.0
-        if scale != 1.0:
-            K /= scale
         self._fit_normalized(K, y_pm, _kernel_device(K_in))
         self.scale_ = scale
         self.classes_ = classes
@@ -148,8 +156,13 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
     def _training_fit(K: np.ndarray, y: np.ndarray, result: DualResult) -> tuple[np.ndarray, np.ndarray, float]:
         """(support, margins y_i f(x_i), a^T Q a = ||w||^2) of a solution, in float64."""
         alpha = result.alpha
-        f0 = K @ (alpha * y)
-        return np.flatnonzero(alpha > 0), y * (f0 + float(result.intercept)), float((alpha * y) @ f0)
+        if result.margins is not None:  # computed by the backend for exactly this alpha and intercept
+            margins = result.margins
+            f0 = y * margins - float(result.intercept)
+        else:
+            f0 = K @ (alpha * y)
+            margins = y * (f0 + float(result.intercept))
+        return np.flatnonzero(alpha > 0), margins, float((alpha * y) @ f0)
 
     def _store_dual(self, y: np.ndarray, result: DualResult, support: np.ndarray, margins: np.ndarray) -> None:
         """Set the fitted attributes every SVM has."""

@@ -37,8 +37,9 @@ grows ~r^3 (HiGHS on a dense (4 r) x r working set: r = 100: 0.1 s, r = 200: 0.3
 r = 800: > 20 s). Refusing a non-separable kernel takes one LP (0.1 s at r = 100, 0.3-0.4 s at r = 200, any
 n up to 12,000); proving a separable one takes a few rounds (r = 100: 0.1-0.5 s; r = 200: 1.7-2.4 s at
 n = 4,500-11,000), bounded by ``LP_SECONDS``. Ranks above ``MAX_RANK`` (or above n / 2, where by Cover's
-counting argument generic labels are separable anyway) skip the certificate: the factorisation stops at
-the cap, O(n cap^2) (0.03 s at n = 12,000), which is all that full-rank kernels (NTK, RBF) pay.
+counting argument generic labels are separable anyway) skip the certificate: a factorisation of a principal
+submatrix of cap + 50 examples already reaches the cap (``SUBSET_EXTRA``), O(cap^3) (under 1 ms at any n), which
+is all that full-rank kernels (NTK, RBF) pay.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import lapack
 from scipy.optimize import linprog
 
 from lightning_afterkernel.errors import NotSeparableError
@@ -56,6 +58,14 @@ RANK_TOL = 1e-5
 
 MAX_RANK = 200
 """Largest rank r certified (and never more than n / 2): the LP's cost grows like r^3."""
+
+SUBSET_EXTRA = 50
+"""Full-rank kernels are recognised on a principal submatrix of cap + SUBSET_EXTRA evenly spaced examples: when
+LAPACK's pivoted Cholesky (``dpstrf``, the same greedy rule and stopping threshold as ``pivoted_cholesky``) finds
+rank >= cap there, K's rank is at least that (a principal submatrix cannot have more), and the certificate is
+skipped after ~(cap + 50)^3 / 3 flops (under 1 ms) instead of n cap^2 (n = 2,000: 7 ms; 12,000: 60 ms). Should the
+greedy factorisation of K ever stop below the cap where the submatrix's did not, the certificate is skipped and
+the solver decides: slower, never wrong."""
 
 LP_SECONDS = 5.0
 """Time budget of the LP rounds (also bounded by the caller's time limit); past it the result is undecided."""
@@ -88,16 +98,19 @@ class Certificate:
     seconds: float
 
 
-def pivoted_cholesky(K: np.ndarray, rank_tol: float, max_rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+def pivoted_cholesky(
+    K: np.ndarray, rank_tol: float, max_rank: int, threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Partial Cholesky factor L (n x r) with K ~ L L^T, greedy pivot on the largest residual diagonal.
 
-    Stops at the first r with max_i (K - L L^T)_ii < rank_tol * max_i K_ii and returns (L, pivot indices);
-    returns None if that takes more than ``max_rank`` columns. O(n r^2) time, max_rank * n floats; reads
-    only K's diagonal and pivot rows.
+    Stops at the first r with max_i (K - L L^T)_ii < ``threshold`` (default rank_tol * max_i K_ii) and returns
+    (L, pivot indices); returns None if that takes more than ``max_rank`` columns. O(n r^2) time,
+    max_rank * n floats; reads only K's diagonal and pivot rows.
     """
     n = K.shape[0]
     residual = np.diagonal(K).copy()
-    threshold = rank_tol * float(residual.max())
+    if threshold is None:
+        threshold = rank_tol * float(residual.max())
     rows = np.empty((max_rank, n))  # rows[k] is column k of L
     pivots = []
     while True:
@@ -189,7 +202,12 @@ def certify_separability(
     n = K.shape[0]
     cap = min(MAX_RANK, n // 2) if max_rank is None else max_rank
     budget = LP_SECONDS if time_limit is None else min(LP_SECONDS, time_limit)
-    factor = pivoted_cholesky(K, rank_tol, cap)
+    threshold = rank_tol * float(np.diagonal(K).max())
+    if n > cap + SUBSET_EXTRA:
+        subset = np.linspace(0, n - 1, cap + SUBSET_EXTRA).astype(np.intp)
+        if lapack.dpstrf(K[np.ix_(subset, subset)], tol=threshold)[2] >= cap:
+            return Certificate(rank=None, separable=None, seconds=time.perf_counter() - start)  # full rank: skip
+    factor = pivoted_cholesky(K, rank_tol, cap, threshold)
     if factor is None:
         return Certificate(rank=None, separable=None, seconds=time.perf_counter() - start)
     L, pivots = factor

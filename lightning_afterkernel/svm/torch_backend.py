@@ -232,7 +232,14 @@ def fit_dual(
                 info = {"n_active": float(idx.numel())}
                 exact = _polish(Kt, y, fit_intercept, a >= s, POLISH_ROUNDS)  # a_i >= s_i: the support vectors
                 if exact is not None:
-                    return DualResult(alpha=exact[0].cpu().numpy(), intercept=exact[1], n_iter=it, info=info)
+                    alpha, b_exact, _, margins = exact
+                    return DualResult(
+                        alpha=alpha.cpu().numpy(),
+                        intercept=b_exact,
+                        n_iter=it,
+                        info=info,
+                        margins=margins.cpu().numpy(),
+                    )
                 return DualResult(alpha=a.cpu().numpy(), intercept=float(b), n_iter=it, info=info)
             _grow(active, violators, a, s, all_margins, gap / idx.numel())
             idx, K_act = _restrict(Kt, active)
@@ -337,14 +344,14 @@ def polish(
     exact = _polish(Kt, y, fit_intercept, in_s, rounds)
     if exact is None:
         return None
-    alpha, b, solves = exact
-    return DualResult(alpha=alpha.cpu().numpy(), intercept=b, n_iter=solves)
+    alpha, b, solves, margins = exact
+    return DualResult(alpha=alpha.cpu().numpy(), intercept=b, n_iter=solves, margins=margins.cpu().numpy())
 
 
 def _polish(
     Kt: torch.Tensor, y: torch.Tensor, fit_intercept: bool, in_s: torch.Tensor, rounds: int
-) -> tuple[torch.Tensor, float, int] | None:
-    """``polish`` on tensors: (alpha, b, number of solves) or None; ``in_s`` (the guess of S) is modified."""
+) -> tuple[torch.Tensor, float, int, torch.Tensor] | None:
+    """``polish`` on tensors: (alpha, b, number of solves, margins) or None; ``in_s`` (the guess of S) is modified."""
     for round_ in range(1, rounds + 1):
         idx = torch.nonzero(in_s).squeeze(1)
         y_s = y[idx]
@@ -375,7 +382,7 @@ def _polish(
         if not bool(violators.any()):
             alpha = torch.zeros_like(y)
             alpha[idx] = a_s
-            return alpha, b, round_
+            return alpha, b, round_, margins
         if bool((violators & in_s).any()):
             return None  # the solve itself is inaccurate (K_SS ill-conditioned): leave it to the IPM
         in_s |= violators

@@ -163,3 +163,51 @@ def test_psd_kernels_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_indefinite(K)
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exactly_symmetric_fast_path_matches_the_general_path(monkeypatch, pad, dtype):
+    from lightning_afterkernel.svm import _checks
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((700, 30))
+    upper = np.triu(X @ X.T)
+    K = (upper + np.triu(upper, 1).T).astype(dtype)  # mirrored: exactly symmetric, as empirical_ntk's kernels
+    K.flags.writeable = False  # e.g. np.load(mmap_mode="r"): read, never written
+    assert _checks._exactly_symmetric(torch.from_numpy(K.copy()), block=128)
+    fast, s_fast = _checks.check_and_normalize_kernel(K, pad=pad)
+    monkeypatch.setattr(_checks, "_exactly_symmetric", lambda src, block=512: False)
+    slow, s_slow = _checks.check_and_normalize_kernel(K, pad=pad)
+    assert s_fast == s_slow == pytest.approx(np.sqrt(np.diagonal(K).astype(np.float64)).mean() ** 2)
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_allclose(fast, K.astype(np.float64) / s_fast, rtol=1e-15)
+    assert fast.dtype == np.float64 and fast.shape == K.shape
+    if pad:
+        assert fast.base.shape == (702, 702)
+
+
+def test_one_asymmetric_entry_is_found_and_averaged():
+    from lightning_afterkernel.svm import _checks
+
+    K = np.eye(1100, dtype=np.float32) * 2.0
+    K[1050, 3] = 1e-5  # past the first 512 x 512 block pair
+    assert not _checks._exactly_symmetric(torch.from_numpy(K))
+    out = check_kernel(K)
+    assert out[1050, 3] == out[3, 1050] == pytest.approx(0.5e-5)
+
+
+def test_symmetric_infinities_are_counted():
+    K = np.eye(20)
+    K[2, 5] = K[5, 2] = np.inf
+    with pytest.raises(KernelError, match="K contains 2 non-finite entries"):
+        check_kernel(K)
+
+
+def test_indefinite_check_leaves_the_kernel_unchanged():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((100, 5))  # below PSD_MIN_SIZE: the whole kernel is checked
+    K = X @ X.T
+    before = K.copy()
+    warn_if_indefinite(K)
+    np.testing.assert_array_equal(K, before)

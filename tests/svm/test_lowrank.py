@@ -189,3 +189,18 @@ def test_lp_time_budget_leaves_the_decision_to_the_solver():
 def test_bad_rank_tol(separable, rank_tol):
     with pytest.raises(ConfigurationError, match=r"rank_tol must be in \(0, 1\)"):
         HardMarginSVM(rank_tol=rank_tol).fit(separable.K, separable.y)
+
+
+def test_full_rank_is_recognised_on_a_submatrix(monkeypatch):
+    """A full-rank kernel never reaches the O(n cap^2) factorisation; a low-rank one still does, with its rank."""
+    calls = []
+    real = lowrank.pivoted_cholesky
+    monkeypatch.setattr(lowrank, "pivoted_cholesky", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    rng = np.random.default_rng(3)
+    Z = rng.standard_normal((1500, 400))
+    y = np.where(Z[:, 0] > 0, 1.0, -1.0)
+    cert = lowrank.certify_separability(Z @ Z.T, y, False, lowrank.RANK_TOL)
+    assert cert.rank is None and calls == []
+    X, y_low = _separable_low_rank(1500, 30)
+    cert = lowrank.certify_separability(X @ X.T, 2.0 * y_low - 1.0, False, lowrank.RANK_TOL)
+    assert cert.rank == 30 and calls == [(len(y_low), len(y_low))]

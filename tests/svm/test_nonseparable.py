@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
-from lightning_afterkernel.svm import HardMarginSVM, sklearn_backend
+from lightning_afterkernel.svm import HardMarginSVM, _checks, auto_backend, sklearn_backend
 
 
 def _overlapping(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +110,45 @@ def test_time_limit_from_a_daemonic_process_is_refused():
         with pytest.raises(ConfigurationError, match="daemonic process"):
             pool.apply(sklearn_backend.run_with_time_limit, (math.sqrt, (4.0,), 5.0))
         assert pool.apply(sklearn_backend.run_with_time_limit, (math.sqrt, (4.0,), None)) == 2.0
+
+
+def test_duplicates_in_a_normalised_kernel_are_found_by_the_full_check():
+    """All K_ii equal: every pair has close norms, so every opposite-label pair is checked."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((1500, 40))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = rng.integers(0, 2, 1500)
+    X[1200] = X[30]
+    y[30], y[1200] = 0, 1
+    assert _checks._close_norm_pairs(np.ones(1500), 2.0 * y - 1.0, 1e-4) is None
+    with pytest.raises(NotSeparableError, match="examples (30 and 1200|1200 and 30)"):
+        HardMarginSVM().fit(X @ X.T, y)
+
+
+def test_close_norm_pairs_are_exactly_the_pairs_in_the_window():
+    rng = np.random.default_rng(2)
+    diag = rng.uniform(0.5, 2.0, 400)
+    y = np.where(rng.random(400) < 0.4, 1.0, -1.0)
+    window_sq = 1e-4
+    rows, cols = _checks._close_norm_pairs(diag, y, window_sq)
+    norms = np.sqrt(diag)
+    brute = {
+        (i, j)
+        for i in np.flatnonzero(y > 0)
+        for j in np.flatnonzero(y < 0)
+        if (norms[i] - norms[j]) ** 2 <= window_sq * (1 + 1e-12)
+    }
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == brute and len(brute) > 0
+
+
+def test_auto_runs_libsvm_in_process_under_an_iteration_cap(monkeypatch, separable):
+    def no_child(fn, args, time_limit, start_method=None):
+        assert time_limit is None, "auto started a child process for a small problem"
+        return fn(*args)
+
+    monkeypatch.setattr(sklearn_backend, "run_with_time_limit", no_child)
+    est = HardMarginSVM().fit(separable.K, separable.y)
+    assert est.backend_ == "sklearn+polish" and est.min_margin_ >= 1.0 - 1e-9
+    monkeypatch.setattr(auto_backend, "SMO_NS_PER_ITER_EXAMPLE", 1e9)  # a cap of one iteration
+    est = HardMarginSVM().fit(separable.K, separable.y)
+    assert est.backend_ == "torch" and est.min_margin_ >= 1.0 - 1e-9
