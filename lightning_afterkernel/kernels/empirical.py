@@ -35,6 +35,15 @@ CAPTURE_SHARE = 0.25
 RESIDENT_SHARE = 0.35
 """Share of the memory budget for each of the two sets of factors held at once (row panel, column group)."""
 MAX_CHUNK = 4096
+CPU_CHUNK_BYTES = 32 * 2**20
+"""On CPU a capture chunk's activations and output gradients are kept within about this many bytes (the
+last-level cache's size), so that each layer's forward, backward and per-example gradients find their
+operands in the cache: on the paper's VGG (~0.9 MB of activations per example, so 35-example chunks) the kernel
+at n = 1,000 took 2.27-2.29 s instead of 2.45 s with 227-example chunks (median of 6, interleaved; the
+convolutions 10% and the elementwise ReLU/pooling work 2.4x faster). The MLP's tiny activations leave its
+chunks as large as before."""
+MIN_CPU_CHUNK = 8
+"""Smallest capture chunk chosen for the cache (per-call overheads dominate below it)."""
 OOM_RETRIES = 4
 """Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
@@ -93,7 +102,8 @@ def empirical_ntk(
         implementation: see above.
         paired: return the vector :math:`K(x_1[i], x_2[i])` (needs n1 == n2) instead of a matrix, at the cost
             of n1 + n2 per-example gradients (n1 when ``x2`` is None: the diagonal).
-        batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget.
+        batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget (and, on
+            CPU, from the cache: ``CPU_CHUNK_BYTES``).
         memory_budget: working memory in bytes, or a string such as ``"1GiB"``; ``None``: half the free
             GPU memory, or a quarter of the available RAM on CPU.
         dtype: floating dtype of the computation, its accumulation and the result (float32 by default).
@@ -282,7 +292,12 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     try:
         layers = st.plan(model, set(trainable))
-        probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2])
+        eps = False
+        try:
+            probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2])
+        except st.OutputChanged:
+            eps = True
+            probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2], eps=True)
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
@@ -290,7 +305,9 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     force = "materialised" if implementation == "materialised" else None
     st.choose_forms(layers, probe, *workload, force=force)
-    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget)
+    engine = _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget)
+    engine.eps = eps
+    return engine
 
 
 def _unsupported_error(implementation: str, why: Exception) -> ModelError:
@@ -322,6 +339,7 @@ class _Engine:
     ) -> None:
         self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
         self.shard: tuple[int, int] | None = None
+        self.eps = False  # capture with zeros added to the outputs (see ``_structured``)
         self.tile = TILE
         tensor = next(iter(trainable.values()))
         itemsize = tensor.element_size()
@@ -344,7 +362,10 @@ class _Engine:
                 if io is not None and layer.kind == "conv2d"
             )
             work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
-        self.chunk = batch_size or int(min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // work)))
+        chunk = min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // work))
+        if structured is not None and x1.device.type == "cpu":
+            chunk = min(chunk, max(MIN_CPU_CHUNK, CPU_CHUNK_BYTES // max(1, activations * itemsize)))
+        self.chunk = batch_size or int(chunk)
         self.resident = max(1, int(budget * RESIDENT_SHARE // max(1, self.example_bytes)))
 
     # ----------------------------------------------------------- factors
@@ -358,7 +379,12 @@ class _Engine:
                 grads = self.per_example(self.trainable, x[rows])
                 torch.cat([g.reshape(len(block), -1) for g in grads.values()], dim=1, out=block.jac)
             else:
-                captured = st.capture(self.model, {**self.trainable, **self.fixed}, self.layers, x[rows])
+                state = {**self.trainable, **self.fixed}
+                try:
+                    captured = st.capture(self.model, state, self.layers, x[rows], eps=self.eps)
+                except st.OutputChanged:  # e.g. an output changed in place only for some inputs
+                    self.eps = True
+                    captured = st.capture(self.model, state, self.layers, x[rows], eps=True)
                 st.factors(self.layers, captured, block)
         return out
 

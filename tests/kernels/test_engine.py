@@ -419,3 +419,54 @@ def test_paper_vgg_float32_error_is_the_tutorials(shape, n):
     expected = reference_ntk(model, x)
     tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)
     assert relative_error(empirical_ntk(model, x), expected) < max(1e-6, 3 * tutorial)
+
+
+class _ConstantBranch(nn.Module):
+    """A parametrised layer applied to a constant: per example (``shared=False``) its output does not depend on
+    the input; shared (one row for the whole batch) its gradient mixes the examples."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.shared = shared
+        self.body, self.const, self.head = nn.Linear(6, 4), nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = x.new_ones(1 if self.shared else len(x), 3)
+        return self.head(torch.tanh(self.body(x) * self.const(ones)))
+
+
+def test_a_layer_without_per_example_rows_falls_back_to_vmap():
+    model = _ConstantBranch(shared=True).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="first dimension is not the batch"):
+        kernel = empirical_ntk(model, x, dtype=torch.float64)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "eps"),
+    [
+        (MODELS["mlp"][0], MODELS["mlp"][1], False),  # gradients with respect to the outputs themselves
+        (MODELS["conv_same_reflect_circular"][0], MODELS["conv_same_reflect_circular"][1], True),  # ReLU(inplace)
+        (_ConstantBranch, (6,), True),
+    ],
+    ids=["direct", "inplace_relu", "constant_branch"],
+)
+def test_outputs_changed_in_place_or_constant_fall_back_to_added_zeros(make, shape, eps):
+    model = make().double()
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    layers = _structured.plan(model, {name for name, _ in model.named_parameters()})
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    state = {k: v.detach() for k, v in state.items()}
+    if eps:
+        with pytest.raises(_structured.OutputChanged):
+            _structured.capture(model, state, layers, x)
+    direct_or_eps = _structured.capture(model, state, layers, x, eps=eps)
+    with_eps = _structured.capture(model, state, layers, x, eps=True)
+    for (a1, g1), (a2, g2) in zip(direct_or_eps, with_eps, strict=True):
+        assert torch.equal(a1, a2) and torch.allclose(g1, g2, rtol=0, atol=1e-14)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to vmap: the structured engine handles all three
+        kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
