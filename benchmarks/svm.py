@@ -17,6 +17,7 @@ support vectors, and the time ratio to the baseline.
     python benchmarks/svm.py --sizes 2000                           # quick
     python benchmarks/svm.py --sizes 2000 5000 11982 --models mlp   # the MLP kernels at every size
     python benchmarks/svm.py --prepare --sizes 11982                 # only compute and cache the kernels
+    python benchmarks/svm.py --sizes 11982 --device cuda --solver-device cuda --backends auto torch   # a GPU
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from lightning_afterkernel.svm import HardMarginSVM, available_backends
 from lightning_afterkernel.svm.sklearn_backend import run_with_time_limit
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-DATA_ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("AFTERKERNEL_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+"""The real data: ``AFTERKERNEL_DATA`` if set, else ``../shared/data`` beside the project (as in the tests)."""
 N_FULL = 11_982
 MODELS = {"mlp": MLPClassifier, "vgg": VGGClassifier}
 SLOW = 30.0
@@ -79,7 +81,7 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def train_one_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """The paper's training: logistic loss, plain SGD lr 0.01, batch 32, one epoch."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(1)).to(y.device)
     model.train()
     for i in range(0, len(y), 32):
         idx = order[i : i + 32]
@@ -102,13 +104,14 @@ def _cached(model_name: str, kind: str, n: int) -> tuple[Path, Path] | None:
     return Path(f"{stem}_train.npy"), Path(f"{stem}_test.npy")
 
 
-def real_kernels(model_name: str, n: int, data: tuple) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"initial": (K_train n x n, K_test 1984 x n), "after": ...}, computed once and cached."""
+def real_kernels(model_name: str, n: int, data: tuple, device: str = "cpu") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"initial": (K_train n x n, K_test 1984 x n), "after": ...}, computed once (on ``device``) and cached."""
     missing = [kind for kind in ("initial", "after") if _cached(model_name, kind, n) is None]
     if missing:
         x_tr, y_tr, x_te, _ = data
         torch.manual_seed(0)
-        model = MODELS[model_name](input_shape=(1, 28, 28))
+        model = MODELS[model_name](input_shape=(1, 28, 28)).to(device)
+        x_tr, y_tr = x_tr.to(device), y_tr.to(device)
         CACHE.mkdir(exist_ok=True)
         for kind in ("initial", "after"):
             if kind == "after":
@@ -119,8 +122,8 @@ def real_kernels(model_name: str, n: int, data: tuple) -> dict[str, tuple[np.nda
                 continue
             t0 = time.perf_counter()
             with torch.no_grad():
-                k_train = empirical_ntk(model, x_tr[:n]).numpy()
-                k_test = empirical_ntk(model, x_te, x_tr[:n]).numpy()
+                k_train = empirical_ntk(model, x_tr[:n], device=device).cpu().numpy()
+                k_test = empirical_ntk(model, x_te, x_tr[:n], device=device).cpu().numpy()
             stem = CACHE / f"{model_name}_{kind}_{n}"
             np.save(f"{stem}_test.npy", k_test)
             np.save(f"{stem}_train.npy", k_train)  # written last: its presence marks a complete pair
@@ -168,16 +171,22 @@ def baseline(k_train, y, k_test, y_test, time_limit: float, repeats: int) -> dic
     return {"solver": "plain SVC (bias)", "time": seconds, "iter": None, "dual": None, "margin": margin, "acc": acc}
 
 
-def run_backend(backend: str, k_train, y, k_test, y_test, time_limit: float, repeats: int) -> dict:
-    """``HardMarginSVM(backend=backend)``: median ``fit_time_`` of ``repeats`` fits (one if the first takes > 30 s)."""
+def run_backend(
+    backend: str, k_train, y, k_test, y_test, time_limit: float, repeats: int, device: str | None = None
+) -> dict:
+    """``HardMarginSVM(backend=backend)``: median ``fit_time_`` of ``repeats`` fits (one if the first takes > 30 s).
+
+    ``device`` goes to the interior-point backends ("auto", "torch"); the kernel is handed over as a numpy array
+    (copied to the device inside the fit, which the time includes)."""
+    options = {"device": device} if device is not None and backend in ("auto", "torch") else {}
     times = []
-    if backend in WARMED_UP:
+    if backend in WARMED_UP or (device or "cpu").startswith("cuda"):  # on a GPU: CUDA and cuSOLVER start-up too
         try:
-            HardMarginSVM(backend=backend, time_limit=time_limit).fit(k_train, y)  # untimed (see WARM_UP)
+            HardMarginSVM(backend=backend, time_limit=time_limit, **options).fit(k_train, y)  # untimed, WARM_UP
         except SolverError:
             pass  # reported by the timed fit below
     while _more(times, repeats):
-        est = HardMarginSVM(backend=backend, time_limit=time_limit)
+        est = HardMarginSVM(backend=backend, time_limit=time_limit, **options)
         try:
             est.fit(k_train, y)
         except SolverError as err:
@@ -232,6 +241,10 @@ def main() -> None:
         "--thundersvm-max-n", type=int, default=2000, help="skip thundersvm above this n (it took 40-100 s at 2,000)"
     )
     parser.add_argument("--prepare", action="store_true", help="only compute and cache the kernels")
+    parser.add_argument("--device", default="cpu", help="where to compute missing kernels (e.g. cuda)")
+    parser.add_argument(
+        "--solver-device", default=None, help="device= of the 'auto' and 'torch' backends (e.g. cuda); default CPU"
+    )
     args = parser.parse_args()
     data = load_data()
     print(
@@ -246,7 +259,7 @@ def main() -> None:
             k_train, y_flip, k_test = hard_kernel(data[0], data[1], n, data[2])
             cases.append(("hard: RBF on pixels, 10% flipped labels", k_train, y_flip, k_test))
         for model_name in args.models:
-            kernels = real_kernels(model_name, n, data)
+            kernels = real_kernels(model_name, n, data, args.device)
             for kind in ("initial", "after"):
                 if kind in args.kinds:
                     k_train, k_test = kernels[kind]
@@ -257,7 +270,10 @@ def main() -> None:
         for name, k_train, y, k_test in cases:
             rows = [baseline(k_train, y, k_test, y_test, args.time_limit, args.repeats)]
             backends = [b for b in args.backends if b != "thundersvm" or n <= args.thundersvm_max_n]
-            rows += [run_backend(b, k_train, y, k_test, y_test, args.time_limit, args.repeats) for b in backends]
+            rows += [
+                run_backend(b, k_train, y, k_test, y_test, args.time_limit, args.repeats, args.solver_device)
+                for b in backends
+            ]
             report(name, n, rows)
 
 
