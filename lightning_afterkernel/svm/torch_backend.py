@@ -77,6 +77,9 @@ SHRINK_RATIO = 0.1
 On the MNIST after kernel (n = 2,000) this dropped ~75% of the examples three iterations before convergence,
 none of them a support vector."""
 
+SUPPORT_ROWS = 128
+"""Rows of K per product in ``sparse_product``: small enough that the gathered rows reuse the allocator's memory."""
+
 POLISH_ROUNDS = 8
 """Linear solves ``polish`` tries before handing over to the interior-point method."""
 
@@ -226,7 +229,7 @@ def fit_dual(
         gap = float(a_i @ s_i)
         r_p = float(y_i @ a_i) if fit_intercept else 0.0
         if r_max <= FEAS_TOL and abs(r_p) <= FEAS_TOL * sum_a and gap <= gap_tol * 0.5 * sum_a:
-            all_margins = y * (Kt @ (y * a) + b) if idx.numel() < n else None  # a = 0 off the active set
+            all_margins = y * (sparse_product(Kt, idx, (y * a)[idx]) + b) if idx.numel() < n else None  # a = 0 off it
             violators = None if all_margins is None else (~active) & (all_margins < 1.0 - FEAS_TOL)
             if violators is None or not bool(violators.any()):
                 info = {"n_active": float(idx.numel())}
@@ -318,6 +321,23 @@ def _mehrotra_direction(
     return solve(-a * s - da_aff * ds_aff + sigma * mu)
 
 
+def sparse_product(Kt: torch.Tensor, idx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """K v for v zero outside ``idx`` (v[idx] = c), with K symmetric: sum over i in idx of c_i K[i, :].
+
+    Reads only the |idx| rows of K, ``SUPPORT_ROWS`` at a time, instead of all n^2 entries: on 2 CPU cores
+    0.36 ms instead of 1.7 ms (n = 2,000, 343 rows), 6.6 instead of 50 (n = 11,982, 1,067 rows). At |idx| >= n / 4
+    (or on a GPU, where the full product is cheap) it is the ordinary product."""
+    n = Kt.shape[0]
+    if Kt.device.type != "cpu" or 4 * idx.numel() >= n:
+        v = Kt.new_zeros(n)
+        v[idx] = c
+        return Kt @ v
+    out = Kt.new_zeros(n)
+    for start in range(0, idx.numel(), SUPPORT_ROWS):
+        out.addmv_(Kt[idx[start : start + SUPPORT_ROWS]].T, c[start : start + SUPPORT_ROWS])
+    return out
+
+
 def polish(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -375,9 +395,7 @@ def _polish(
             if not bool(in_s.any()):
                 return None
             continue
-        c_all = torch.zeros_like(y)
-        c_all[idx] = c
-        margins = y * (Kt @ c_all + b)  # a full product: 4x faster than gathering K[:, idx] at |S| = n / 10
+        margins = y * (sparse_product(Kt, idx, c) + b)
         violators = margins < 1.0 - FEAS_TOL
         if not bool(violators.any()):
             alpha = torch.zeros_like(y)

@@ -261,3 +261,20 @@ def test_cuda_matches_cpu(fit_intercept):
     ):
         assert est.backend_ == "torch" and est.min_margin_ >= 1.0 - 1e-9
         assert est.dual_objective_ == pytest.approx(cpu.dual_objective_, rel=1e-9)
+
+
+@pytest.mark.parametrize("m", [5, 130, 700])  # fewer rows than one chunk, several chunks, the dense branch
+def test_sparse_product_equals_the_dense_product(m):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2000, 30))
+    buffer = np.empty((2002, 2002))
+    K = buffer[:2000, :2000]  # a view with row stride n + 2, as the estimator's padded copy
+    K[...] = X @ X.T
+    Kt = torch.from_numpy(K)
+    idx = torch.from_numpy(np.sort(rng.choice(2000, m, replace=False)))
+    c = torch.from_numpy(rng.standard_normal(m))
+    dense = torch.zeros(2000, dtype=torch.float64)
+    dense[idx] = c
+    expected = Kt @ dense
+    got = torch_backend.sparse_product(Kt, idx, c)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
