@@ -21,10 +21,11 @@ Each layer's contribution is then kept in one of two forms, whichever is cheaper
   and R = G, so :math:`K = (L L^\top) \odot (G G^\top)`; for a convolution L holds the im2col patches.
 
 Supported: ``Linear`` (on inputs of any rank), ``Conv2d`` (stride, padding incl. ``"same"`` and
-non-zero padding modes, dilation, groups), ``BatchNorm1d/2d/3d`` in eval mode with running statistics.
-Anything else that owns a trainable parameter, a supported module called more than once per forward, a
-parameter shared between modules, a module called on a tensor without the batch as its first dimension, or an
-in-place change of a recorded input makes :func:`plan`/
+non-zero padding modes, dilation, groups), ``BatchNorm1d/2d/3d`` in eval mode with running statistics, with
+their own ``forward`` (their forward hooks may change the output: the capture's hook runs first). Anything else
+that owns a trainable parameter (a subclass that overrides ``forward`` included), global forward hooks, a
+supported module called more than once per forward, a parameter shared between modules, a module called on a
+tensor without the batch as its first dimension, or an in-place change of a recorded input makes :func:`plan`/
 :func:`capture` raise :class:`Unsupported`, and the caller takes the general path.
 """
 
@@ -110,6 +111,14 @@ def plan(model: nn.Module, trainable: set[str]) -> list[Layer]:
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d, *_BATCHNORMS)) or not own <= {"weight", "bias"}:
             raise Unsupported(f"module {module_name or '<root>'} ({type(module).__name__}) has trainable parameters")
+        base = next(cls for cls in (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm) if isinstance(module, cls))
+        if type(module).forward is not base.forward:
+            raise Unsupported(
+                f"module {module_name or '<root>'} ({type(module).__name__}) overrides {base.__name__}.forward, so "
+                "its output need not be the layer's own"
+            )
+        if nn.modules.module._global_forward_hooks:  # they run before the capture's own hook, which sees the rest
+            raise Unsupported("global forward hooks (register_module_forward_hook) may change the layers' outputs")
         if isinstance(module, _BATCHNORMS) and (module.running_mean is None or module.running_var is None):
             raise Unsupported(
                 f"{module_name} ({type(module).__name__}) has no running statistics, so in eval mode it "
@@ -163,7 +172,8 @@ def _hooks(layers: list[Layer], eps: bool) -> Iterator[list[_Record]]:
             record.target = torch.zeros_like(output, requires_grad=True)
             return output + record.target
 
-        handles.append(layer.module.register_forward_hook(hook))
+        # First among the module's forward hooks: it sees the layer's own output, whatever later hooks make of it.
+        handles.append(layer.module.register_forward_hook(hook, prepend=True))
     try:
         yield records
     finally:
@@ -186,7 +196,10 @@ def capture(
     """
     eps = eps or not x.is_floating_point()
     with _hooks(layers, eps) as records:
-        out = functional_call(model, state, (x if eps else x.detach().requires_grad_(True),))
+        # A copy of the chunk, so that a model changing its input in place changes neither the caller's tensor
+        # nor another capture's; not a leaf, so that autograd allows that change with a gradient required.
+        inp = x.detach().clone() if eps else x.detach().requires_grad_(True).clone()
+        out = functional_call(model, state, (inp,))
         check_logits(out, x)
         live = [r for r in records if r.calls]
         for layer, record in zip(layers, records, strict=True):

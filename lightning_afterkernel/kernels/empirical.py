@@ -342,6 +342,7 @@ class _Engine:
         self.eps = False  # capture with zeros added to the outputs (see ``_structured``)
         self.tile = TILE
         tensor = next(iter(trainable.values()))
+        self.like = tensor  # results and factors take its dtype and device, never the inputs' (e.g. integer ids)
         itemsize = tensor.element_size()
         if structured is None:
             self.layers = None
@@ -353,7 +354,7 @@ class _Engine:
         else:
             self.layers, probe, x1 = structured
             self.n_jac = sum(st.n_materialised(layer) for layer in self.layers if not layer.structured)
-            self.sample = st.factors(self.layers, probe, st.new_factors(self.layers, probe, len(x1[:2]), x1))
+            self.sample = st.factors(self.layers, probe, st.new_factors(self.layers, probe, len(x1[:2]), tensor))
             self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
             activations = sum(a[:1].numel() + 2 * g[:1].numel() for a, g in (io for io in probe if io is not None))
             patches = sum(
@@ -397,7 +398,7 @@ class _Engine:
         return self._cross(x1, x2, progress)
 
     def _paired(self, x1: Tensor, x2: Tensor | None, progress: Progress | None) -> Tensor:
-        out = self._new(x1, len(x1))
+        out = self._new(len(x1))
         chunks = _chunks(len(x1), self.chunk)
         mine = self._mine([rows.stop - rows.start for rows in chunks])
         for k, rows in enumerate(chunks):
@@ -411,7 +412,7 @@ class _Engine:
 
     def views(self, views: list[Tensor], progress: Progress | None) -> Tensor:
         count, n = len(views), len(views[0])
-        out = self._new(views[0], n, count, count)
+        out = self._new(n, count, count)
         chunks = _chunks(n, max(1, min(self.chunk, self.resident // count)))
         mine = self._mine([rows.stop - rows.start for rows in chunks])
         for k, rows in enumerate(chunks):
@@ -425,8 +426,9 @@ class _Engine:
                 progress(k + 1, len(chunks))
         return out
 
-    def _new(self, like: Tensor, *shape: int) -> Tensor:
+    def _new(self, *shape: int) -> Tensor:
         """The output: zeros when sharded (other ranks' entries stay 0 for the all-reduce)."""
+        like = self.like  # the computation's dtype and device (the inputs may be integers)
         return like.new_zeros(shape) if self.shard else like.new_empty(shape)
 
     def _mine(self, costs: list[float]) -> set[int]:
@@ -445,7 +447,7 @@ class _Engine:
         return mine
 
     def _symmetric(self, x: Tensor, progress: Progress | None) -> Tensor:
-        kernel = self._new(x, len(x), len(x))
+        kernel = self._new(len(x), len(x))
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:
             if cols.start == rows.start:  # the strip starts with its diagonal block
@@ -462,7 +464,7 @@ class _Engine:
         """K(train, train) and K(test, train) from one pass: the upper part of the Gram matrix of
         [train; test] without its test-test block, so every example's factors are computed once."""
         n = len(x_train)
-        k_train, k_test = self._new(x_train, n, n), self._new(x_train, len(x_test), n)
+        k_train, k_test = self._new(n, n), self._new(len(x_test), n)
         shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), self.tile)]
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:  # rows are training rows
@@ -518,7 +520,7 @@ class _Engine:
                         progress(done, len(units))
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
-        kernel = self._new(x1, len(x1), len(x2))
+        kernel = self._new(len(x1), len(x2))
         panels = _groups(_chunks(len(x1), self.tile), self.resident)
         groups = [slice(g[0].start, g[-1].stop) for g in _groups(_chunks(len(x2), self.tile), self.resident)]
         units = [(p, cols, rows) for p in range(len(panels)) for cols in groups for rows in panels[p]]

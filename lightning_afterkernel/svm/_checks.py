@@ -102,8 +102,9 @@ def _exactly_symmetric(src: torch.Tensor, block: int = 512) -> bool:
 
 
 def _torch_view(src: np.ndarray) -> torch.Tensor | None:
-    """src as a CPU tensor sharing its memory, or None (a dtype or negative strides torch cannot share)."""
-    if src.dtype not in (np.float32, np.float64) or any(stride < 0 for stride in src.strides):
+    """src as a CPU tensor sharing its memory, or None (a dtype or strides torch cannot share: negative, or not a
+    multiple of the item size as in a field of a record array)."""
+    if src.dtype not in (np.float32, np.float64) or any(st < 0 or st % src.itemsize for st in src.strides):
         return None
     with warnings.catch_warnings():  # read-only inputs (np.load(mmap_mode="r")) are only read through it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

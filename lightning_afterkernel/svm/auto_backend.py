@@ -89,12 +89,12 @@ def fit_dual(
     budget = smo_budget(n) if time_limit is None else min(time_limit, smo_budget(n))
     smo_iter = max(1, int(budget / (SMO_NS_PER_ITER_EXAMPLE * 1e-9 * n)))
     try:
-        smo = sklearn_backend.fit_dual(K, y_pm, fit_intercept, SMO_TOL, smo_iter, None)
+        smo = sklearn_backend.fit_dual(K, y_pm, fit_intercept, SMO_TOL, smo_iter, None, check_unconverged=False)
     except NotSeparableError:
         raise
     except SolverError:  # the no-bias emulation saturated: the IPM decides
         smo = None
-    if smo is not None and not smo.converged:  # stopped at the iteration cap: as a time-out
+    if smo is not None and not smo.converged:  # stopped at the iteration cap (unchecked): as a time-out
         smo = None
     left = None if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)
     if smo is None:

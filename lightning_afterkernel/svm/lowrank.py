@@ -61,11 +61,11 @@ MAX_RANK = 200
 
 SUBSET_EXTRA = 50
 """Full-rank kernels are recognised on a principal submatrix of cap + SUBSET_EXTRA evenly spaced examples: when
-LAPACK's pivoted Cholesky (``dpstrf``, the same greedy rule and stopping threshold as ``pivoted_cholesky``) finds
-rank >= cap there, K's rank is at least that (a principal submatrix cannot have more), and the certificate is
-skipped after ~(cap + 50)^3 / 3 flops (under 1 ms) instead of n cap^2 (n = 2,000: 7 ms; 12,000: 60 ms). Should the
-greedy factorisation of K ever stop below the cap where the submatrix's did not, the certificate is skipped and
-the solver decides: slower, never wrong."""
+LAPACK's pivoted Cholesky (``dpstrf``, the same greedy rule and stopping threshold as ``pivoted_cholesky``)
+finds rank > cap there (a rank of exactly cap is still certified), K's rank is at least that (a principal
+submatrix cannot have more), and the certificate is skipped after ~(cap + 50)^3 / 3 flops (under 1 ms) instead
+of n cap^2 (n = 2,000: 7 ms; 12,000: 60 ms). Should the greedy factorisation of K ever stop at or below the cap
+where the submatrix's did not, the certificate is skipped and the solver decides: slower, never wrong."""
 
 LP_SECONDS = 5.0
 """Time budget of the LP rounds (also bounded by the caller's time limit); past it the result is undecided."""
@@ -205,7 +205,7 @@ def certify_separability(
     threshold = rank_tol * float(np.diagonal(K).max())
     if n > cap + SUBSET_EXTRA:
         subset = np.linspace(0, n - 1, cap + SUBSET_EXTRA).astype(np.intp)
-        if lapack.dpstrf(K[np.ix_(subset, subset)], tol=threshold)[2] >= cap:
+        if lapack.dpstrf(K[np.ix_(subset, subset)], tol=threshold)[2] > cap:
             return Certificate(rank=None, separable=None, seconds=time.perf_counter() - start)  # full rank: skip
     factor = pivoted_cholesky(K, rank_tol, cap, threshold)
     if factor is None:

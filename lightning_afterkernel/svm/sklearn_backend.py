@@ -224,6 +224,8 @@ def fit_dual(
     tol: float,
     max_iter: int | None,
     time_limit: float | None,
+    *,
+    check_unconverged: bool = True,
 ) -> DualResult:
     """Solve the hard-margin dual on a float64 kernel with libsvm (see the module docstring).
 
@@ -234,6 +236,9 @@ def fit_dual(
         tol: libsvm's stopping tolerance on the KKT violation.
         max_iter: libsvm iteration limit (None: no limit).
         time_limit: seconds before the fit is abandoned (None: no limit, runs in this process).
+        check_unconverged: apply the checks of ``finish_hard_margin`` (alphas at the box bound mean "not
+            separable") also to a run stopped at ``max_iter``; False returns its alphas unchecked, with
+            ``converged=False``, for a caller that hands such a run to another solver.
 
     Raises:
         NotSeparableError: an alpha reached the box bound C.
@@ -248,6 +253,8 @@ def fit_dual(
             "may not be separable by this kernel (then no hard-margin SVM exists and libsvm never finishes); "
             "if it is separable but hard, raise time_limit (None removes the limit)."
         ) from None
+    if not converged and not check_unconverged:
+        return DualResult(alpha=alpha, intercept=0.0, n_iter=n_iter, converged=False)
     return finish_hard_margin(K, y_pm, alpha, fit_intercept, C, capacity, n_iter, converged)
 
 

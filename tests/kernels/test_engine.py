@@ -470,3 +470,67 @@ def test_outputs_changed_in_place_or_constant_fall_back_to_added_zeros(make, sha
         warnings.simplefilter("error")  # no fallback to vmap: the structured engine handles all three
         kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+class _ShiftsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.body, self.head = nn.Linear(5, 7), nn.Linear(7, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x -= 0.5  # in place, on the tensor it was given
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: seeded(8, nn.ReLU(inplace=True), nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)), _ShiftsItsInput],
+    ids=["relu_inplace_on_the_input", "input_shifted_in_place"],
+)
+def test_a_model_that_changes_its_input_in_place(make):
+    """Each capture works on its own copy of the chunk: exact, and the caller's tensor is left alone."""
+    model = make().double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    before = x.clone()
+    kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64, batch_size=4)
+    assert torch.equal(x, before)
+    assert relative_error(kernel, reference_ntk(model, x.clone())) < 1e-9
+
+
+def test_integer_inputs_give_a_kernel_in_the_computation_dtype():
+    torch.manual_seed(9)
+    embed = nn.Embedding(10, 4).requires_grad_(False)
+    model = nn.Sequential(embed, nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randint(0, 10, (7, 3))
+    for implementation in ("structured", "materialised", "vmap"):
+        kernel = empirical_ntk(model, x, implementation=implementation, dtype=torch.float64)
+        assert kernel.dtype == torch.float64
+        assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+class _DoubledLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0  # not the layer's own output: the structured form would be off by 2
+
+
+def test_a_layer_that_overrides_forward_falls_back_to_vmap():
+    torch.manual_seed(11)
+    model = nn.Sequential(_DoubledLinear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="overrides Linear.forward"):
+        kernel = empirical_ntk(model, x, dtype=torch.float64)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_forward_hooks_that_change_a_layers_output_are_exact(in_place):
+    """The capture's hook runs before the module's own hooks, so G is always for the layer's own output."""
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    model[0].register_forward_hook(lambda module, args, out: out.mul_(2.0) if in_place else out * 2.0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9

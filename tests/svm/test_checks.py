@@ -211,3 +211,12 @@ def test_indefinite_check_leaves_the_kernel_unchanged():
     before = K.copy()
     warn_if_indefinite(K)
     np.testing.assert_array_equal(K, before)
+
+
+def test_a_field_of_a_record_array_is_read():
+    """Strides that are not a multiple of the item size (numpy can, torch cannot share them)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 3))
+    records = np.zeros((40, 40), dtype=[("k", np.float64), ("w", np.float32)])
+    records["k"] = X @ X.T
+    np.testing.assert_array_equal(check_kernel(records["k"]), check_kernel(X @ X.T))

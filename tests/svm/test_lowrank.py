@@ -204,3 +204,12 @@ def test_full_rank_is_recognised_on_a_submatrix(monkeypatch):
     X, y_low = _separable_low_rank(1500, 30)
     cert = lowrank.certify_separability(X @ X.T, 2.0 * y_low - 1.0, False, lowrank.RANK_TOL)
     assert cert.rank == 30 and calls == [(len(y_low), len(y_low))]
+
+
+def test_rank_exactly_at_the_cap_is_still_certified(monkeypatch):
+    monkeypatch.setattr(lowrank, "MAX_RANK", 20)
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((600, 20))  # numerical rank 20 = the cap
+    y = rng.integers(0, 2, 600)  # random labels: not separable by 20 features
+    with pytest.raises(NotSeparableError, match="numerical rank r = 20"):
+        HardMarginSVM().fit(X @ X.T, y)

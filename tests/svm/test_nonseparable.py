@@ -152,3 +152,16 @@ def test_auto_runs_libsvm_in_process_under_an_iteration_cap(monkeypatch, separab
     monkeypatch.setattr(auto_backend, "SMO_NS_PER_ITER_EXAMPLE", 1e9)  # a cap of one iteration
     est = HardMarginSVM().fit(separable.K, separable.y)
     assert est.backend_ == "torch" and est.min_margin_ >= 1.0 - 1e-9
+
+
+def test_auto_hands_an_unfinished_libsvm_run_to_the_interior_point_method(monkeypatch, separable):
+    """A run stopped at the iteration cap is not judged (its alphas may sit at the bound mid-way)."""
+
+    def capped(K, y_pm, C, fit_intercept, capacity, tol, max_iter, time_limit):
+        alpha = np.zeros(len(y_pm))
+        alpha[[int(np.argmax(y_pm > 0)), int(np.argmax(y_pm < 0))]] = C  # two alphas at the bound, y^T alpha = 0
+        return alpha, 0.0, max_iter, False  # stopped at the cap
+
+    monkeypatch.setattr(sklearn_backend, "_solve", capped)
+    est = HardMarginSVM().fit(separable.K, separable.y)
+    assert est.backend_ == "torch" and est.min_margin_ >= 1.0 - 1e-9
