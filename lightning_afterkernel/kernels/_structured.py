@@ -224,6 +224,19 @@ def capture(
     return result
 
 
+def capture_any(
+    model: nn.Module, state: dict[str, Tensor], layers: list[Layer], x: Tensor, eps: bool = False
+) -> tuple[list[tuple[Tensor, Tensor] | None], bool]:
+    """:func:`capture`, redone with ``eps=True`` when direct gradients are impossible (:class:`OutputChanged`);
+    returns (captured, whether the zeros were used), so that a caller can keep to the mode that worked."""
+    if not eps:
+        try:
+            return capture(model, state, layers, x), False
+        except OutputChanged:  # e.g. an output changed in place, for some inputs or for all
+            pass
+    return capture(model, state, layers, x, eps=True), True
+
+
 def check_logits(out: object, x: Tensor) -> None:
     """Raise :class:`ModelError` unless ``out`` is one scalar logit per example of ``x``."""
     if not isinstance(out, Tensor) or tuple(out.shape) not in ((len(x),), (len(x), 1)):

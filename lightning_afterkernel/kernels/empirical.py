@@ -292,12 +292,7 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     try:
         layers = st.plan(model, set(trainable))
-        eps = False
-        try:
-            probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2])
-        except st.OutputChanged:
-            eps = True
-            probe = st.capture(model, {**trainable, **fixed}, layers, x1[:2], eps=True)
+        probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2])
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
@@ -381,11 +376,7 @@ class _Engine:
                 torch.cat([g.reshape(len(block), -1) for g in grads.values()], dim=1, out=block.jac)
             else:
                 state = {**self.trainable, **self.fixed}
-                try:
-                    captured = st.capture(self.model, state, self.layers, x[rows], eps=self.eps)
-                except st.OutputChanged:  # e.g. an output changed in place only for some inputs
-                    self.eps = True
-                    captured = st.capture(self.model, state, self.layers, x[rows], eps=True)
+                captured, self.eps = st.capture_any(self.model, state, self.layers, x[rows], eps=self.eps)
                 st.factors(self.layers, captured, block)
         return out
 

@@ -26,6 +26,13 @@ are refused as not separable: a geometric margin below ~3e-5 of the mean feature
 near-exact duplicates). Duplicates blurred by float32 rounding beyond that are left to the solver's
 time limit."""
 
+PSD_SLACK = 1e-5
+"""Room (relative to max K_ii) for computed kernel entries above the Cauchy-Schwarz bound in the pre-check."""
+
+MAX_CANDIDATE_SHARE = 0.1
+"""The pre-check checks every opposite-label pair once more than this share of them have close norms."""
+
+
 PSD_CHECK_SIZE = 1000
 """The negative-eigenvalue warning looks at a principal submatrix of m = min(n, PSD_CHECK_SIZE,
 max(PSD_MIN_SIZE, n // 8)) evenly spaced examples: one Cholesky of m x m (m^3 / 3 flops; at most 1/512 of a
@@ -111,9 +118,9 @@ def _torch_view(src: np.ndarray) -> torch.Tensor | None:
         return torch.from_numpy(src)
 
 
-def _scaled_copy(src: np.ndarray, out: np.ndarray, scale: float) -> None:
-    """out = src / scale in float64 (torch: two threads; numpy's casting copy is one-threaded and 1.5x slower)."""
-    source = _torch_view(src)
+def _scaled_copy(src: np.ndarray, source: torch.Tensor | None, out: np.ndarray, scale: float) -> None:
+    """out = src / scale in float64, through ``source`` (src's ``_torch_view``) when torch can share src: two
+    threads; numpy's casting copy is one-threaded and 1.5x slower."""
     if source is None:
         np.divide(src, scale, out=out, dtype=np.float64)
         return
@@ -141,9 +148,9 @@ def _symmetrized_copy(
         lo, hi = torch.aminmax(source)
         kmax = max(float(hi), -float(lo)) / scale
         if np.isfinite(kmax) and _exactly_symmetric(source):
-            _scaled_copy(src, out, scale)
+            _scaled_copy(src, source, out, scale)
             return out, 0.0, kmax
-    _scaled_copy(src, out, scale)
+    _scaled_copy(src, source, out, scale)
     asym, kmax = 0.0, 0.0
     for i0 in range(0, n, block):
         i1 = min(i0 + block, n)
@@ -319,13 +326,6 @@ def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, 
         count += hit.size
     if first is not None:
         _raise_duplicates(*first, count, float(diag.mean()))
-
-
-PSD_SLACK = 1e-5
-"""Room (relative to max K_ii) for computed kernel entries above the Cauchy-Schwarz bound in the pre-check."""
-
-MAX_CANDIDATE_SHARE = 0.1
-"""The pre-check checks every opposite-label pair once more than this share of them have close norms."""
 
 
 def _close_norm_pairs(diag: np.ndarray, y: np.ndarray, window_sq: float) -> tuple[np.ndarray, np.ndarray] | None:
