@@ -300,9 +300,7 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     force = "materialised" if implementation == "materialised" else None
     st.choose_forms(layers, probe, *workload, force=force)
-    engine = _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget)
-    engine.eps = eps
-    return engine
+    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget, eps=eps)
 
 
 def _unsupported_error(implementation: str, why: Exception) -> ModelError:
@@ -331,10 +329,11 @@ class _Engine:
         structured: tuple[list[st.Layer], list, Tensor] | None,
         batch_size: int | None,
         budget: int,
+        eps: bool = False,
     ) -> None:
         self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
         self.shard: tuple[int, int] | None = None
-        self.eps = False  # capture with zeros added to the outputs (see ``_structured``)
+        self.eps = eps  # capture with zeros added to the outputs (see ``_structured``), once the probe needed it
         self.tile = TILE
         tensor = next(iter(trainable.values()))
         self.like = tensor  # results and factors take its dtype and device, never the inputs' (e.g. integer ids)

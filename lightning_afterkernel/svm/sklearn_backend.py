@@ -163,7 +163,8 @@ def no_bias_problem(K: np.ndarray, y_pm: np.ndarray, capacity: float) -> tuple[n
 
     The two virtual examples have features +-u / sqrt(capacity), u orthogonal to every phi(x_i), and labels
     +1, -1: they absorb y^T a at no cost while |y^T a| < capacity. When K is the top-left corner of an
-    (n + 2) x (n + 2) buffer (``check_kernel(..., pad=2)``) the buffer is completed in place; else K is copied.
+    (n + 2) x (n + 2) buffer (``check_and_normalize_kernel(..., pad=2)``) the buffer is completed in place;
+    else K is copied.
     """
     n = K.shape[0]
     base = K.base
