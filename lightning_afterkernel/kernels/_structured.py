@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,16 @@ ELEMENTWISE_COST = 4.0
 
 GROUPED_CONV_DEVICES = ("cpu",)
 """Devices on which per-example convolution weight gradients come from one grouped convolution."""
+FORMAT_TRIALS = 2
+"""Timed chunks in each memory format before a convolution shape keeps the faster one (the first of each is
+not counted: it includes oneDNN's set-up for the shape)."""
+CHANNELS_LAST_MARGIN = 0.9
+"""channels_last is kept only when it took at most this share of the contiguous format's time."""
+MIN_TIMED_CHUNK = 8
+"""Smaller chunks (the engine's 2-example probe) are neither timed nor used to decide."""
+_CHANNELS_LAST: dict[tuple, bool] = {}
+"""The memory format chosen for each convolution shape in this process (see :func:`_conv_weight_grads`)."""
+_FORMAT_TIMES: dict[tuple, dict[bool, list[float]]] = {}
 
 
 class Unsupported(Exception):
@@ -259,11 +270,12 @@ def _patches(layer: Layer, a: Tensor) -> Tensor:
 
 
 def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
-    """Per-example Conv2d weight gradients, (b, C_out C_in / groups k_h k_w).
+    """Per-example Conv2d weight gradients, (b, C_out C_in / groups k_h k_w) or (b, C_out, C_in / groups, k_h, k_w).
 
     On the devices in :data:`GROUPED_CONV_DEVICES` (oneDNN on CPU): the weight gradient of one convolution
-    whose groups are the examples (what ``vmap`` does for convolutions, without its copies). Elsewhere
-    (cuDNN is slow with thousands of groups): im2col patches and one batched matmul, G_i^T P_i."""
+    whose groups are the examples (what ``vmap`` does for convolutions, without its copies), in the memory
+    format that is faster for the layer's shape (:func:`_grouped_weight_grads`). Elsewhere (cuDNN is slow with
+    thousands of groups): im2col patches and one batched matmul, G_i^T P_i."""
     conv = layer.module
     b = len(a)
     if a.device.type not in GROUPED_CONV_DEVICES:
@@ -276,11 +288,40 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
         pad = conv._reversed_padding_repeated_twice
         a = F.pad(a, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
         padding = (0, 0)
-    shape = (b * conv.out_channels, *conv.weight.shape[1:])
+    key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups)
+    key += (tuple(a.shape[1:]), a.dtype, a.device.type)
+    channels_last = _CHANNELS_LAST.get(key)
+    if channels_last is not None or b < MIN_TIMED_CHUNK:
+        return _grouped_weight_grads(conv, a, g, padding, bool(channels_last))
+    times = _FORMAT_TIMES.setdefault(key, {False: [], True: []})
+    channels_last = len(times[True]) < len(times[False])  # alternate: contiguous, channels_last, ...
+    start = perf_counter()
+    result = _grouped_weight_grads(conv, a, g, padding, channels_last)
+    times[channels_last].append((perf_counter() - start) / b)
+    if len(times[True]) >= FORMAT_TRIALS:  # both formats timed FORMAT_TRIALS times
+        best = {fmt: min(seconds[1:]) for fmt, seconds in times.items()}
+        _CHANNELS_LAST[key] = best[True] <= CHANNELS_LAST_MARGIN * best[False]
+        del _FORMAT_TIMES[key]
+    return result
+
+
+def _grouped_weight_grads(conv: nn.Conv2d, a: Tensor, g: Tensor, padding: tuple, channels_last: bool) -> Tensor:
+    """The per-example weight gradients as one grouped convolution's, with the examples as groups.
+
+    oneDNN's speed for such a convolution depends on the memory format in ways no simple rule captures (on the
+    2-core AMD EPYC used for ``docs/benchmarks.md``, channels_last was 0.5-0.7x the time for 37-38 channels at
+    28 x 28 or 32 x 32, but 1.2-2.9x for 14 x 14, 64 channels, or float64), so :func:`_conv_weight_grads`
+    times both on the first chunks of each shape and keeps the faster one for the rest of the process."""
+    b = len(a)
+    inputs = a.reshape(1, b * a.shape[1], *a.shape[2:])
+    grads = g.reshape(1, b * conv.out_channels, *g.shape[2:])
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        grads = grads.contiguous(memory_format=torch.channels_last)
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        g.reshape(1, b * conv.out_channels, *g.shape[2:]),
-        a.reshape(1, b * a.shape[1], *a.shape[2:]),
-        a.new_empty(shape),
+        grads,
+        inputs,
+        a.new_empty(b * conv.out_channels, *conv.weight.shape[1:]),
         None,
         list(conv.stride),
         list(padding),
@@ -290,7 +331,7 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
         b * conv.groups,
         [False, True, False],
     )
-    return grad_weight.reshape(b, -1)
+    return grad_weight.view(b, conv.out_channels, *conv.weight.shape[1:])  # channels_last stays a view
 
 
 def _normalised(layer: Layer, a: Tensor) -> Tensor:
@@ -358,7 +399,6 @@ def empty_factors(sample: Factors, b: int) -> Factors:
 
 def factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], out: Factors) -> Factors:
     """Write the factors of a captured block into ``out`` (from :func:`empty_factors`) and return it."""
-    b = len(out)
     pairs = iter(out.pairs)
     offset = 0
     for layer, io in zip(layers, captured, strict=True):
@@ -372,8 +412,8 @@ def factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], o
             out.jac[:, offset : offset + width] = 0
         else:
             start = offset
-            for part in _materialised(layer, *io):
-                out.jac[:, start : start + part[0].numel()] = part.reshape(b, -1)
+            for part in _materialised(layer, *io):  # each (b, ...), in any memory layout
+                out.jac[:, start : start + part[0].numel()].view(part.shape).copy_(part)
                 start += part[0].numel()
         offset += width
     return out

@@ -148,6 +148,76 @@ def test_conv_weight_gradients_by_im2col_equal_the_grouped_convolution(monkeypat
     assert relative_error(im2col, reference_ntk(model, x)) < 1e-10
 
 
+class _Always(dict):
+    """A format table that answers ``value`` for every convolution shape."""
+
+    def __init__(self, value: bool) -> None:
+        super().__init__()
+        self.value = value
+
+    def get(self, key, default=None):
+        return self.value
+
+
+@pytest.mark.parametrize("name", ["conv_strided_padded", "conv_grouped_dilated", "conv_same_reflect_circular"])
+def test_conv_weight_gradients_in_channels_last_equal_the_contiguous_format(monkeypatch, name):
+    make, shape = MODELS[name]
+    model = make()
+    x = torch.randn(6, *shape)
+    kernels = {}
+    for channels_last in (False, True):
+        monkeypatch.setattr(_structured, "_CHANNELS_LAST", _Always(channels_last))
+        kernels[channels_last] = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
+    assert relative_error(kernels[True], kernels[False]) < 1e-12
+    assert relative_error(kernels[True], reference_ntk(model, x)) < 1e-10
+
+
+def _timed_formats(monkeypatch, seconds: dict[bool, float]) -> list[bool]:
+    """Fresh format tables, a fake clock advancing ``seconds[channels_last]`` per example and call, and the
+    list of formats that :func:`_structured._grouped_weight_grads` is called with."""
+    monkeypatch.setattr(_structured, "_CHANNELS_LAST", {})
+    monkeypatch.setattr(_structured, "_FORMAT_TIMES", {})
+    clock, used = [0.0], []
+    original = _structured._grouped_weight_grads
+
+    def grouped(conv, a, g, padding, channels_last):
+        used.append(channels_last)
+        clock[0] += seconds[channels_last] * len(a)
+        return original(conv, a, g, padding, channels_last)
+
+    monkeypatch.setattr(_structured, "_grouped_weight_grads", grouped)
+    monkeypatch.setattr(_structured, "perf_counter", lambda: clock[0])
+    return used
+
+
+@pytest.mark.parametrize(
+    ("seconds", "chosen"),
+    [({False: 2.0, True: 1.0}, True), ({False: 1.0, True: 2.0}, False), ({False: 1.0, True: 0.95}, False)],
+    ids=["channels_last_faster", "contiguous_faster", "within_the_margin"],
+)
+def test_each_convolution_shape_keeps_the_memory_format_timed_faster(monkeypatch, seconds, chosen):
+    used = _timed_formats(monkeypatch, seconds)
+    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 25, 1))
+    x = torch.randn(48, 2, 5, 5)
+    kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
+    trials = 2 * _structured.FORMAT_TRIALS
+    # the 2-example probe is not timed; then the formats alternate until each is timed FORMAT_TRIALS times
+    assert used[1 : 1 + trials] == [False, True] * _structured.FORMAT_TRIALS
+    assert used[1 + trials :] == [chosen] * (6 - trials)
+    assert list(_structured._CHANNELS_LAST.values()) == [chosen] and not _structured._FORMAT_TIMES
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-10  # rows from both formats
+    used.clear()
+    empirical_ntk(model, x[:16], implementation="materialised", batch_size=8, dtype=torch.float64)
+    assert used == [chosen] * 3  # the choice holds for later calls in the process
+
+
+def test_chunks_below_the_timing_minimum_are_not_timed(monkeypatch):
+    used = _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
+    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
+    empirical_ntk(model, torch.randn(20, 2, 5, 5), implementation="materialised", batch_size=4)
+    assert used == [False] * 6 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
+
+
 @pytest.mark.parametrize("allow", [False, True])
 def test_tf32_is_off_on_cuda_unless_asked_and_restored(allow):
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
