@@ -62,6 +62,7 @@ MIN_TIMED_CHUNK = 8
 _CHANNELS_LAST: dict[tuple, bool] = {}
 """The memory format chosen for each convolution shape in this process (see :func:`_conv_weight_grads`)."""
 _FORMAT_TIMES: dict[tuple, dict[bool, list[float]]] = {}
+"""Seconds per example of each format's timed chunks, for the shapes not yet decided."""
 
 
 class Unsupported(Exception):
@@ -301,7 +302,7 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
     if len(times[True]) >= FORMAT_TRIALS:  # both formats timed FORMAT_TRIALS times
         best = {fmt: min(seconds[1:]) for fmt, seconds in times.items()}
         _CHANNELS_LAST[key] = best[True] <= CHANNELS_LAST_MARGIN * best[False]
-        del _FORMAT_TIMES[key]
+        _FORMAT_TIMES.pop(key, None)  # another thread may have decided the same shape
     return result
 
 
