@@ -32,6 +32,8 @@ tensor without the batch as its first dimension, or an in-place change of a reco
 from __future__ import annotations
 
 import math
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_afterkernel.errors import ModelError
+from lightning_afterkernel.errors import ConfigurationError, ModelError
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ELEMENTWISE_COST = 4.0
@@ -59,10 +61,14 @@ CHANNELS_LAST_MARGIN = 0.9
 """channels_last is kept only when it took at most this share of the contiguous format's time."""
 MIN_TIMED_CHUNK = 8
 """Smaller chunks (the engine's 2-example probe) are neither timed nor used to decide."""
+CONV_FORMAT_VARIABLE = "AFTERKERNEL_CONV_FORMAT"
+"""Environment variable pinning that format: ``contiguous`` or ``channels_last`` (default ``auto``: timed)."""
+_CONV_FORMATS = {"auto": None, "contiguous": False, "channels_last": True}
 _CHANNELS_LAST: dict[tuple, bool] = {}
 """The memory format chosen for each convolution shape in this process (see :func:`_conv_weight_grads`)."""
 _FORMAT_TIMES: dict[tuple, dict[bool, list[float]]] = {}
 """Seconds per example of each format's timed chunks, for the shapes not yet decided."""
+_FORMAT_LOCK = threading.Lock()
 
 
 class Unsupported(Exception):
@@ -291,19 +297,35 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
         padding = (0, 0)
     key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups)
     key += (tuple(a.shape[1:]), a.dtype, a.device.type)
-    channels_last = _CHANNELS_LAST.get(key)
+    channels_last = _pinned_format()
+    if channels_last is None:
+        channels_last = _CHANNELS_LAST.get(key)
     if channels_last is not None or b < MIN_TIMED_CHUNK:
         return _grouped_weight_grads(conv, a, g, padding, bool(channels_last))
-    times = _FORMAT_TIMES.setdefault(key, {False: [], True: []})
-    channels_last = len(times[True]) < len(times[False])  # alternate: contiguous, channels_last, ...
+    with _FORMAT_LOCK:
+        times = _FORMAT_TIMES.setdefault(key, {False: [], True: []})
+        channels_last = len(times[True]) < len(times[False])  # alternate: contiguous, channels_last, ...
     start = perf_counter()
     result = _grouped_weight_grads(conv, a, g, padding, channels_last)
-    times[channels_last].append((perf_counter() - start) / b)
-    if len(times[True]) >= FORMAT_TRIALS:  # both formats timed FORMAT_TRIALS times
-        best = {fmt: min(seconds[1:]) for fmt, seconds in times.items()}
-        _CHANNELS_LAST[key] = best[True] <= CHANNELS_LAST_MARGIN * best[False]
-        _FORMAT_TIMES.pop(key, None)  # another thread may have decided the same shape
+    seconds = (perf_counter() - start) / b
+    with _FORMAT_LOCK:  # threads may time the same shape at once: decide once, when both formats have enough
+        times[channels_last].append(seconds)
+        if key not in _CHANNELS_LAST and all(len(trials) >= FORMAT_TRIALS for trials in times.values()):
+            best = {fmt: min(trials[1:]) for fmt, trials in times.items()}
+            _CHANNELS_LAST[key] = best[True] <= CHANNELS_LAST_MARGIN * best[False]
+            _FORMAT_TIMES.pop(key, None)
     return result
+
+
+def _pinned_format() -> bool | None:
+    """The memory format pinned by :data:`CONV_FORMAT_VARIABLE` (True: channels_last), or None (timed)."""
+    value = os.environ.get(CONV_FORMAT_VARIABLE, "auto").strip().lower()
+    if value not in _CONV_FORMATS:
+        raise ConfigurationError(
+            f"{CONV_FORMAT_VARIABLE}={value!r} is not a memory format for the per-example convolution "
+            f"gradients; use one of {', '.join(_CONV_FORMATS)} (or unset it for 'auto')."
+        )
+    return _CONV_FORMATS[value]
 
 
 def _grouped_weight_grads(conv: nn.Conv2d, a: Tensor, g: Tensor, padding: tuple, channels_last: bool) -> Tensor:
@@ -312,7 +334,10 @@ def _grouped_weight_grads(conv: nn.Conv2d, a: Tensor, g: Tensor, padding: tuple,
     oneDNN's speed for such a convolution depends on the memory format in ways no simple rule captures (on the
     2-core AMD EPYC used for ``docs/benchmarks.md``, channels_last was 0.5-0.7x the time for 37-38 channels at
     28 x 28 or 32 x 32, but 1.2-2.9x for 14 x 14, 64 channels, or float64), so :func:`_conv_weight_grads`
-    times both on the first chunks of each shape and keeps the faster one for the rest of the process."""
+    times both on the first chunks of each shape and keeps the faster one for the rest of the process. The two
+    formats' gradients differ by rounding only (~1e-7 relative in float32), but a kernel is then bitwise
+    repeatable only within a process after the choice; pin the format with :data:`CONV_FORMAT_VARIABLE` for
+    bitwise-repeatable kernels across calls, processes and ranks."""
     b = len(a)
     inputs = a.reshape(1, b * a.shape[1], *a.shape[2:])
     grads = g.reshape(1, b * conv.out_channels, *g.shape[2:])

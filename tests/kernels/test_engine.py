@@ -172,17 +172,22 @@ def test_conv_weight_gradients_in_channels_last_equal_the_contiguous_format(monk
     assert relative_error(kernels[True], reference_ntk(model, x)) < 1e-10
 
 
-def _timed_formats(monkeypatch, seconds: dict[bool, float]) -> list[bool]:
-    """Fresh format tables, a fake clock advancing ``seconds[channels_last]`` per example and call, and the
-    list of formats that :func:`_structured._grouped_weight_grads` is called with."""
+def _timed_formats(monkeypatch, seconds: dict[bool, float | list[float]]) -> list[bool]:
+    """Fresh format tables, a fake clock advancing ``seconds[channels_last]`` per example and call (a list: one
+    value per call, the last one repeated), and the list of formats that
+    :func:`_structured._grouped_weight_grads` is called with."""
+    monkeypatch.delenv(_structured.CONV_FORMAT_VARIABLE, raising=False)
     monkeypatch.setattr(_structured, "_CHANNELS_LAST", {})
     monkeypatch.setattr(_structured, "_FORMAT_TIMES", {})
     clock, used = [0.0], []
+    schedule = {fmt: list(value) if isinstance(value, list) else [value] for fmt, value in seconds.items()}
     original = _structured._grouped_weight_grads
 
     def grouped(conv, a, g, padding, channels_last):
         used.append(channels_last)
-        clock[0] += seconds[channels_last] * len(a)
+        if len(a) >= _structured.MIN_TIMED_CHUNK:
+            times = schedule[channels_last]
+            clock[0] += (times.pop(0) if len(times) > 1 else times[0]) * len(a)
         return original(conv, a, g, padding, channels_last)
 
     monkeypatch.setattr(_structured, "_grouped_weight_grads", grouped)
@@ -209,6 +214,90 @@ def test_each_convolution_shape_keeps_the_memory_format_timed_faster(monkeypatch
     used.clear()
     empirical_ntk(model, x[:16], implementation="materialised", batch_size=8, dtype=torch.float64)
     assert used == [chosen] * 3  # the choice holds for later calls in the process
+
+
+@pytest.mark.parametrize(
+    ("seconds", "chosen"),
+    [
+        ({False: [1.0, 3.0, 4.0], True: [100.0, 2.0, 5.0]}, True),  # first calls (set-up) ignored, then the minimum
+        ({False: [100.0, 2.0, 5.0], True: [1.0, 3.0, 4.0]}, False),
+    ],
+    ids=["channels_last_faster_after_setup", "contiguous_faster_after_setup"],
+)
+def test_the_choice_ignores_each_formats_first_timing_and_takes_the_minimum(monkeypatch, seconds, chosen):
+    monkeypatch.setattr(_structured, "FORMAT_TRIALS", 3)
+    used = _timed_formats(monkeypatch, seconds)
+    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
+    empirical_ntk(model, torch.randn(64, 2, 5, 5), implementation="materialised", batch_size=8)
+    assert used[1:7] == [False, True] * 3 and used[7:] == [chosen] * 2
+    assert list(_structured._CHANNELS_LAST.values()) == [chosen]
+
+
+def test_threads_timing_the_same_shape_at_once_decide_once(monkeypatch):
+    """Two threads may both pick channels_last before either records its time: the lists become uneven, and
+    the choice waits until each format has its trials (this raised 'min() arg is an empty sequence')."""
+    import copy
+    import threading
+
+    _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
+    barrier, waits, lock = threading.Barrier(2, timeout=30), [], threading.Lock()
+    timed = _structured._grouped_weight_grads
+
+    def grouped(conv, a, g, padding, channels_last):
+        if channels_last and len(a) >= _structured.MIN_TIMED_CHUNK:
+            with lock:
+                waits.append(1)
+                first_two = len(waits) <= 2
+            if first_two:
+                barrier.wait()  # both threads inside their first channels_last chunk at once
+        return timed(conv, a, g, padding, channels_last)
+
+    monkeypatch.setattr(_structured, "_grouped_weight_grads", grouped)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 1))
+    x = torch.randn(48, 3, 16, 16)
+    started, results, errors = threading.Event(), [], []
+
+    def work(first: bool) -> None:
+        try:
+            if not first:
+                started.wait(30)
+            results.append(empirical_ntk(copy.deepcopy(model), x, implementation="materialised", batch_size=8))
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    original_times = _structured._FORMAT_TIMES
+
+    class Signal(dict):  # tells the second thread to start once the first has timed a contiguous chunk
+        def setdefault(self, key, default):
+            value = dict.setdefault(self, key, default)
+            if value[False]:
+                started.set()
+            return value
+
+    monkeypatch.setattr(_structured, "_FORMAT_TIMES", Signal(original_times))
+    threads = [threading.Thread(target=work, args=(first,)) for first in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    assert len(results) == 2 and len(_structured._CHANNELS_LAST) == 1
+    assert relative_error(results[0], reference_ntk(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize(("value", "channels_last"), [("contiguous", False), ("channels_last", True)])
+def test_the_environment_pins_the_memory_format(monkeypatch, value, channels_last):
+    used = _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
+    monkeypatch.setenv(_structured.CONV_FORMAT_VARIABLE, value)
+    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
+    x = torch.randn(40, 2, 5, 5)
+    kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
+    assert used == [channels_last] * 6 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-10
+    monkeypatch.setenv(_structured.CONV_FORMAT_VARIABLE, "nhwc")
+    with pytest.raises(ConfigurationError, match="AFTERKERNEL_CONV_FORMAT='nhwc'.*contiguous, channels_last"):
+        empirical_ntk(model, x, implementation="materialised")
 
 
 def test_chunks_below_the_timing_minimum_are_not_timed(monkeypatch):
