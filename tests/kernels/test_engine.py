@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 
 import pytest
@@ -236,9 +238,6 @@ def test_the_choice_ignores_each_formats_first_timing_and_takes_the_minimum(monk
 def test_threads_timing_the_same_shape_at_once_decide_once(monkeypatch):
     """Two threads may both pick channels_last before either records its time: the lists become uneven, and
     the choice waits until each format has its trials (this raised 'min() arg is an empty sequence')."""
-    import copy
-    import threading
-
     _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
     barrier, waits, lock = threading.Barrier(2, timeout=30), [], threading.Lock()
     timed = _structured._grouped_weight_grads
