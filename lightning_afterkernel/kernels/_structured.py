@@ -31,12 +31,13 @@ tensor without the batch as its first dimension, or an in-place change of a reco
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from time import perf_counter
 
 import torch
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError, ModelError
+from lightning_afterkernel.kernels._layouts import ChannelsLastMaxPool, uses_max_pool
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ELEMENTWISE_COST = 4.0
@@ -217,7 +219,8 @@ def capture(
         # A copy of the chunk, so that a model changing its input in place changes neither the caller's tensor
         # nor another capture's; not a leaf, so that autograd allows that change with a gradient required.
         inp = x.detach().clone() if eps else x.detach().requires_grad_(True).clone()
-        out = functional_call(model, state, (inp,))
+        with ChannelsLastMaxPool() if x.device.type == "cpu" and uses_max_pool(model) else nullcontext():
+            out = functional_call(model, state, (inp,))
         check_logits(out, x)
         live = [r for r in records if r.calls]
         for layer, record in zip(layers, records, strict=True):
@@ -253,6 +256,35 @@ def capture_any(
         except OutputChanged:  # e.g. an output changed in place, for some inputs or for all
             pass
     return capture(model, state, layers, x, eps=True), True
+
+
+def replicate(model: nn.Module, layers: list[Layer]) -> tuple[nn.Module, list[Layer]]:
+    """A replica of ``model`` for a concurrent capture, and ``layers`` mapped onto it.
+
+    Every module of the tree is a new object of the same class whose attribute dictionary is a copy of the
+    original's, and whose ``_parameters``, ``_buffers``, ``_modules`` and hook tables (every dict attribute) are
+    copies too: :func:`capture` can then register hooks on it and ``functional_call`` swap its tensors while
+    another thread does the same on the original. Parameters, buffers and every other attribute value are
+    shared, not copied (no tensor memory). A module reached twice (a shared submodule) is one replica. The
+    caller must check that the replica computes what the original does (see ``_Engine``): a forward that
+    reaches the original's modules some other way (e.g. through a plain list) would escape the replica."""
+    replicas: dict[int, nn.Module] = {}
+
+    def copy_module(module: nn.Module) -> nn.Module:
+        if id(module) in replicas:
+            return replicas[id(module)]
+        clone = object.__new__(type(module))
+        replicas[id(module)] = clone
+        state = {key: copy.copy(value) if isinstance(value, dict) else value for key, value in vars(module).items()}
+        state["_modules"] = {
+            name: None if child is None else copy_module(child) for name, child in module._modules.items()
+        }
+        clone.__dict__.update(state)
+        return clone
+
+    replica = copy_module(model)
+    modules = dict(replica.named_modules(remove_duplicate=False))
+    return replica, [replace(layer, module=modules[layer.name]) for layer in layers]
 
 
 def check_logits(out: object, x: Tensor) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Literal
 
@@ -44,6 +48,15 @@ convolutions 10% and the elementwise ReLU/pooling work 2.4x faster). The MLP's t
 chunks as large as before."""
 MIN_CPU_CHUNK = 8
 """Smallest capture chunk chosen for the cache (per-call overheads dominate below it)."""
+CAPTURE_WORKERS_VARIABLE = "AFTERKERNEL_CAPTURE_WORKERS"
+"""Environment variable: how many capture chunks run at once on CPU, each in its own thread on its own replica
+of the model with ``torch.get_num_threads() // workers`` intra-op threads (default: one per torch thread).
+The small convolutions, poolings and copies of one chunk keep two threads busy poorly, so whole chunks side
+by side, one thread each, are faster (see ``docs/benchmarks.md``). Each chunk is computed exactly as in the
+serial path."""
+_CONCURRENT_CAPTURE = threading.Lock()
+"""Held while chunks are captured concurrently: the thread count the workers change is process-wide, so a
+second engine (another thread's call) captures serially meanwhile instead of interleaving the changes."""
 OOM_RETRIES = 4
 """Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
@@ -335,6 +348,7 @@ class _Engine:
         self.shard: tuple[int, int] | None = None
         self.eps = eps  # capture with zeros added to the outputs (see ``_structured``), once the probe needed it
         self.tile = TILE
+        self.workers = 1  # threads capturing chunks at once (CPU, structured engine)
         tensor = next(iter(trainable.values()))
         self.like = tensor  # results and factors take its dtype and device, never the inputs' (e.g. integer ids)
         itemsize = tensor.element_size()
@@ -349,6 +363,10 @@ class _Engine:
             self.layers, probe, x1 = structured
             self.n_jac = sum(st.n_materialised(layer) for layer in self.layers if not layer.structured)
             self.sample = st.factors(self.layers, probe, st.new_factors(self.layers, probe, len(x1[:2]), tensor))
+            self.probe_x = x1[:2]
+            self.replica_list = [(model, self.layers)]
+            if x1.device.type == "cpu":
+                self.workers = capture_workers()
             self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
             activations = sum(a[:1].numel() + 2 * g[:1].numel() for a, g in (io for io in probe if io is not None))
             patches = sum(
@@ -357,7 +375,7 @@ class _Engine:
                 if io is not None and layer.kind == "conv2d"
             )
             work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
-        chunk = min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // work))
+        chunk = min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // (work * self.workers)))  # chunks side by side
         if structured is not None and x1.device.type == "cpu":
             chunk = min(chunk, max(MIN_CPU_CHUNK, CPU_CHUNK_BYTES // max(1, activations * itemsize)))
         self.chunk = batch_size or int(chunk)
@@ -365,19 +383,94 @@ class _Engine:
 
     # ----------------------------------------------------------- factors
     def factors(self, x: Tensor) -> st.Factors:
-        """Factors of all rows of ``x``, captured in chunks of ``self.chunk`` examples."""
+        """Factors of all rows of ``x``, captured in chunks of ``self.chunk`` examples (on CPU, by up to
+        ``self.workers`` threads at once: see :data:`CAPTURE_WORKERS_VARIABLE`)."""
         out = st.empty_factors(self.sample, len(x))
-        for start in range(0, len(x), self.chunk):
-            rows = slice(start, start + self.chunk)
-            block = out.rows(rows)
-            if self.layers is None:
+        chunks = [slice(start, start + self.chunk) for start in range(0, len(x), self.chunk)]
+        if self.layers is None:
+            for rows in chunks:
                 grads = self.per_example(self.trainable, x[rows])
-                torch.cat([g.reshape(len(block), -1) for g in grads.values()], dim=1, out=block.jac)
-            else:
-                state = {**self.trainable, **self.fixed}
-                captured, self.eps = st.capture_any(self.model, state, self.layers, x[rows], eps=self.eps)
-                st.factors(self.layers, captured, block)
+                torch.cat([g.reshape(len(x[rows]), -1) for g in grads.values()], dim=1, out=out.rows(rows).jac)
+            return out
+        replicas = self._replicas(min(self.workers, len(chunks)))
+        if len(replicas) > 1 and _CONCURRENT_CAPTURE.acquire(blocking=False):
+            try:
+                self._capture_concurrently(replicas, x, chunks, out)
+            finally:
+                _CONCURRENT_CAPTURE.release()
+            return out
+        for rows in chunks:  # one worker, or another thread's engine is capturing concurrently right now
+            self._capture(self.model, self.layers, x[rows], out.rows(rows))
         return out
+
+    def _capture(self, model: nn.Module, layers: list[st.Layer], x: Tensor, block: st.Factors) -> None:
+        captured, eps = st.capture_any(model, {**self.trainable, **self.fixed}, layers, x, eps=self.eps)
+        self.eps = self.eps or eps  # once one chunk needed the zeros, later chunks start with them
+        st.factors(layers, captured, block)
+
+    def _capture_concurrently(
+        self, replicas: list[tuple[nn.Module, list[st.Layer]]], x: Tensor, chunks: list[slice], out: st.Factors
+    ) -> None:
+        """Each chunk captured by whichever of ``len(replicas)`` threads is free, on its own replica of the
+        model, with ``torch.get_num_threads() // len(replicas)`` intra-op threads each (restored afterwards;
+        other threads' torch calls meanwhile get that count too). The chunks are the serial path's, computed
+        the same way; the first error is raised once every thread has stopped, and a failure stops the chunks
+        not yet started."""
+        threads = torch.get_num_threads()
+        per_worker = max(1, threads // len(replicas))
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for replica in replicas:
+            free.put(replica)
+        failed = threading.Event()
+
+        def work(rows: slice) -> None:
+            if failed.is_set():
+                return
+            model, layers = free.get()
+            try:
+                torch.set_num_threads(per_worker)
+                with autograd_enabled():
+                    self._capture(model, layers, x[rows], out.rows(rows))
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                free.put((model, layers))
+
+        try:
+            with ThreadPoolExecutor(len(replicas), thread_name_prefix="afterkernel-capture") as pool:
+                try:
+                    for future in [pool.submit(work, rows) for rows in chunks]:
+                        future.result()
+                except BaseException:  # e.g. KeyboardInterrupt here: the chunks not yet started are skipped
+                    failed.set()
+                    raise
+        finally:
+            torch.set_num_threads(threads)  # process-wide state, which the workers changed
+
+    def _replicas(self, count: int) -> list[tuple[nn.Module, list[st.Layer]]]:
+        """The model and up to ``count - 1`` replicas (:func:`~._structured.replicate`), each checked to give
+        the model's factors bitwise; a replica that does not (its forward escapes it) ends concurrency."""
+        while len(self.replica_list) < count:
+            replica, layers = st.replicate(self.model, self.layers)
+            if not self._replica_agrees(replica, layers):
+                self.workers = 1
+                break
+            self.replica_list.append((replica, layers))
+        return self.replica_list[: max(1, min(count, self.workers))]
+
+    def _replica_agrees(self, replica: nn.Module, layers: list[st.Layer]) -> bool:
+        """Whether the replica's factors of the probe's examples are bitwise the model's, computed now (the
+        per-example convolution gradients' memory format may have been chosen since the probe)."""
+        blocks = []
+        for model, its_layers in ((self.model, self.layers), (replica, layers)):
+            block = st.empty_factors(self.sample, len(self.sample))
+            try:
+                self._capture(model, its_layers, self.probe_x, block)
+            except (st.Unsupported, RuntimeError):
+                return False
+            blocks.append(_tensors(block))
+        return all(torch.equal(a, b) for a, b in zip(*blocks, strict=True))
 
     # ----------------------------------------------------------- kernels
     def run(self, x1: Tensor, x2: Tensor | None, paired: bool, progress: Progress | None) -> Tensor:
@@ -560,9 +653,26 @@ def _length(x: object) -> int:
     return len(x) if isinstance(x, Tensor) and x.ndim else 0
 
 
+def _tensors(factors: st.Factors) -> list[Tensor]:
+    return ([] if factors.jac is None else [factors.jac]) + [t for pair in factors.pairs for t in pair]
+
+
 def _factor_bytes(factors: st.Factors) -> int:
-    tensors = ([] if factors.jac is None else [factors.jac]) + [t for pair in factors.pairs for t in pair]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for t in _tensors(factors))
+
+
+def capture_workers() -> int:
+    """Threads capturing chunks at once on CPU: :data:`CAPTURE_WORKERS_VARIABLE` if set, else
+    ``torch.get_num_threads()``."""
+    value = os.environ.get(CAPTURE_WORKERS_VARIABLE, "").strip()
+    if not value:
+        return max(1, torch.get_num_threads())
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ConfigurationError(
+        f"{CAPTURE_WORKERS_VARIABLE}={value!r} must be a positive number of threads (1: capture chunk after "
+        "chunk, each with all of torch's threads), or unset (one per torch thread)."
+    )
 
 
 def _chunks(n: int, size: int) -> list[slice]:

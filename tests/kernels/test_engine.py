@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import warnings
 
 import pytest
@@ -179,6 +180,7 @@ def _timed_formats(monkeypatch, seconds: dict[bool, float | list[float]]) -> lis
     value per call, the last one repeated), and the list of formats that
     :func:`_structured._grouped_weight_grads` is called with."""
     monkeypatch.delenv(_structured.CONV_FORMAT_VARIABLE, raising=False)
+    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "1")  # chunks in order, on one fake clock
     monkeypatch.setattr(_structured, "_CHANNELS_LAST", {})
     monkeypatch.setattr(_structured, "_FORMAT_TIMES", {})
     clock, used = [0.0], []
@@ -693,3 +695,158 @@ def test_forward_hooks_that_change_a_layers_output_are_exact(in_place):
         warnings.simplefilter("error")  # no fallback
         kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+# ------------------------------------------------------------------ concurrent capture (CPU)
+def _concurrent(monkeypatch, workers: int = 2) -> list[str]:
+    """Capture with ``workers`` threads; the first capture in each worker thread waits (up to 10 s) until two
+    threads are capturing at once, so a test fails unless chunks really run side by side. Returns the names
+    of the threads that captured each chunk."""
+    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, str(workers))
+    barrier, seen, names = threading.Barrier(2, timeout=10), set(), []
+    original = empirical._Engine._capture
+
+    def spy(self, model, layers, x, block):
+        name = threading.current_thread().name
+        names.append(name)
+        if name.startswith("afterkernel-capture") and name not in seen and len(seen) < 2:
+            seen.add(name)
+            barrier.wait()
+        return original(self, model, layers, x, block)
+
+    monkeypatch.setattr(empirical._Engine, "_capture", spy)
+    return names
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_concurrent_capture_gives_the_exact_kernel(monkeypatch, name):
+    names = _concurrent(monkeypatch, workers=3)
+    make, shape = MODELS[name]
+    model = make()
+    torch.manual_seed(11)
+    x1, x2 = torch.randn(13, *shape), torch.randn(6, *shape)
+    threads = torch.get_num_threads()
+    options = dict(implementation="structured", dtype=torch.float64, batch_size=2)
+    gram = empirical_ntk(model, x1, **options)
+    k_train, k_test = empirical_ntk_train_test(model, x1, x2, **options)
+    assert sum(n.startswith("afterkernel-capture") for n in names) >= 2 * 7  # 7 chunks of x1, 4 of [x1; x2]
+    assert torch.get_num_threads() == threads
+    expected = reference_ntk(model, x1)
+    assert relative_error(gram, expected) < 1e-9 and torch.equal(gram, gram.T)
+    assert relative_error(k_train, expected) < 1e-9
+    assert relative_error(k_test, reference_ntk(model, x2, x1)) < 1e-9
+
+
+class _Stashes(nn.Module):
+    """Keeps its hidden layer on ``self`` between two statements of ``forward``: threads sharing one module
+    would read each other's activations (the sleep lets the other thread write in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.hidden = torch.tanh(self.body(x))
+        time.sleep(0.002)
+        return self.head(self.hidden)
+
+
+def test_each_worker_runs_its_own_replica_of_the_model(monkeypatch):
+    names = _concurrent(monkeypatch)
+    model = _Stashes().double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to the general path either
+        kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=1)
+    assert len({n for n in names if n.startswith("afterkernel-capture")}) == 2
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+    assert not model.body._forward_hooks and not model.head._forward_hooks  # the original is left as it was
+
+
+class _Escapes(nn.Module):
+    """Calls its head through a plain list, which a replica shares with the original: a replica's forward
+    would run the original's head, outside the replica's hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 1)
+        self.route = [self.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.route[0](torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("form", ["structured", "materialised"])
+def test_a_model_whose_forward_escapes_its_replica_is_captured_serially(monkeypatch, form):
+    names = _concurrent(monkeypatch)  # (were the replica used, two workers would run at once)
+    force_forms(monkeypatch, form)
+    model = _Escapes().double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel = empirical_ntk(model, x, implementation="structured", dtype=torch.float64, batch_size=2)
+    assert names and all(n == threading.current_thread().name for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+class _FailsOnMarker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x == 99).any():
+            raise ValueError("marker example reached")
+        return self.lin(x)
+
+
+def test_an_error_in_a_worker_is_raised_and_the_thread_count_restored(monkeypatch):
+    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "2")
+    threads = torch.get_num_threads()
+    x = torch.randn(20, 3)
+    x[13, 0] = 99
+    with pytest.raises(ValueError, match="marker example reached"):
+        empirical_ntk(_FailsOnMarker(), x, batch_size=2)
+    assert torch.get_num_threads() == threads
+
+
+def test_a_second_engine_captures_serially_while_one_captures_concurrently(monkeypatch):
+    names = []
+    original = empirical._Engine._capture
+    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "2")
+    monkeypatch.setattr(
+        empirical._Engine,
+        "_capture",
+        lambda self, *args: (names.append(threading.current_thread().name), original(self, *args))[1],
+    )
+    make, shape = MODELS["batchnorm"]
+    model, x = make(), torch.randn(10, *shape)
+    with empirical._CONCURRENT_CAPTURE:  # as if another thread's engine were capturing concurrently
+        kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert names and not any(n.startswith("afterkernel-capture") for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_worker_count_is_refused(monkeypatch, value):
+    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, value)
+    with pytest.raises(ConfigurationError, match=f"AFTERKERNEL_CAPTURE_WORKERS='{value}' must be a positive"):
+        empirical_ntk(MODELS["mlp"][0](), torch.randn(4, 3, 4))
+
+
+def test_a_replica_shares_the_tensors_and_owns_its_modules_and_hooks():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 1))
+    model.register_buffer("scale", torch.ones(1))
+    layers = [_structured.Layer("3", model[3], "3.weight", "3.bias")]
+    replica, mapped = _structured.replicate(model, layers)
+    assert type(replica) is nn.Sequential and replica is not model and replica[0] is replica[2]
+    assert replica[0] is not shared and mapped[0].module is replica[3] and layers[0].module is model[3]
+    assert replica[0].weight is shared.weight and replica.scale is model.scale
+    x = torch.randn(2, 4)
+    assert torch.equal(replica(x), model(x))
+    replica[3].register_forward_hook(lambda *args: None)
+    replica[0].weight = nn.Parameter(torch.zeros(4, 4))  # what functional_call does to the replica's modules
+    assert not model[3]._forward_hooks and model[0].weight is shared.weight and replica[2].weight is not shared.weight
