@@ -124,9 +124,10 @@ def empirical_ntk(
         progress: ``True`` for a tqdm bar, or a callable ``(tiles_done, tiles_total)`` (e.g. one feeding
             Lightning's progress bar).
         allow_tf32: let CUDA matmuls and convolutions use TF32 (10 mantissa bits; faster, less exact).
-        shard: ``(rank, world_size)``: compute only this rank's share of the work (blocks of the result
-            balanced by cost across ranks) and leave zeros elsewhere, so that summing the results of all
-            ranks (one ``torch.distributed.all_reduce``) gives the kernel, exactly.
+        shard: ``(rank, world_size)``: compute only this rank's share of the work (blocks of rows of the
+            result, cut from n and the world size alone and balanced by cost across ranks) and leave zeros
+            elsewhere, so that summing the results of all ranks (one ``torch.distributed.all_reduce``) gives
+            the kernel, exactly, whatever each rank's memory budget, batch size or out-of-memory retries.
 
     Returns:
         The (n1, n2) kernel, or the (n1,) vector when ``paired``, in ``dtype`` on the computation device.
@@ -255,7 +256,7 @@ def _compute(
                         engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
                     engine.shard = shard
                     # sharded: strips small enough that every rank gets several, for balance
-                    engine.tile = tile if shard is None else min(tile, max(16, -(-len(x1) // (4 * shard[1]))))
+                    engine.tile = tile  # when sharded, strips are cut inside the shard's blocks
                     return task(engine, x1, x2, _progress(progress))
                 except st.Unsupported as why:  # found past the probe (e.g. data-dependent control flow)
                     if implementation != "auto":
@@ -482,10 +483,10 @@ class _Engine:
 
     def _paired(self, x1: Tensor, x2: Tensor | None, progress: Progress | None) -> Tensor:
         out = self._new(len(x1))
-        chunks = _chunks(len(x1), self.chunk)
-        mine = self._mine([rows.stop - rows.start for rows in chunks])
+        chunks = self._tiles(len(x1), self.chunk)
+        owns = self._owner(len(x1), lambda block: block.stop - block.start)
         for k, rows in enumerate(chunks):
-            if k not in mine:
+            if not owns(rows):
                 continue
             f1 = self.factors(x1[rows])
             out[rows] = paired_rows(f1, f1 if x2 is None else self.factors(x2[rows]))
@@ -496,10 +497,10 @@ class _Engine:
     def views(self, views: list[Tensor], progress: Progress | None) -> Tensor:
         count, n = len(views), len(views[0])
         out = self._new(n, count, count)
-        chunks = _chunks(n, max(1, min(self.chunk, self.resident // count)))
-        mine = self._mine([rows.stop - rows.start for rows in chunks])
+        chunks = self._tiles(n, max(1, min(self.chunk, self.resident // count)))
+        owns = self._owner(n, lambda block: block.stop - block.start)
         for k, rows in enumerate(chunks):
-            if k not in mine:
+            if not owns(rows):
                 continue
             factors = [self.factors(view[rows]) for view in views]
             for a in range(count):
@@ -513,6 +514,27 @@ class _Engine:
         """The output: zeros when sharded (other ranks' entries stay 0 for the all-reduce)."""
         like = self.like  # the computation's dtype and device (the inputs may be integers)
         return like.new_zeros(shape) if self.shard else like.new_empty(shape)
+
+    def _tiles(self, n: int, size: int) -> list[slice]:
+        """Row tiles of at most ``size`` rows; when sharded, each inside one of the blocks of :meth:`_owner`."""
+        if not self.shard:
+            return _chunks(n, size)
+        return [
+            slice(b.start + t.start, b.start + t.stop)
+            for b in _shard_blocks(n, self.shard)
+            for t in _chunks(b.stop - b.start, size)
+        ]
+
+    def _owner(self, n: int, cost: Callable[[slice], float]) -> Callable[[slice], bool]:
+        """Whether this shard computes the rows of a tile from :meth:`_tiles`: the blocks of
+        :func:`_shard_blocks` (which depend on n and the world size only, never on the memory budget, the
+        chunk or a retry's smaller tiles, which may differ between ranks) are assigned by :meth:`_mine`."""
+        if not self.shard:
+            return lambda rows: True
+        blocks = _shard_blocks(n, self.shard)
+        mine = self._mine([cost(block) for block in blocks])
+        owned = [block for k, block in enumerate(blocks) if k in mine]
+        return lambda rows: any(block.start <= rows.start < block.stop for block in owned)
 
     def _mine(self, costs: list[float]) -> set[int]:
         """Indices of the work units this shard computes: longest-processing-time-first assignment of the
@@ -540,7 +562,7 @@ class _Engine:
             kernel[rows, cols] = strip
             kernel[cols, rows] = strip.mT
 
-        self._upper_strips(x, _chunks(len(x), self.tile), write, progress)
+        self._upper_strips(x, self._tiles(len(x), self.tile), write, progress)
         return kernel
 
     def train_test(self, x_train: Tensor, x_test: Tensor, progress: Progress | None) -> tuple[Tensor, Tensor]:
@@ -561,7 +583,8 @@ class _Engine:
             k_train[train_cols, rows] = strip[:, :split].mT
             k_test[cols.start + split - n : cols.stop - n, rows] = strip[:, split:].mT
 
-        self._upper_strips(torch.cat([x_train, x_test]), _chunks(n, self.tile) + shift, write, progress, skip_from=n)
+        tiles = self._tiles(n, self.tile) + shift
+        self._upper_strips(torch.cat([x_train, x_test]), tiles, write, progress, skip_from=n)
         return k_train, k_test
 
     def _upper_strips(
@@ -584,8 +607,9 @@ class _Engine:
             for q in range(p, len(panels))
             for rows in live[p]
         ]
-        mine = self._mine([(rows.stop - rows.start) * (cols.stop - cols.start) for _, _, rows, cols in units])
-        units = [unit for u, unit in enumerate(units) if u in mine]
+        # whole strips per shard: a row's strip costs its height times the columns from its diagonal on
+        owns = self._owner(skip_from or len(x), lambda rows: (rows.stop - rows.start) * (len(x) - rows.start))
+        units = [unit for unit in units if owns(unit[2])]
         done = 0
         for p, panel in enumerate(panels):
             todo = [unit for unit in units if unit[0] == p]
@@ -604,11 +628,11 @@ class _Engine:
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
         kernel = self._new(len(x1), len(x2))
-        panels = _groups(_chunks(len(x1), self.tile), self.resident)
+        panels = _groups(self._tiles(len(x1), self.tile), self.resident)
         groups = [slice(g[0].start, g[-1].stop) for g in _groups(_chunks(len(x2), self.tile), self.resident)]
         units = [(p, cols, rows) for p in range(len(panels)) for cols in groups for rows in panels[p]]
-        mine = self._mine([(rows.stop - rows.start) * (cols.stop - cols.start) for _, cols, rows in units])
-        units = [unit for u, unit in enumerate(units) if u in mine]
+        owns = self._owner(len(x1), lambda rows: rows.stop - rows.start)  # whole rows of the kernel per shard
+        units = [unit for unit in units if owns(unit[2])]
         cached = self.factors(x2) if len(groups) == 1 and units else None
         done = 0
         for p, panel in enumerate(panels):
@@ -673,6 +697,13 @@ def capture_workers() -> int:
         f"{CAPTURE_WORKERS_VARIABLE}={value!r} must be a positive number of threads (1: capture chunk after "
         "chunk, each with all of torch's threads), or unset (one per torch thread)."
     )
+
+
+def _shard_blocks(n: int, shard: tuple[int, int]) -> list[slice]:
+    """The rows of an n-row result cut into blocks of near-equal size: about four per rank (for balance), but
+    at least 16 rows and at most :data:`TILE` each. These are the units shards are assigned; they depend on n
+    and the world size alone, so that every rank cuts the work alike whatever its memory."""
+    return _chunks(n, min(TILE, max(16, -(-n // (4 * shard[1])))))
 
 
 def _chunks(n: int, size: int) -> list[slice]:

@@ -850,3 +850,50 @@ def test_a_replica_shares_the_tensors_and_owns_its_modules_and_hooks():
     replica[3].register_forward_hook(lambda *args: None)
     replica[0].weight = nn.Parameter(torch.zeros(4, 4))  # what functional_call does to the replica's modules
     assert not model[3]._forward_hooks and model[0].weight is shared.weight and replica[2].weight is not shared.weight
+
+
+def test_shards_agree_whatever_each_ranks_memory_budget_chunk_and_retries(monkeypatch):
+    """Ranks may have different free memory (the default budget), batch sizes, or halve their budget and strips
+    after running out of memory: the work must still be cut alike, or the summed shards miss and double entries."""
+    make, shape = MODELS["mlp"]
+    model = make().double()
+    x1, x2 = torch.randn(70, *shape, dtype=torch.float64), torch.randn(23, *shape, dtype=torch.float64)
+    per_example = 8 * (12 + 1 + 7 + 7 + 1 + 5 + 6)
+    ranks = [  # (memory budget, batch size, out-of-memory failures before it fits)
+        (None, None, 0),
+        (24 * per_example / empirical.RESIDENT_SHARE, 3, 1),  # after the retry: several panels, shorter strips
+        (30 * per_example / empirical.RESIDENT_SHARE, 7, 2),
+    ]
+    failures = [0]
+    original = empirical._Engine.factors
+
+    def factors(self, x):
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return original(self, x)
+
+    monkeypatch.setattr(empirical._Engine, "factors", factors)
+    calls = {
+        "gram": (lambda **kw: empirical_ntk(model, x1, **kw), reference_ntk(model, x1)),
+        "cross": (lambda **kw: empirical_ntk(model, x1, x2, **kw), reference_ntk(model, x1, x2)),
+        "paired": (lambda **kw: empirical_ntk(model, x1, paired=True, **kw), reference_ntk(model, x1).diagonal()),
+        "train_test": (
+            lambda **kw: torch.cat(empirical_ntk_train_test(model, x1, x2, **kw)),
+            torch.cat([reference_ntk(model, x1), reference_ntk(model, x2, x1)]),
+        ),
+        "views": (
+            lambda **kw: empirical_ntk_views(model, [x1, -x1], **kw)[:, 0, 1],
+            reference_ntk(model, x1, -x1).diagonal(),
+        ),
+    }
+    for name, (call, expected) in calls.items():
+        parts = []
+        for rank, (budget, batch_size, retries) in enumerate(ranks):
+            failures[0] = retries
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the retries' warnings
+                options = dict(memory_budget=budget, batch_size=batch_size, dtype=torch.float64)
+                parts.append(call(shard=(rank, len(ranks)), **options))
+        assert relative_error(sum(parts), expected) < 1e-12, name
+        assert int(torch.stack([part != 0 for part in parts]).sum(0).max()) == 1, name
