@@ -67,13 +67,19 @@ class ChannelsLastMaxPool(TorchFunctionMode):
 
 def _eligible(x: object) -> bool:
     return (
-        type(x) is Tensor
+        not _under_functorch()  # vmap/grad over the call (the Function has no functorch rules)
+        and type(x) is Tensor
         and x.ndim == 4
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.shape[1] >= MIN_CHANNELS
         and x.is_contiguous()
     )
+
+
+def _under_functorch() -> bool:
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    return peek is None or peek() is not None
 
 
 def _empty(value: object) -> bool:

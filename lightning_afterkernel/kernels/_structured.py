@@ -258,6 +258,53 @@ def capture_any(
     return capture(model, state, layers, x, eps=True), True
 
 
+STATELESS_FORWARD = "afterkernel_stateless_forward"
+"""A class that sets this attribute to True in its own body (a subclass does not inherit the promise) declares
+that its forward keeps no state outside its own attributes between calls and reaches its submodules only through
+them, so that chunks may be captured concurrently on replicas of it (see :func:`concurrency_obstacle`)."""
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+@contextmanager
+def recording_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Within the block, every module of ``model`` that is called is appended to the list yielded."""
+    called: list[nn.Module] = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args: called.append(module)) for module in model.modules()
+    ]
+    try:
+        yield called
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def concurrency_obstacle(model: nn.Module, called: list[nn.Module]) -> str | None:
+    """Why chunks of ``model`` may not be captured concurrently without the user's word for it, or None.
+
+    A forward may keep state where a replica shares it with the original (a list of activations, a hook that
+    is a bound method of the model, a closure), and then two threads read each other's values: no check on
+    finished results can rule that out. So concurrency is automatic only when every module ``called`` in a
+    forward (see :func:`recording_calls`) is a class of ``torch.nn`` itself or declares :data:`STATELESS_FORWARD`,
+    and none has hooks of the user's; their forwards reach only their own submodules, so the modules called
+    do not depend on the data."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    for module in called:
+        cls, name = type(module), names.get(id(module), "?") or "<root>"
+        if not (cls.__module__.startswith("torch.nn.") or cls.__dict__.get(STATELESS_FORWARD) is True):
+            return f"module {name} ({cls.__name__}) has a forward of its own"
+        if any(getattr(module, table, None) for table in _HOOK_TABLES):
+            return f"module {name} ({cls.__name__}) has hooks"
+    return None
+
+
 def replicate(model: nn.Module, layers: list[Layer]) -> tuple[nn.Module, list[Layer]]:
     """A replica of ``model`` for a concurrent capture, and ``layers`` mapped onto it.
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import _structured as st
@@ -50,10 +51,16 @@ MIN_CPU_CHUNK = 8
 """Smallest capture chunk chosen for the cache (per-call overheads dominate below it)."""
 CAPTURE_WORKERS_VARIABLE = "AFTERKERNEL_CAPTURE_WORKERS"
 """Environment variable: how many capture chunks run at once on CPU, each in its own thread on its own replica
-of the model with ``torch.get_num_threads() // workers`` intra-op threads (default: one per torch thread).
-The small convolutions, poolings and copies of one chunk keep two threads busy poorly, so whole chunks side
-by side, one thread each, are faster (see ``docs/benchmarks.md``). Each chunk is computed exactly as in the
-serial path."""
+of the model with ``torch.get_num_threads() // workers`` intra-op threads. Unset: one per torch thread (up to
+:data:`MAX_AUTO_WORKERS`) for models built from ``torch.nn`` classes and classes that declare
+``afterkernel_stateless_forward`` (the paper's models), one otherwise; set, it is the user's word that the
+model's forward may run on replicas side by side (no state kept in lists, closures or hooks bound to the
+model). The small convolutions, poolings and copies of one chunk keep two threads busy poorly, so whole
+chunks side by side, one thread each, are faster (see ``docs/benchmarks.md``). Each chunk runs the serial
+path's operations; in float32 its rounding may differ slightly (one intra-op thread splits sums unlike two)."""
+MAX_AUTO_WORKERS = 8
+"""Most workers chosen without the variable (measured on 2 cores only; more threads each get several
+intra-op threads)."""
 _CONCURRENT_CAPTURE = threading.Lock()
 """Held while chunks are captured concurrently: the thread count the workers change is process-wide, so a
 second engine (another thread's call) captures serially meanwhile instead of interleaving the changes."""
@@ -306,7 +313,8 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     try:
         layers = st.plan(model, set(trainable))
-        probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2])
+        with st.recording_calls(model) as called:
+            probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2])
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
@@ -314,7 +322,8 @@ def _engine(
         return _Engine(model, trainable, fixed, None, batch_size, budget)
     force = "materialised" if implementation == "materialised" else None
     st.choose_forms(layers, probe, *workload, force=force)
-    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget, eps=eps)
+    obstacle = st.concurrency_obstacle(model, called)
+    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget, eps=eps, obstacle=obstacle)
 
 
 def _unsupported_error(implementation: str, why: Exception) -> ModelError:
@@ -344,6 +353,7 @@ class _Engine:
         batch_size: int | None,
         budget: int,
         eps: bool = False,
+        obstacle: str | None = "not the structured engine",
     ) -> None:
         self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
         self.shard: tuple[int, int] | None = None
@@ -367,7 +377,7 @@ class _Engine:
             self.probe_x = x1[:2]
             self.replica_list = [(model, self.layers)]
             if x1.device.type == "cpu":
-                self.workers = capture_workers()
+                self.workers = capture_workers(obstacle)
             self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
             activations = sum(a[:1].numel() + 2 * g[:1].numel() for a, g in (io for io in probe if io is not None))
             patches = sum(
@@ -393,7 +403,7 @@ class _Engine:
                 grads = self.per_example(self.trainable, x[rows])
                 torch.cat([g.reshape(len(x[rows]), -1) for g in grads.values()], dim=1, out=out.rows(rows).jac)
             return out
-        replicas = self._replicas(min(self.workers, len(chunks)))
+        replicas = self._replicas(min(self.workers, len(chunks))) if _plain_thread_state(x) else self.replica_list[:1]
         if len(replicas) > 1 and _CONCURRENT_CAPTURE.acquire(blocking=False):
             try:
                 self._capture_concurrently(replicas, x, chunks, out)
@@ -453,8 +463,12 @@ class _Engine:
         """The model and up to ``count - 1`` replicas (:func:`~._structured.replicate`), each checked to give
         the model's factors bitwise; a replica that does not (its forward escapes it) ends concurrency."""
         while len(self.replica_list) < count:
-            replica, layers = st.replicate(self.model, self.layers)
-            if not self._replica_agrees(replica, layers):
+            try:
+                replica, layers = st.replicate(self.model, self.layers)
+                agrees = self._replica_agrees(replica, layers)
+            except Exception:  # e.g. a forward that looks its module up in a registry: the serial path works
+                agrees = False
+            if not agrees:
                 self.workers = 1
                 break
             self.replica_list.append((replica, layers))
@@ -677,6 +691,20 @@ def _length(x: object) -> int:
     return len(x) if isinstance(x, Tensor) and x.ndim else 0
 
 
+def _plain_thread_state(x: Tensor) -> bool:
+    """No autocast, torch-function or dispatch mode, or saved-tensor hooks in this thread: worker threads start
+    without them, so a capture under any of them stays in this thread (and computes what the caller asked)."""
+    try:
+        return not (
+            torch.is_autocast_enabled(x.device.type)
+            or torch._C._is_torch_function_mode_enabled()
+            or _current_dispatch_mode() is not None
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        )
+    except (AttributeError, TypeError, RuntimeError):  # another torch: no concurrency rather than a guess
+        return False
+
+
 def _tensors(factors: st.Factors) -> list[Tensor]:
     return ([] if factors.jac is None else [factors.jac]) + [t for pair in factors.pairs for t in pair]
 
@@ -685,12 +713,15 @@ def _factor_bytes(factors: st.Factors) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(factors))
 
 
-def capture_workers() -> int:
-    """Threads capturing chunks at once on CPU: :data:`CAPTURE_WORKERS_VARIABLE` if set, else
-    ``torch.get_num_threads()``."""
+def capture_workers(obstacle: str | None) -> int:
+    """Threads capturing chunks at once on CPU: :data:`CAPTURE_WORKERS_VARIABLE` if set (the user's word that
+    the model's forward is safe to run on replicas side by side), else one per torch thread up to
+    :data:`MAX_AUTO_WORKERS` when there is no ``obstacle`` (see :func:`~._structured.concurrency_obstacle`),
+    else 1."""
     value = os.environ.get(CAPTURE_WORKERS_VARIABLE, "").strip()
     if not value:
-        return max(1, torch.get_num_threads())
+        threads = min(MAX_AUTO_WORKERS, torch.get_num_threads())
+        return 1 if threads < 2 or obstacle is not None else threads
     if value.isdigit() and int(value) >= 1:
         return int(value)
     raise ConfigurationError(

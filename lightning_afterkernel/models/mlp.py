@@ -40,6 +40,10 @@ class MLPClassifier(BinaryClassifier):
         init: ``"glorot"`` (Glorot-uniform weights, zero biases: the paper's Keras default) or ``"torch"``.
     """
 
+    afterkernel_stateless_forward = True
+    """The forward (``BinaryClassifier.forward``: head(body(x))) keeps no state between calls, so the eNTK engine
+    may capture chunks side by side on replicas of this class (not of subclasses, which may override it)."""
+
     def __init__(
         self,
         input_shape: tuple[int, int, int] = (1, 28, 28),

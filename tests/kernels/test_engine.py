@@ -6,6 +6,7 @@ import copy
 import threading
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -897,3 +898,118 @@ def test_shards_agree_whatever_each_ranks_memory_budget_chunk_and_retries(monkey
                 parts.append(call(shard=(rank, len(ranks)), **options))
         assert relative_error(sum(parts), expected) < 1e-12, name
         assert int(torch.stack([part != 0 for part in parts]).sum(0).max()) == 1, name
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _HookStash(nn.Module):
+    """Hands an activation from a hook (a bound method of the model) to its forward through ``self``: a replica
+    shares the bound method with the original, so its forward would read the original's attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.stem, self.body, self.head = nn.Linear(6, 6), nn.Linear(6, 5), nn.Linear(5, 1)
+        self.stem.register_forward_hook(self._grab)
+
+    def _grab(self, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.feat = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stem(x)
+        return self.head(torch.tanh(self.body(self.feat)))
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize(
+    ("make", "concurrent"),
+    [
+        (lambda: MODELS["conv_strided_padded"][0](), True),  # torch.nn classes only
+        (lambda: _PaperVGG(), True),  # declares afterkernel_stateless_forward
+        (lambda: _HookStash(), False),  # a forward of its own (and hooks)
+        (lambda: _PaperVGG(subclass=True), False),  # a subclass does not inherit the promise
+    ],
+    ids=["sequential", "paper_vgg", "own_forward", "subclass"],
+)
+def test_without_the_variable_only_known_stateless_models_are_captured_concurrently(monkeypatch, make, concurrent):
+    monkeypatch.delenv(empirical.CAPTURE_WORKERS_VARIABLE, raising=False)
+    names = []
+    original = empirical._Engine._capture
+    monkeypatch.setattr(
+        empirical._Engine,
+        "_capture",
+        lambda self, *args: (names.append(threading.current_thread().name), original(self, *args))[1],
+    )
+    model = make().double()
+    shape = (2, 7, 8) if isinstance(model, nn.Sequential) else (6,) if isinstance(model, _HookStash) else (1, 8, 8)
+    x = torch.randn(30, *shape, dtype=torch.float64)
+    kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert any(n.startswith("afterkernel-capture") for n in names) is concurrent
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+def _PaperVGG(subclass: bool = False) -> nn.Module:  # noqa: N802 (a factory named like the class it builds)
+    from lightning_afterkernel.models import VGGClassifier
+
+    torch.manual_seed(15)
+    cls = type("SubVGG", (VGGClassifier,), {}) if subclass else VGGClassifier
+    return cls(input_shape=(1, 8, 8), width=4)
+
+
+def test_the_obstacle_names_the_module_and_its_hooks():
+    def obstacle(model: nn.Module, x: torch.Tensor) -> str | None:
+        with _structured.recording_calls(model) as called:
+            model(x)
+        return _structured.concurrency_obstacle(model, called)
+
+    model = seeded(0, nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[2].spare = _HookStash()  # a submodule Linear.forward never calls: no obstacle
+    x = torch.randn(2, 6)
+    assert obstacle(model, x) is None and not model[0]._forward_pre_hooks
+    model[1].register_forward_hook(lambda *args: None)
+    assert obstacle(model, x) == "module 1 (Tanh) has hooks"
+    assert obstacle(_HookStash(), x) == "module <root> (_HookStash) has a forward of its own"
+
+
+@pytest.mark.parametrize("mode", ["autocast", "saved_tensor_hooks"])
+def test_thread_local_modes_keep_the_capture_in_the_callers_thread(monkeypatch, mode):
+    names = _concurrent(monkeypatch)  # workers asked for, but they would start without the caller's mode
+    make, shape = MODELS["mlp"]
+    model, x = make(), torch.randn(12, *shape)
+    context = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if mode == "autocast"
+        else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    )
+    with context:
+        kernel = empirical_ntk(model, x, batch_size=2)
+    assert names and all(n == threading.current_thread().name for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < (5e-2 if mode == "autocast" else 1e-5)
+
+
+class _Registry(nn.Module):
+    """Looks its layers' settings up in a registry keyed by module object: a replica's modules are not in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(16)
+        self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 1)
+        self.scales = weakref.WeakKeyDictionary({self.body: 2.0})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.scales[self.body] * self.body(x)))
+
+
+def test_a_replica_that_fails_leaves_the_capture_serial(monkeypatch):
+    names = _concurrent(monkeypatch)
+    model = _Registry().double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert names and all(n == threading.current_thread().name for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12

@@ -100,3 +100,24 @@ def test_the_capture_pools_channels_last_only_in_models_with_max_pooling(monkeyp
 def test_the_channel_threshold_is_documented_where_it_is_used():
     x = torch.randn(1, _layouts.MIN_CHANNELS, 4, 4)
     assert _layouts._eligible(x) and not _layouts._eligible(x[:, :-1].contiguous())
+
+
+class _VmappedPool(nn.Module):
+    """Pools each example through ``torch.vmap`` inside its forward: the channels-last Function has no functorch
+    rules, so such calls must take the ordinary operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv, self.pool, self.head = nn.Conv2d(2, 6, 3, padding=1), nn.MaxPool2d(2), nn.Linear(6 * 3 * 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.head(torch.vmap(lambda one: self.pool(one.unsqueeze(0)).squeeze(0))(h).flatten(1))
+
+
+def test_pooling_under_functorch_transforms_takes_the_ordinary_operator():
+    model = _VmappedPool().double()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    kernel = empirical_ntk(model, x, dtype=torch.float64)
+    assert float((kernel - reference_ntk(model, x)).norm() / kernel.norm()) < 1e-12
