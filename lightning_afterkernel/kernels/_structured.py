@@ -273,12 +273,17 @@ _HOOK_TABLES = (
 
 
 @contextmanager
-def recording_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
-    """Within the block, every module of ``model`` that is called is appended to the list yielded."""
-    called: list[nn.Module] = []
-    handles = [
-        module.register_forward_pre_hook(lambda module, args: called.append(module)) for module in model.modules()
-    ]
+def recording_calls(model: nn.Module) -> Iterator[list[int]]:
+    """Within the block, the ``id`` of every module of ``model`` that is called is appended to the list yielded.
+    (Ids, and a hook that ``torch.compile`` does not trace: a compiled model's tracer fails on hooks that keep
+    module objects.)"""
+    called: list[int] = []
+
+    @torch.compiler.disable
+    def record(module: nn.Module, args: tuple) -> None:
+        called.append(id(module))
+
+    handles = [module.register_forward_pre_hook(record) for module in model.modules()]
     try:
         yield called
     finally:
@@ -286,7 +291,7 @@ def recording_calls(model: nn.Module) -> Iterator[list[nn.Module]]:
             handle.remove()
 
 
-def concurrency_obstacle(model: nn.Module, called: list[nn.Module]) -> str | None:
+def concurrency_obstacle(model: nn.Module, called: list[int]) -> str | None:
     """Why chunks of ``model`` may not be captured concurrently without the user's word for it, or None.
 
     A forward may keep state where a replica shares it with the original (a list of activations, a hook that
@@ -295,10 +300,12 @@ def concurrency_obstacle(model: nn.Module, called: list[nn.Module]) -> str | Non
     forward (see :func:`recording_calls`) is a class of ``torch.nn`` itself or declares :data:`STATELESS_FORWARD`,
     and none has hooks of the user's; their forwards reach only their own submodules, so the modules called
     do not depend on the data."""
-    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
-    for module in called:
-        cls, name = type(module), names.get(id(module), "?") or "<root>"
-        if not (cls.__module__.startswith("torch.nn.") or cls.__dict__.get(STATELESS_FORWARD) is True):
+    modules = {id(module): (name, module) for name, module in model.named_modules(remove_duplicate=False)}
+    for key in dict.fromkeys(called):
+        name, module = modules[key]
+        cls, name = type(module), name or "<root>"
+        built_in = cls.__module__.startswith("torch.nn.") and not cls.__module__.startswith("torch.nn.parallel")
+        if not (built_in or cls.__dict__.get(STATELESS_FORWARD) is True):  # (DataParallel/DDP forwards keep state)
             return f"module {name} ({cls.__name__}) has a forward of its own"
         if any(getattr(module, table, None) for table in _HOOK_TABLES):
             return f"module {name} ({cls.__name__}) has hooks"

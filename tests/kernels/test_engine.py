@@ -975,6 +975,8 @@ def test_the_obstacle_names_the_module_and_its_hooks():
     model[1].register_forward_hook(lambda *args: None)
     assert obstacle(model, x) == "module 1 (Tanh) has hooks"
     assert obstacle(_HookStash(), x) == "module <root> (_HookStash) has a forward of its own"
+    wrapped = nn.DataParallel(seeded(0, nn.Linear(6, 1)))  # (on CPU it just calls the module)
+    assert obstacle(wrapped, x) == "module <root> (DataParallel) has a forward of its own"
 
 
 @pytest.mark.parametrize("mode", ["autocast", "saved_tensor_hooks"])
@@ -1012,4 +1014,17 @@ def test_a_replica_that_fails_leaves_the_capture_serial(monkeypatch):
     x = torch.randn(9, 6, dtype=torch.float64)
     kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
     assert names and all(n == threading.current_thread().name for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_compiled_model_is_captured_serially_and_exactly(monkeypatch):
+    """The probe's call recording must not trip ``torch.compile``'s tracer (it did, on hooks that kept module
+    objects); the compiled wrapper is not a ``torch.nn`` class, so its chunks are captured one after another."""
+    monkeypatch.delenv(empirical.CAPTURE_WORKERS_VARIABLE, raising=False)
+    model = _PaperVGG().double()
+    x = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's recompilation notes
+        kernel = empirical_ntk(torch.compile(model, backend="eager"), x, dtype=torch.float64, batch_size=4)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
