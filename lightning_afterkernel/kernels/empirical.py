@@ -262,7 +262,6 @@ def _compute(
                     else:
                         engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
                     engine.shard = shard
-                    # sharded: strips small enough that every rank gets several, for balance
                     engine.tile = tile  # when sharded, strips are cut inside the shard's blocks
                     return task(engine, x1, x2, _progress(progress))
                 except st.Unsupported as why:  # found past the probe (e.g. data-dependent control flow)
@@ -480,10 +479,7 @@ class _Engine:
         blocks = []
         for model, its_layers in ((self.model, self.layers), (replica, layers)):
             block = st.empty_factors(self.sample, len(self.sample))
-            try:
-                self._capture(model, its_layers, self.probe_x, block)
-            except (st.Unsupported, RuntimeError):
-                return False
+            self._capture(model, its_layers, self.probe_x, block)  # an error: see _replicas
             blocks.append(_tensors(block))
         return all(torch.equal(a, b) for a, b in zip(*blocks, strict=True))
 
