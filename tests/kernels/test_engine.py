@@ -699,6 +699,19 @@ def test_forward_hooks_that_change_a_layers_output_are_exact(in_place):
 
 
 # ------------------------------------------------------------------ concurrent capture (CPU)
+def _capture_threads(monkeypatch) -> list[str]:
+    """The names of the threads that capture each chunk, recorded as they go."""
+    names: list[str] = []
+    original = empirical._Engine._capture
+
+    def spy(self, *args):
+        names.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(empirical._Engine, "_capture", spy)
+    return names
+
+
 def _concurrent(monkeypatch, workers: int = 2) -> list[str]:
     """Capture with ``workers`` threads; the first capture in each worker thread waits (up to 10 s) until two
     threads are capturing at once, so a test fails unless chunks really run side by side. Returns the names
@@ -814,14 +827,8 @@ def test_an_error_in_a_worker_is_raised_and_the_thread_count_restored(monkeypatc
 
 
 def test_a_second_engine_captures_serially_while_one_captures_concurrently(monkeypatch):
-    names = []
-    original = empirical._Engine._capture
     monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "2")
-    monkeypatch.setattr(
-        empirical._Engine,
-        "_capture",
-        lambda self, *args: (names.append(threading.current_thread().name), original(self, *args))[1],
-    )
+    names = _capture_threads(monkeypatch)
     make, shape = MODELS["batchnorm"]
     model, x = make(), torch.randn(10, *shape)
     with empirical._CONCURRENT_CAPTURE:  # as if another thread's engine were capturing concurrently
@@ -939,13 +946,7 @@ class _HookStash(nn.Module):
 )
 def test_without_the_variable_only_known_stateless_models_are_captured_concurrently(monkeypatch, make, concurrent):
     monkeypatch.delenv(empirical.CAPTURE_WORKERS_VARIABLE, raising=False)
-    names = []
-    original = empirical._Engine._capture
-    monkeypatch.setattr(
-        empirical._Engine,
-        "_capture",
-        lambda self, *args: (names.append(threading.current_thread().name), original(self, *args))[1],
-    )
+    names = _capture_threads(monkeypatch)
     model = make().double()
     shape = (2, 7, 8) if isinstance(model, nn.Sequential) else (6,) if isinstance(model, _HookStash) else (1, 8, 8)
     x = torch.randn(30, *shape, dtype=torch.float64)
