@@ -13,12 +13,16 @@ n with the default budget and with ``--small-budget`` and compares the two.
 
     python benchmarks/entk.py                        # the targets: MLP n=2000, VGG n=1000, CIFAR shapes
     python benchmarks/entk.py --scaling 1000 2000 4000 8000 12000 --memory-check 12000
-    python benchmarks/entk.py --device cuda --compare-n 11982 --full-split ../shared/data   # a GPU
+    python benchmarks/entk.py --device cuda --full-split ../shared/data --full-split-tutorial   # a GPU
+
+On a GPU the tutorial runs in exact fp32 (TF32 off, like the engine); the full split also times it with PyTorch's
+defaults (TF32 cuDNN convolutions).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -162,28 +166,117 @@ def child(arch: str, data: str, n: int, device: str, budget: str | None = None, 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def full_split(root: str, device: str, repeats: int) -> list[dict]:
-    """The after kernel of the paper's models on the full MNIST 3-vs-8 split: K_train and K_test."""
+TARGETS = {"vgg": 10.0, "mlp": 2.0}
+"""The issue's GPU targets for the full split (seconds for K_train + K_test)."""
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+
+
+@contextlib.contextmanager
+def tf32(allow: bool):
+    """TF32 in CUDA matmuls and cuDNN convolutions on or off (PyTorch's defaults: off and on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def full_split(root: str, device: str, repeats: int, tutorial: bool, profile: bool, limit: int = 0) -> list[dict]:
+    """The after kernel of the paper's models on the full MNIST 3-vs-8 split: K_train and K_test, with time and
+    peak memory, and the fp32 kernels' relative errors against the engine's float64 kernels (checked against the
+    float64 reference in the comparisons). With ``tutorial``, the tutorial's Jacobian contraction on the same
+    inputs once in exact fp32 (the ratio) and once with PyTorch's defaults (TF32 cuDNN convolutions on a GPU);
+    with ``profile``, the heaviest operators of one engine run that missed its target. ``limit`` > 0 keeps the
+    first ``limit`` training and ``limit // 6`` test images (a smoke test)."""
     from lightning_afterkernel.data import BinaryPairDataModule
 
     dm = BinaryPairDataModule(root=root, download=False)
     dm.setup("fit")
     x_train, x_test = dm.tensors("train")[0].to(device), dm.tensors("test")[0].to(device)
+    if limit:
+        x_train, x_test = x_train[:limit], x_test[: max(1, limit // 6)]
     rows = []
     for arch in ("vgg", "mlp"):
         model = make_model(arch, "mnist").to(device)
         empirical_ntk_train_test(model, x_train[:64], x_test[:16])
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        seconds, _ = median_time(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), repeats, device)
-        peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-        rows.append({"model": arch, "n_train": len(x_train), "n_test": len(x_test), "seconds": seconds, "peak": peak})
+        _peak_reset(device)
+        seconds, fp32 = median_time(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), repeats, device)
+        row = {"model": arch, "n_train": len(x_train), "n_test": len(x_test), "seconds": seconds, "peak": _peak(device)}
         print(
-            f"full split {arch}: K_train {len(x_train)}^2 + K_test {len(x_test)}x{len(x_train)} in {seconds:.2f} s, "
-            f"peak {peak / 2**30:.2f} GiB",
+            f"full split {arch}: K_train {len(x_train)}^2 + K_test {len(x_test)}x{len(x_train)} in {seconds:.2f} s "
+            f"(target {TARGETS[arch]:g} s), peak {row['peak'] / 2**30:.2f} GiB",
             flush=True,
         )
+        fp64_seconds, fp64 = median_time(
+            lambda m=model: empirical_ntk_train_test(m, x_train, x_test, dtype=torch.float64), 1, device
+        )
+        row.update(fp64_s=fp64_seconds, err_fp32_engine=_error(fp32, fp64))
+        print(
+            f"full split {arch}: float64 engine {fp64_seconds:.2f} s; fp32 engine vs it (relative Frobenius, K_train / "
+            f"K_test) {row['err_fp32_engine']}",
+            flush=True,
+        )
+        if profile and seconds > TARGETS[arch]:
+            _profile(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), device)
+        for variant, allow in [("tutorial", False), ("tutorial_tf32", True)] if tutorial else []:
+            try:
+                with tf32(allow):
+                    tutorial_ntk(model, x_train[:64], x_test[:16])  # warm-up
+                    _peak_reset(device)
+                    t_seconds, kernels = median_time(
+                        lambda m=model: (tutorial_ntk(m, x_train, x_train), tutorial_ntk(m, x_test, x_train)),
+                        1,
+                        device,
+                    )
+                row.update(
+                    {
+                        f"{variant}_s": t_seconds,
+                        f"{variant}_peak": _peak(device),
+                        f"{variant}_speedup": t_seconds / seconds,
+                        f"err_fp32_{variant}": _error(kernels, fp64),
+                    }
+                )
+                print(
+                    f"full split {arch}: {variant} {t_seconds:.2f} s, peak {_peak(device) / 2**30:.2f} GiB: engine "
+                    f"speed-up {t_seconds / seconds:.1f}x; its error vs the float64 engine {_error(kernels, fp64)}",
+                    flush=True,
+                )
+                del kernels
+            except torch.cuda.OutOfMemoryError as err:
+                row[f"{variant}_s"] = None
+                print(f"full split {arch}: {variant} ran out of memory: {str(err)[:200]}", flush=True)
+        del fp32, fp64
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        rows.append(row)
     return rows
+
+
+def _error(kernels: tuple[torch.Tensor, ...], fp64: tuple[torch.Tensor, ...]) -> str:
+    """The relative Frobenius errors of (K_train, K_test) against the float64 pair."""
+    return " / ".join(f"{rel_err(k, k64):.1e}" for k, k64 in zip(kernels, fp64, strict=True))
+
+
+def _profile(fn, device: str) -> None:
+    """One run of fn under torch.profiler: the operators with the most self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -198,6 +291,9 @@ def main() -> None:
     parser.add_argument("--memory-check", type=int, default=0, help="n of the MLP memory-budget check")
     parser.add_argument("--small-budget", default="1GiB")
     parser.add_argument("--full-split", default="", help="data root: time the full MNIST 3-vs-8 kernels")
+    parser.add_argument("--full-split-tutorial", action="store_true", help="time the tutorial there too (once)")
+    parser.add_argument("--profile", action="store_true", help="profile a full-split run that misses its target")
+    parser.add_argument("--full-split-limit", type=int, default=0, help=argparse.SUPPRESS)  # smoke tests
     parser.add_argument("--json", default="", help="write every row here")
     parser.add_argument("--one", nargs=3, metavar=("ARCH", "DATA", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--budget", default=None, help=argparse.SUPPRESS)
@@ -208,6 +304,7 @@ def main() -> None:
         print(json.dumps(one_point(arch, data, int(n), args.device, args.budget, args.save)))
         return
 
+    torch.backends.cudnn.allow_tf32 = False  # the tutorial in exact fp32 like the engine (PyTorch's default: TF32)
     card = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     )
@@ -217,12 +314,23 @@ def main() -> None:
         flush=True,
     )
     rows: dict[str, list] = {"compare": [], "scaling": [], "memory": [], "full_split": []}
+
+    def save() -> None:  # after every stage, so that a run stopped at a time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+
+    if args.full_split:  # first: on a GPU it is the issue's target
+        rows["full_split"] = full_split(
+            args.full_split, args.device, args.repeats, args.full_split_tutorial, args.profile, args.full_split_limit
+        )
+        save()
     n_mlp, n_vgg = args.compare_n
     for arch, data, n in [("mlp", "mnist", n_mlp), ("vgg", "mnist", n_vgg)] + [
         (arch, "cifar10", args.cifar_n) for arch in ("mlp", "vgg")
     ]:
         if n:
             rows["compare"].append(compare(arch, data, n, args.repeats, args.device, args.reference_n))
+            save()
     for spec in args.scaling_models if args.scaling else []:
         arch, data = spec.split(":")
         for n in args.scaling:
@@ -246,10 +354,7 @@ def main() -> None:
                 flush=True,
             )
         print(f"memory  max |K_default - K_small_budget| = {diff:.1e}", flush=True)
-    if args.full_split:
-        rows["full_split"] = full_split(args.full_split, args.device, args.repeats)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    save()
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@
 #   on the device:  run(command="bash benchmarks/gpu_checks.sh", carry=[".gpu_data"], timeout_s=560)
 #   here, no GPU:   SMOKE=1 DEVICE=cpu bash benchmarks/gpu_checks.sh   # the same steps at toy sizes (~3 min)
 #
-# Steps (outputs in $OUT, default ./gpu_out): env.txt (card, driver, versions); pytest_gpu.txt (the tests marked
-# gpu); entk.txt/.json (engine vs the tutorial's Jacobian contraction on the card at n = 2,000 MLP / 1,000 VGG,
-# CIFAR-10 shapes, and the issue's target: the full MNIST 3-vs-8 split, K_train 11,982^2 + K_test 1,984 x 11,982,
-# time and peak memory); svm.txt (the hard-margin SVM at n = 11,982 on the card, `auto` and `torch`, beside plain
-# scikit-learn on the CPU). The device image has torch, pytorch-lightning, scikit-learn and scipy; the package
-# is used from the working tree (PYTHONPATH), nothing is installed.
+# Steps (outputs in $OUT, default ./gpu_out), the issue targets first: env.txt (card, driver, versions);
+# entk.txt/.json (the issue's target: the full MNIST 3-vs-8 split, K_train 11,982^2 + K_test 1,984 x 11,982, time
+# and peak memory, the tutorial's Jacobian contraction on the same inputs once, a profile of a run over its
+# target; then engine vs tutorial on the card at n = 2,000 MLP / 1,000 VGG and CIFAR-10 shapes); svm.txt (the
+# hard-margin SVM at n = 11,982 on the card, `auto`, beside plain scikit-learn on the CPU); pytest_gpu.txt (the
+# tests marked gpu, from the files that hold them: the device image has no wandb or jsonargparse). The image has
+# torch, pytorch-lightning, torchvision, scikit-learn and scipy; the package is used from the working tree
+# (PYTHONPATH), nothing is installed. Step limits add up to 460 s.
 set -u
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--stage" ]; then
@@ -29,17 +31,25 @@ PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 AFTERKERNEL_DATA="$PWD/.gpu_data"
 
+ENTK_ARGS=(--full-split .gpu_data --full-split-tutorial --profile)
 if [ -n "${SMOKE:-}" ]; then
-    ENTK_ARGS=(--compare-n 200 100 --cifar-n 50 --reference-n 50 --repeats 1)
+    ENTK_ARGS+=(--full-split-limit 300 --compare-n 200 100 --cifar-n 50 --reference-n 50 --repeats 1)
     SVM_ARGS=(--sizes 300 --models mlp --repeats 1)
+    RUN_ARGS=(--n-train 300 --n-test 100 --n-invariance 50)
 else
-    ENTK_ARGS=(--compare-n 2000 1000 --cifar-n 500 --reference-n 300 --full-split .gpu_data)
+    RUN_ARGS=()
+    ENTK_ARGS+=(--compare-n 2000 1000 --cifar-n 500 --reference-n 300)
     SVM_ARGS=(--sizes 11982)
 fi
+GPU_TESTS=(tests/kernels/test_engine.py tests/kernels/test_empirical.py tests/svm/test_torch_backend.py
+    tests/svm/test_optional_backends.py tests/callbacks/test_after_kernel.py)
+
+STEPS=${STEPS:-env entk svm full_run_vgg pytest_gpu full_run_mlp}  # a subset reruns only those steps
 
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, output to $OUT/NAME.txt, print its tail
     local name=$1 limit=$2 start rc
     shift 2
+    case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name (limit ${limit} s)"
     start=$(date +%s)
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
@@ -48,11 +58,15 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, output to $O
     tail -n 12 "$OUT/$name.txt"
 }
 
-step env 60 bash -c "nvidia-smi 2>&1 | head -15; $PY -c 'import torch, sklearn, scipy, pytorch_lightning as pl; \
+step env 30 bash -c "nvidia-smi 2>&1 | head -15; $PY -c 'import torch, sklearn, scipy, pytorch_lightning as pl; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() \
 else \"no GPU\"); print(\"scikit-learn\", sklearn.__version__, \"scipy\", scipy.__version__, \"lightning\", pl.__version__)'"
-step pytest_gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step entk 240 "$PY" benchmarks/entk.py --device "$DEVICE" "${ENTK_ARGS[@]}" --json "$OUT/entk.json"
+step entk 180 "$PY" benchmarks/entk.py --device "$DEVICE" "${ENTK_ARGS[@]}" --json "$OUT/entk.json"
 step svm 150 "$PY" benchmarks/svm.py "${SVM_ARGS[@]}" --kinds after initial --device "$DEVICE" --solver-device "$DEVICE" \
-    --backends auto torch
+    --backends auto
+step full_run_vgg 150 "$PY" benchmarks/full_run.py --model vgg --accelerator "${DEVICE/cuda/gpu}" --data .gpu_data \
+    --out /tmp/full_run_vgg "${RUN_ARGS[@]}"
+step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
+step full_run_mlp 100 "$PY" benchmarks/full_run.py --model mlp --accelerator "${DEVICE/cuda/gpu}" --data .gpu_data \
+    --out /tmp/full_run_mlp "${RUN_ARGS[@]}"
 echo "== done: $(ls "$OUT" | tr '\n' ' ')"

@@ -718,7 +718,8 @@ class AfterKernelCallback(pl.Callback):
             k_test = k_test.to("cpu", torch.float64)
             if trainer.global_step == 0 and name not in self._initial_kernels:
                 self._initial_kernels[name] = k_train_cpu.to(torch.float32)
-            row.update(self._fit_svm(name, epoch, k_train_cpu, y_tr, k_test, y_te))
+            # The SVM's interior-point method runs where the kernel is ("auto" on a GPU: its float64 Cholesky there)
+            row.update(self._fit_svm(name, epoch, train_grams[name], y_tr, k_test, y_te))
             del k_train_cpu, k_test
             t0 = time.perf_counter()
             row.update(self._kernel_metrics(name, epoch, train_grams[name], y_tr))

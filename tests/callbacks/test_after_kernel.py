@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
+from lightning_afterkernel.callbacks import after_kernel as after_kernel_module
 from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
 from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, empirical_ntk_train_test
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
@@ -99,7 +100,7 @@ class PlainLogit(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def make_trainer(tmp_path, callbacks, max_epochs=2, logger=None, **kwargs) -> pl.Trainer:
+def make_trainer(tmp_path, callbacks, max_epochs=2, logger=None, accelerator="cpu", **kwargs) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
@@ -108,7 +109,7 @@ def make_trainer(tmp_path, callbacks, max_epochs=2, logger=None, **kwargs) -> pl
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        accelerator="cpu",
+        accelerator=accelerator,
         **kwargs,
     )
 
@@ -178,6 +179,40 @@ def test_schedule_logging_results_file_and_summary(tmp_path, capsys):
     assert saved["n_train"] == 40 and len(saved["results"]) == 6
     out = capsys.readouterr().out
     assert "After-kernel summary" in out and "NTK SVM" in out and "CK SVM" in out and "network itself" in out
+
+
+@pytest.mark.gpu
+def test_a_gpu_trainer_computes_the_kernels_on_the_card(tmp_path, monkeypatch):
+    """On a GPU Trainer the kernels are computed on the card; the initial kernels (the same weights on both
+    devices) give the CPU run's SVM results."""
+    seen = []
+    original = empirical_ntk_train_test
+
+    def spy(model, x_train, x_test, **kwargs):
+        seen.append((next(model.parameters()).device.type, str(kwargs["device"])))
+        return original(model, x_train, x_test, **kwargs)
+
+    monkeypatch.setattr(after_kernel_module, "empirical_ntk_train_test", spy)
+    runs = {}
+    for accelerator in ("gpu", "cpu"):
+        pl.seed_everything(0)
+        cb = small_callback(n_invariance=8)
+        trainer = make_trainer(tmp_path / accelerator, [cb], max_epochs=1, accelerator=accelerator)
+        trainer.fit(wide_mlp(lr=0.1), datamodule=ToyData())
+        runs[accelerator] = cb.results
+    assert seen[:2] == [("cuda", "cuda:0")] * 2 and seen[2:] == [("cpu", "cpu")] * 2  # epochs 0 and 1 each
+    for r in runs["gpu"]:
+        assert r["svm_separable"] == 1 and r["svm_min_margin"] > 0.99 and 0.5 < r["svm_test_acc"] <= 1.0
+        assert all(math.isfinite(r[f"invariance_{f}"]) for f in ("globalness", "shift", "rotation", "zoom"))
+
+    def initial(run: list[dict], keys: tuple[str, ...]) -> list[tuple]:
+        return [tuple(r[k] for k in keys) for r in run if r["epoch"] == 0]
+
+    keys = ("kernel", "svm_test_acc", "svm_n_support")
+    assert initial(runs["gpu"], keys) == initial(runs["cpu"], keys)
+    numbers = ("alignment_ntk_ck", "invariance_shift", "invariance_globalness")
+    for gpu, cpu in zip(initial(runs["gpu"], numbers), initial(runs["cpu"], numbers), strict=True):
+        assert gpu == pytest.approx(cpu, rel=1e-4)
 
 
 @pytest.mark.parametrize("bar", ["tqdm", "rich"])

@@ -24,10 +24,14 @@ from lightning_afterkernel.kernels import (
 )
 
 IMPLEMENTATIONS = ["structured", "materialised", "vmap"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+"""Tests parametrised by DEVICES run their model and inputs on each device (the CUDA ones on a GPU only) and
+compare with float64 references computed on the CPU."""
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
 
 
 def seeded(seed: int, *layers: nn.Module) -> nn.Module:
@@ -107,24 +111,27 @@ def force_forms(monkeypatch, form: str) -> None:
     monkeypatch.setattr(_structured, "choose_forms", forced)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_every_implementation_matches_the_reference_in_float64(name, implementation):
+def test_every_implementation_matches_the_reference_in_float64(name, implementation, device):
     make, shape = MODELS[name]
     model = make()
     torch.manual_seed(10)
     x1, x2 = torch.randn(9, *shape), torch.randn(5, *shape)
+    expected, expected_cross = reference_ntk(model, x1), reference_ntk(model, x1, x2)
+    model, x1, x2 = model.to(device), x1.to(device), x2.to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none of these models may fall back
         gram = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64)
         cross = empirical_ntk(model, x1, x2, implementation=implementation, dtype=torch.float64)
         pairs = empirical_ntk(model, x1[:5], x2, implementation=implementation, dtype=torch.float64, paired=True)
         diagonal = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64, paired=True)
-    expected = reference_ntk(model, x1)
+    assert {t.device.type for t in (gram, cross, pairs, diagonal)} == {device}
     assert relative_error(gram, expected) < 1e-9
     assert torch.equal(gram, gram.T)
-    assert relative_error(cross, reference_ntk(model, x1, x2)) < 1e-9
-    assert relative_error(pairs, reference_ntk(model, x1[:5], x2).diagonal()) < 1e-9
+    assert relative_error(cross, expected_cross) < 1e-9
+    assert relative_error(pairs, expected_cross[:5].diagonal()) < 1e-9
     assert relative_error(diagonal, expected.diagonal()) < 1e-9
 
 
@@ -330,11 +337,12 @@ def test_cost_model_picks_structured_linear_and_materialised_convs():
     assert [layer.structured for layer in layers] == [False, True, False]  # conv: T = 36; head: p = 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch, implementation):
+def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch, implementation, device):
     make, shape = MODELS["batchnorm"]
-    model = make()
-    x1, x2 = torch.randn(23, *shape), torch.randn(11, *shape)
+    model = make().to(device)
+    x1, x2 = torch.randn(23, *shape, device=device), torch.randn(11, *shape, device=device)
     whole = empirical_ntk(model, x1, implementation=implementation, dtype=torch.float64)
     whole_cross = empirical_ntk(model, x1, x2, implementation=implementation, dtype=torch.float64)
     monkeypatch.setattr(empirical, "TILE", 4)
@@ -362,12 +370,14 @@ def test_panels_recompute_column_blocks_within_the_budget(monkeypatch):
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
 
 
-def test_float32_is_as_accurate_as_the_tutorial_method():
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_is_as_accurate_as_the_tutorial_method(device):
     make, shape = MODELS["conv_strided_padded"]
     model = make()
     x = torch.randn(16, *shape)
     expected = reference_ntk(model, x)
-    tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)
+    model, x = model.to(device), x.to(device)
+    tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)  # on the same device
     for implementation in IMPLEMENTATIONS:
         kernel = empirical_ntk(model, x, implementation=implementation)
         assert kernel.dtype == torch.float32
@@ -419,8 +429,9 @@ FALLBACKS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(FALLBACKS))
-def test_unsupported_models_fall_back_with_a_warning_and_the_exact_kernel(case):
+def test_unsupported_models_fall_back_with_a_warning_and_the_exact_kernel(case, device):
     make, reason = FALLBACKS[case]
     torch.manual_seed(0)
     model = make()
@@ -428,11 +439,13 @@ def test_unsupported_models_fall_back_with_a_warning_and_the_exact_kernel(case):
     if case == "batchnorm without statistics":  # batch statistics: per-example (vmap) is the only meaning
         x1 = x2 = None
     if x1 is not None:
+        expected = reference_ntk(model, x1, x2)
         with pytest.warns(UserWarning, match=f"general per-example-gradient path.*|{reason}"):
-            kernel = empirical_ntk(model, x1, x2, dtype=torch.float64)
-        assert relative_error(kernel, reference_ntk(model, x1, x2)) < 1e-10
+            kernel = empirical_ntk(model.to(device), x1.to(device), x2.to(device), dtype=torch.float64)
+        assert kernel.device.type == device
+        assert relative_error(kernel, expected) < 1e-10
     with pytest.raises(ModelError, match=f"implementation='structured' cannot compute.*{reason}.*'vmap'"):
-        empirical_ntk(model, torch.randn(4, 4), implementation="structured")
+        empirical_ntk(model.to(device), torch.randn(4, 4, device=device), implementation="structured")
 
 
 class WithSpare(nn.Module):
@@ -474,12 +487,15 @@ def test_memory_budget_strings():
     assert _gram.default_budget(torch.device("cpu")) > 2**20
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation):
+def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation, device):
     monkeypatch.setattr(empirical, "TILE", 4)
     make, shape = MODELS["conv_strided_padded"]
     model = make()
     x_train, x_test = torch.randn(10, *shape), torch.randn(7, *shape)
+    expected_train, expected_test = reference_ntk(model, x_train), reference_ntk(model, x_test, x_train)
+    model, x_train, x_test = model.to(device), x_train.to(device), x_test.to(device)
     seen = []
     model[0].register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     options = dict(implementation=implementation, dtype=torch.float64)
@@ -487,32 +503,35 @@ def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation):
     if implementation != "vmap":
         assert sum(seen) == 2 + 17  # the probe, then every example once
     assert torch.equal(k_train, k_train.T)
-    assert relative_error(k_train, reference_ntk(model, x_train)) < 1e-10
-    assert relative_error(k_test, reference_ntk(model, x_test, x_train)) < 1e-10
+    assert relative_error(k_train, expected_train) < 1e-10
+    assert relative_error(k_test, expected_test) < 1e-10
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_views_give_each_examples_gram_matrix_across_views(implementation):
+def test_views_give_each_examples_gram_matrix_across_views(implementation, device):
     make, shape = MODELS["conv_same_reflect_circular"]
     model = make()
     views = [torch.randn(6, *shape) for _ in range(3)]
+    expected = [[reference_ntk(model, views[a], views[b]).diagonal() for b in range(3)] for a in range(3)]
+    model, views = model.to(device), [v.to(device) for v in views]
     gram = empirical_ntk_views(model, views, implementation=implementation, dtype=torch.float64, batch_size=4)
-    assert gram.shape == (6, 3, 3)
+    assert gram.shape == (6, 3, 3) and gram.device.type == device
     for a in range(3):
         for b in range(3):
-            expected = reference_ntk(model, views[a], views[b]).diagonal()
-            assert relative_error(gram[:, a, b], expected) < 1e-10
+            assert relative_error(gram[:, a, b], expected[a][b]) < 1e-10
     with pytest.raises(ConfigurationError, match="views must be a non-empty sequence of tensors of one shape"):
         empirical_ntk_views(model, [views[0], views[1][:3]])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("implementation", ["structured", "vmap"])
-def test_shards_sum_to_the_kernel_and_split_the_work(monkeypatch, world, implementation):
+def test_shards_sum_to_the_kernel_and_split_the_work(monkeypatch, world, implementation, device):
     monkeypatch.setattr(empirical, "TILE", 4)
     make, shape = MODELS["batchnorm"]
-    model = make()
-    x1, x2 = torch.randn(19, *shape), torch.randn(9, *shape)
+    model = make().to(device)
+    x1, x2 = torch.randn(19, *shape, device=device), torch.randn(9, *shape, device=device)
     options = dict(implementation=implementation, dtype=torch.float64, memory_budget=4_000)
     calls = {
         "gram": lambda **kw: empirical_ntk(model, x1, **kw),
@@ -570,15 +589,18 @@ def test_out_of_memory_every_time_is_a_clear_error(monkeypatch):
         empirical_ntk(make(), torch.randn(4, *shape))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("shape", "n"), [((3, 32, 32), 150), ((1, 28, 28), 12)])
-def test_paper_vgg_float32_error_is_the_tutorials(shape, n):
-    """n = 150 CIFAR images: where oneDNN's channels-last convolutions lost two digits (4.9e-6 vs 1.1e-7)."""
+def test_paper_vgg_float32_error_is_the_tutorials(shape, n, device):
+    """n = 150 CIFAR images: where oneDNN's channels-last convolutions lost two digits (4.9e-6 vs 1.1e-7).
+    On a GPU, the tutorial's error is measured on the same card (cuDNN's convolutions, TF32 off)."""
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=shape)
     x = torch.rand(n, *shape, generator=torch.Generator().manual_seed(1))
     expected = reference_ntk(model, x)
+    model, x = model.to(device), x.to(device)
     tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)
     assert relative_error(empirical_ntk(model, x), expected) < max(1e-6, 3 * tutorial)
 

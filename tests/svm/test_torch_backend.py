@@ -88,11 +88,18 @@ def test_ipm_matches_a_brute_force_reference(fit_intercept, seed):
     assert (a >= 0).all() and (y * f).min() >= 1.0 - 1e-9
 
 
+DEVICES = [None, pytest.param("cuda", marks=pytest.mark.gpu)]
+"""``device=`` of the interior-point fits: None (the CPU) and, on a GPU only, "cuda"."""
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fit_intercept", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_exact_kkt_and_at_least_libsvm_dual(separable, fit_intercept, backend):
+def test_exact_kkt_and_at_least_libsvm_dual(separable, fit_intercept, backend, device):
     p = separable
-    est = HardMarginSVM(backend=backend, fit_intercept=fit_intercept).fit(p.K, p.y)
+    est = HardMarginSVM(backend=backend, fit_intercept=fit_intercept, device=device).fit(p.K, p.y)
+    if device is not None:
+        assert est.backend_ == "torch"  # auto on a GPU: the interior-point method there
     ref = HardMarginSVM(backend="sklearn", fit_intercept=fit_intercept).fit(p.K, p.y)
     Kn, y = p.K / est.scale_, 2.0 * p.y - 1.0
     a = est.alpha_
@@ -117,20 +124,22 @@ def test_hard_kernel_exact_where_libsvm_falls_short():
         assert est.n_support_ > 100
 
 
-def test_non_separable_data_is_detected_by_the_ipm():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_separable_data_is_detected_by_the_ipm(device):
     K, y = _overlapping(600)
     y_pm = 2.0 * y - 1.0
     for fit_intercept in (False, True):
         start = time.perf_counter()
         with pytest.raises(NotSeparableError, match="geometric margin <= .* times the mean feature norm") as info:
-            torch_backend.fit_dual(_normalized(K), y_pm, fit_intercept, 1e-9, None, None)
+            torch_backend.fit_dual(_normalized(K), y_pm, fit_intercept, 1e-9, None, None, device=device)
         assert time.perf_counter() - start < 10.0
         assert info.value.best_margin is not None and info.value.best_margin < 0.05
     with pytest.raises(NotSeparableError):
-        HardMarginSVM(backend="torch", rank_tol=None).fit(K, y)
+        HardMarginSVM(backend="torch", rank_tol=None, device=device).fit(K, y)
 
 
-def test_opposite_label_duplicates_at_n_2000_within_10_s_without_the_precheck():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opposite_label_duplicates_at_n_2000_within_10_s_without_the_precheck(device):
     """The interior-point certificate alone (the estimator's pre-check would catch this first)."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((2000, 100))
@@ -139,7 +148,7 @@ def test_opposite_label_duplicates_at_n_2000_within_10_s_without_the_precheck():
     y[1000] = -y[7]
     start = time.perf_counter()
     with pytest.raises(NotSeparableError, match="not separable"):
-        torch_backend.fit_dual(_normalized(X @ X.T), y, False, 1e-9, None, 60.0)
+        torch_backend.fit_dual(_normalized(X @ X.T), y, False, 1e-9, None, 60.0, device=device)
     assert time.perf_counter() - start < 10.0
 
 
@@ -160,12 +169,13 @@ def test_every_backend_refuses_opposite_label_duplicates_within_10_s(backend):
     assert time.perf_counter() - start < 10.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fit_intercept", [False, True])
-def test_shrinking_gives_the_same_solution(fit_intercept):
+def test_shrinking_gives_the_same_solution(fit_intercept, device):
     K, y = _rbf_hard(600, seed=1)
     Kn, y_pm = _normalized(K), 2.0 * y - 1.0
-    full = torch_backend.fit_dual(Kn, y_pm, fit_intercept, 1e-9, None, None, shrinking=False)
-    shrunk = torch_backend.fit_dual(Kn, y_pm, fit_intercept, 1e-9, None, None, shrinking=True)
+    full = torch_backend.fit_dual(Kn, y_pm, fit_intercept, 1e-9, None, None, shrinking=False, device=device)
+    shrunk = torch_backend.fit_dual(Kn, y_pm, fit_intercept, 1e-9, None, None, shrinking=True, device=device)
     assert full.info["n_active"] == 600 and shrunk.info["n_active"] < 600
     np.testing.assert_allclose(shrunk.alpha, full.alpha, rtol=1e-6, atol=1e-9 * full.alpha.max())
     assert shrunk.intercept == pytest.approx(full.intercept, abs=1e-7)

@@ -1,0 +1,127 @@
+"""Diagnose the float32 after kernel's error on real MNIST on a GPU (a one-off investigation, kept for reruns).
+
+On an H200 the float32 engine's full-split VGG kernel differed from its float64 kernel by 2.9e-2 while the
+tutorial's differed by 3e-5, and on random inputs both were at 6.6e-6. This script narrows it down: errors
+against the float64 reference by implementation, size, batch size, memory budget, mode, data and cuDNN settings,
+and the captured layer factors against plain autograd.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import entk  # noqa: E402
+
+from lightning_afterkernel.data import BinaryPairDataModule  # noqa: E402
+from lightning_afterkernel.kernels import _structured as st  # noqa: E402
+from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, reference_ntk  # noqa: E402
+
+
+def err(a: torch.Tensor, b: torch.Tensor) -> str:
+    a, b = a.double().cpu().flatten(), b.double().cpu().flatten()
+    return f"{float((a - b).norm() / b.norm()):.1e}"
+
+
+def main() -> None:
+    root = sys.argv[1] if len(sys.argv) > 1 else ".gpu_data"
+    dev = sys.argv[2] if len(sys.argv) > 2 else "cuda"
+    sizes = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2000, 6000]
+    dm = BinaryPairDataModule(root=root, download=False)
+    dm.setup("fit")
+    xtr, xte = dm.tensors("train")[0].to(dev), dm.tensors("test")[0].to(dev)
+    model = entk.make_model("vgg", "mnist").to(dev)
+    card = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    print(card, torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
+    print("tf32 flags:", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, flush=True)
+
+    x, xt = xtr[:300], xte[:100]
+    xr = torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(dev)
+    ref = reference_ntk(model, x)
+    ref_cross = reference_ntk(model, xt, x)
+    ref_r = reference_ntk(model, xr)
+    on_cpu = reference_ntk(model.cpu(), x.cpu())
+    print("float64 reference on the card vs on the CPU (real):", err(ref, on_cpu), flush=True)
+    model.to(dev)
+    rows = [
+        ("engine auto", lambda: empirical_ntk(model, x)),
+        ("engine structured", lambda: empirical_ntk(model, x, implementation="structured")),
+        ("engine materialised", lambda: empirical_ntk(model, x, implementation="materialised")),
+        ("engine vmap", lambda: empirical_ntk(model, x, implementation="vmap")),
+        ("engine batch_size=1", lambda: empirical_ntk(model, x, batch_size=1)),
+        ("engine batch_size=16", lambda: empirical_ntk(model, x, batch_size=16)),
+        ("engine batch_size=300", lambda: empirical_ntk(model, x, batch_size=300)),
+        ("engine memory_budget=64MB", lambda: empirical_ntk(model, x, memory_budget="64MB")),
+        ("engine float64", lambda: empirical_ntk(model, x, dtype=torch.float64)),
+        ("tutorial fp32", lambda: entk.tutorial_ntk(model, x, x)),
+        ("reference fp32", lambda: reference_ntk(model, x, dtype=torch.float32)),
+    ]
+    for name, fn in rows:
+        try:
+            print(f"real n=300 {name}: {err(fn(), ref)}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"real n=300 {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    with torch.backends.cudnn.flags(enabled=False):
+        print("real n=300 engine, cuDNN off:", err(empirical_ntk(model, x), ref), flush=True)
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
+        print("real n=300 engine, cuDNN deterministic:", err(empirical_ntk(model, x), ref), flush=True)
+    k_tr, k_te = empirical_ntk_train_test(model, x, xt)
+    print("real train_test:", err(k_tr, ref), err(k_te, ref_cross), flush=True)
+    print("random n=300 engine:", err(empirical_ntk(model, xr), ref_r), flush=True)
+    print("random n=300 tutorial:", err(entk.tutorial_ntk(model, xr, xr), ref_r), flush=True)
+
+    # layer factors: the capture vs plain autograd, float32, against float64
+    m64 = entk.make_model("vgg", "mnist").to(dev).double()
+    trainable = {n for n, _ in model.named_parameters()}
+
+    def captured(m, inp):
+        state = {k: v.detach() for k, v in list(m.named_parameters()) + list(m.named_buffers())}
+        return st.capture(m, state, st.plan(m, trainable), inp)
+
+    xs = x[:50]
+    c32, c64 = captured(model, xs), captured(m64, xs.double())
+    outs = {}
+
+    def keep(i: int):
+        def hook(module, args, out) -> None:
+            out.retain_grad()
+            outs[i] = out
+
+        return hook
+
+    hooks = [model.body[i].register_forward_hook(keep(i)) for i in (0, 2, 5, 7)]
+    model(xs.clone().requires_grad_(True)).sum().backward()
+    for h in hooks:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    for layer, i in enumerate((0, 2, 5, 7)):
+        (a32, g32), (a64, g64) = c32[layer], c64[layer]
+        manual = outs[i].grad
+        print(
+            f"layer body.{i}: capture A {err(a32, a64)} G {err(g32, g64)}; plain autograd G {err(manual, g64)}; "
+            f"strides capture {tuple(g32.stride())} autograd {tuple(manual.stride())}",
+            flush=True,
+        )
+    # batch 1 vs batch 50 plain autograd per-example gradients
+    g1 = torch.autograd.grad(model(xs[:1]).sum(), list(model.parameters()))
+    g64 = torch.autograd.grad(m64(xs[:1].double()).sum(), list(m64.parameters()))
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    print("one example's gradient fp32 vs fp64:", err(flat(g1), flat(g64)), flush=True)
+
+    # the full split at a smaller size, to see the size dependence
+    for n in sizes:
+        xa = xtr[:n]
+        t0 = time.perf_counter()
+        k64 = empirical_ntk(model, xa, dtype=torch.float64)
+        k32 = empirical_ntk(model, xa)
+        entk.sync(dev)
+        print(f"real n={n}: engine fp32 vs engine fp64 {err(k32, k64)} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        del k64, k32
+
+
+if __name__ == "__main__":
+    main()
