@@ -15,7 +15,11 @@
 # hard-margin SVM at n = 11,982 on the card, `auto`, beside plain scikit-learn on the CPU); pytest_gpu.txt (the
 # tests marked gpu, from the files that hold them: the device image has no wandb or jsonargparse). The image has
 # torch, pytorch-lightning, torchvision, scikit-learn and scipy; the package is used from the working tree
-# (PYTHONPATH), nothing is installed. Step limits add up to 460 s.
+# (PYTHONPATH), nothing is installed. Then full_run_vgg/mlp.txt (the paper's full run through a Trainer with the
+# callback, benchmarks/full_run.py) and diagnose.txt (benchmarks/gpu_diagnose.py: the float32 VGG kernel's error
+# on real MNIST, broken down): 8 files, the most a device call returns. Step limits add up to 830 s; on an H200
+# (2026-11-28) the steps but the last took 270 s in all. A session with less device time runs a subset,
+# e.g. STEPS="entk pytest_gpu diagnose" bash benchmarks/gpu_checks.sh.
 set -u
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--stage" ]; then
@@ -36,15 +40,16 @@ if [ -n "${SMOKE:-}" ]; then
     ENTK_ARGS+=(--full-split-limit 300 --compare-n 200 100 --cifar-n 50 --reference-n 50 --repeats 1)
     SVM_ARGS=(--sizes 300 --models mlp --repeats 1)
     RUN_ARGS=(--n-train 300 --n-test 100 --n-invariance 50)
+    export DIAGNOSE_SIZES=400
 else
     RUN_ARGS=()
     ENTK_ARGS+=(--compare-n 2000 1000 --cifar-n 500 --reference-n 300)
     SVM_ARGS=(--sizes 11982)
 fi
-GPU_TESTS=(tests/kernels/test_engine.py tests/kernels/test_empirical.py tests/svm/test_torch_backend.py
+GPU_TESTS=(tests/kernels/test_engine.py tests/kernels/test_empirical.py tests/kernels/test_layouts.py tests/svm/test_torch_backend.py
     tests/svm/test_optional_backends.py tests/callbacks/test_after_kernel.py)
 
-STEPS=${STEPS:-env entk svm full_run_vgg pytest_gpu full_run_mlp}  # a subset reruns only those steps
+STEPS=${STEPS:-env entk svm full_run_vgg pytest_gpu full_run_mlp diagnose}  # a subset reruns only those steps
 
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, output to $OUT/NAME.txt, print its tail
     local name=$1 limit=$2 start rc
@@ -69,4 +74,5 @@ step full_run_vgg 150 "$PY" benchmarks/full_run.py --model vgg --accelerator "${
 step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 step full_run_mlp 100 "$PY" benchmarks/full_run.py --model mlp --accelerator "${DEVICE/cuda/gpu}" --data .gpu_data \
     --out /tmp/full_run_mlp "${RUN_ARGS[@]}"
+step diagnose 120 "$PY" benchmarks/gpu_diagnose.py .gpu_data "$DEVICE" "${DIAGNOSE_SIZES:-2000,6000}"
 echo "== done: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,9 +1,14 @@
-"""Diagnose the float32 after kernel's error on real MNIST on a GPU (a one-off investigation, kept for reruns).
+"""The float32 after kernel's error on real MNIST on a GPU, broken down (a diagnosis, kept for the next GPU session).
 
 On an H200 the float32 engine's full-split VGG kernel differed from its float64 kernel by 2.9e-2 while the
-tutorial's differed by 3e-5, and on random inputs both were at 6.6e-6. This script narrows it down: errors
-against the float64 reference by implementation, size, batch size, memory budget, mode, data and cuDNN settings,
-and the captured layer factors against plain autograd.
+tutorial's differed by 3e-5, and on random inputs both were at 6.6e-6. The cause found on CPU (convolution
+algorithms that return noise over all-zero patches, opening ReLU gates at the zero-bias initialisation) is fixed
+in the capture (`kernels/_layouts.py`); this script shows whether anything is left: errors against the float64
+reference by implementation, batch size, memory budget, mode, data and cuDNN settings, the captured layer
+factors against plain autograd, and the error at larger n.
+
+    python benchmarks/gpu_diagnose.py .gpu_data cuda 2000,6000     # on a GPU (gpu_checks.sh step "diagnose")
+    python benchmarks/gpu_diagnose.py ../shared/data cpu 400       # the same on CPU
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from time import perf_counter
 
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError, ModelError
-from lightning_afterkernel.kernels._layouts import ChannelsLastMaxPool, uses_max_pool
+from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_over_zero_patches, uses_max_pool
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ELEMENTWISE_COST = 4.0
@@ -219,7 +219,8 @@ def capture(
         # A copy of the chunk, so that a model changing its input in place changes neither the caller's tensor
         # nor another capture's; not a leaf, so that autograd allows that change with a gradient required.
         inp = x.detach().clone() if eps else x.detach().requires_grad_(True).clone()
-        with ChannelsLastMaxPool() if x.device.type == "cpu" and uses_max_pool(model) else nullcontext():
+        pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
+        with CaptureMode(pool_channels_last, exact_zero_patches=inexact_over_zero_patches(x.device)):
             out = functional_call(model, state, (inp,))
         check_logits(out, x)
         live = [r for r in records if r.calls]
