@@ -163,6 +163,11 @@ def _empty(value: object) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 0
 
 
+def uses_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has an ``nn.Conv2d`` (only then may the capture correct convolutions)."""
+    return any(isinstance(module, nn.Conv2d) for module in model.modules())
+
+
 def uses_max_pool(model: nn.Module) -> bool:
     """Whether ``model`` has an ``nn.MaxPool2d`` (only then does the capture pool channels-last)."""
     return any(isinstance(module, nn.MaxPool2d) for module in model.modules())

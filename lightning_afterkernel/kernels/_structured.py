@@ -36,7 +36,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from time import perf_counter
 
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError, ModelError
-from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_over_zero_patches, uses_max_pool
+from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_over_zero_patches, uses_conv, uses_max_pool
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ELEMENTWISE_COST = 4.0
@@ -220,7 +220,10 @@ def capture(
         # nor another capture's; not a leaf, so that autograd allows that change with a gradient required.
         inp = x.detach().clone() if eps else x.detach().requires_grad_(True).clone()
         pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
-        with CaptureMode(pool_channels_last, exact_zero_patches=inexact_over_zero_patches(x.device)):
+        exact_zero_patches = inexact_over_zero_patches(x.device) and uses_conv(model)
+        # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)
+        mode = CaptureMode(pool_channels_last, exact_zero_patches) if pool_channels_last or exact_zero_patches else None
+        with mode or nullcontext():
             out = functional_call(model, state, (inp,))
         check_logits(out, x)
         live = [r for r in records if r.calls]

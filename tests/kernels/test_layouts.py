@@ -95,8 +95,7 @@ def test_the_capture_pools_channels_last_only_in_models_with_max_pooling(monkeyp
     assert uses_max_pool(model) is pool
     x = torch.randn(11, 2, 7, 7, dtype=torch.float64)
     kernel = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
-    assert {flag for _, flag in calls} == {pool}  # the mode is always there (convolutions), pooling when needed
-    assert ((F.max_pool2d, True) in calls) is pool and (F.conv2d, pool) in calls
+    assert ((F.max_pool2d, True) in calls) is pool and (len(calls) > 0) is pool  # on CPU: only to pool
     assert float((kernel - reference_ntk(model, x)).norm() / kernel.norm()) < 1e-12
 
 
