@@ -239,14 +239,18 @@ def test_cpu_convolutions_return_the_bias_exactly_over_zero_patches():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float64(device):
-    """The failure seen on an H200 (2.9e-2 on real MNIST) as a test: zero biases, flat backgrounds."""
+    """The failure seen on an H200 (2.9e-2 on real MNIST) as a test: zero biases, flat backgrounds, and on a GPU
+    one capture chunk of 2,048 images (the engine's chunks there were 4,096; cuDNN picks algorithms by shape),
+    checked on the first 40 against the float64 reference computed on the CPU."""
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=(1, 28, 28))
-    x = _flat_background(40, 28, seed=2)
+    n, m = (2048 if device == "cuda" else 40), 40
+    x = _flat_background(n, 28, seed=2)
     x[:, :, 5:12, 5:12] = 1.0  # a saturated block in every image: flat and non-zero
-    expected = reference_ntk(model, x)
+    expected = reference_ntk(model, x[:m])
     model, x = model.to(device), x.to(device)
-    tutorial = relative(reference_ntk(model, x, dtype=torch.float32), expected)
-    assert relative(empirical_ntk(model, x), expected) < max(1e-5, 3 * tutorial)
+    tutorial = relative(reference_ntk(model, x[:m], dtype=torch.float32), expected)
+    kernel = empirical_ntk(model, x, batch_size=n)
+    assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * tutorial)
