@@ -85,8 +85,9 @@ def median_time(fn, repeats: int, device: str) -> tuple[float, torch.Tensor]:
 
 
 def rel_err(kernel: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative Frobenius (for matrices; Euclidean for any other shape) distance, in float64 on the CPU."""
     kernel, reference = kernel.double().cpu(), reference.double().cpu()
-    return float(torch.linalg.matrix_norm(kernel - reference) / torch.linalg.matrix_norm(reference))
+    return float(torch.linalg.vector_norm(kernel - reference) / torch.linalg.vector_norm(reference))
 
 
 def compare(arch: str, data: str, n: int, repeats: int, device: str, n_ref: int) -> dict:

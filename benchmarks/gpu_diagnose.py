@@ -28,8 +28,7 @@ from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_tes
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> str:
-    a, b = a.double().cpu().flatten(), b.double().cpu().flatten()
-    return f"{float((a - b).norm() / b.norm()):.1e}"
+    return f"{entk.rel_err(a, b):.1e}"
 
 
 def main() -> None:
