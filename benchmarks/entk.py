@@ -15,14 +15,13 @@ n with the default budget and with ``--small-budget`` and compares the two.
     python benchmarks/entk.py --scaling 1000 2000 4000 8000 12000 --memory-check 12000
     python benchmarks/entk.py --device cuda --full-split ../shared/data --full-split-tutorial   # a GPU
 
-On a GPU the tutorial runs in exact fp32 (TF32 off, like the engine); the full split also times it with PyTorch's
-defaults (TF32 cuDNN convolutions).
+On a GPU the tutorial runs in exact fp32 (TF32 off, like the engine); the full split also times it with TF32 on
+(cuDNN convolutions, PyTorch's default, and matmuls).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import resource
@@ -36,6 +35,7 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, reference_ntk
+from lightning_afterkernel.kernels.empirical import _tf32
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -181,22 +181,11 @@ def _peak(device: str) -> int:
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
 
 
-@contextlib.contextmanager
-def tf32(allow: bool):
-    """TF32 in CUDA matmuls and cuDNN convolutions on or off (PyTorch's defaults: off and on)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def full_split(root: str, device: str, repeats: int, tutorial: bool, profile: bool, limit: int = 0) -> list[dict]:
     """The after kernel of the paper's models on the full MNIST 3-vs-8 split: K_train and K_test, with time and
     peak memory, and the fp32 kernels' relative errors against the engine's float64 kernels (checked against the
     float64 reference in the comparisons). With ``tutorial``, the tutorial's Jacobian contraction on the same
-    inputs once in exact fp32 (the ratio) and once with PyTorch's defaults (TF32 cuDNN convolutions on a GPU);
+    inputs once in exact fp32 (the ratio) and once with TF32 on (convolutions and matmuls, on a GPU);
     with ``profile``, the heaviest operators of one engine run that missed its target. ``limit`` > 0 keeps the
     first ``limit`` training and ``limit // 6`` test images (a smoke test)."""
     from lightning_afterkernel.data import BinaryPairDataModule
@@ -231,7 +220,7 @@ def full_split(root: str, device: str, repeats: int, tutorial: bool, profile: bo
             _profile(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), device)
         for variant, allow in [("tutorial", False), ("tutorial_tf32", True)] if tutorial else []:
             try:
-                with tf32(allow):
+                with _tf32(torch.device(device), allow):
                     tutorial_ntk(model, x_train[:64], x_test[:16])  # warm-up
                     _peak_reset(device)
                     t_seconds, kernels = median_time(
@@ -305,7 +294,6 @@ def main() -> None:
         print(json.dumps(one_point(arch, data, int(n), args.device, args.budget, args.save)))
         return
 
-    torch.backends.cudnn.allow_tf32 = False  # the tutorial in exact fp32 like the engine (PyTorch's default: TF32)
     card = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     )
@@ -329,8 +317,9 @@ def main() -> None:
     for arch, data, n in [("mlp", "mnist", n_mlp), ("vgg", "mnist", n_vgg)] + [
         (arch, "cifar10", args.cifar_n) for arch in ("mlp", "vgg")
     ]:
-        if n:
-            rows["compare"].append(compare(arch, data, n, args.repeats, args.device, args.reference_n))
+        if n:  # the tutorial in exact fp32, like the engine (PyTorch's default: TF32 cuDNN convolutions)
+            with _tf32(torch.device(args.device), False):
+                rows["compare"].append(compare(arch, data, n, args.repeats, args.device, args.reference_n))
             save()
     for spec in args.scaling_models if args.scaling else []:
         arch, data = spec.split(":")
