@@ -1,5 +1,5 @@
 """Operators re-done inside the capture: convolutions exact over all-zero patches on any device, max-pooling
-channels-last on CPU.
+channels-last on CPU, and on CPU convolutions' input gradients by NNPACK (see :class:`CaptureMode`).
 
 *Convolutions over all-zero patches.* Where an image is flat (MNIST's black background), a convolution's input
 patch is all zeros and its output is exactly its bias in exact arithmetic: zero at the paper's initialisation.
@@ -29,6 +29,7 @@ operator; the tests check it.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -109,21 +110,111 @@ class _MaxPool2dChannelsLast(torch.autograd.Function):
         return (grad_input, None, None, None, None, None)
 
 
+def nnpack_input_grads_available() -> bool:
+    """Whether this PyTorch has NNPACK for this CPU (used by :class:`CaptureMode`'s ``nnpack_input_grads``)."""
+    try:
+        return bool(torch._nnpack_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """The input-gradient padding of an ``F.conv2d`` call that :class:`_Conv2dNNPACKInputGrad` handles, or
+    None: a float32 CPU input that requires a gradient, a frozen 3 x 3 weight and bias, stride 1, dilation 1,
+    one group, padding 0-2 (so the input gradient is a 3 x 3 convolution with padding 2 - p, as large as the
+    input), and an input size for which NNPACK picks its 16 x 16 FFT tiles (:func:`fft_tiles`)."""
+    a = _CONV_SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    x, weight, bias = a.arguments["input"], a.arguments["weight"], a.arguments["bias"]
+    if not (
+        type(x) is Tensor
+        and x.ndim == 4
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.requires_grad
+        and type(weight) is Tensor
+        and tuple(weight.shape[-2:]) == (3, 3)
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and a.arguments["groups"] == 1
+        and _pair(a.arguments["stride"]) == (1, 1)
+        and _pair(a.arguments["dilation"]) == (1, 1)
+    ):
+        return None
+    padding = a.arguments["padding"]
+    pads = {"valid": (0, 0), "same": (1, 1)}.get(padding) if isinstance(padding, str) else _pair(padding)
+    if pads is None or not all(0 <= p <= 2 for p in pads) or not fft_tiles(*x.shape[-2:]):
+        return None
+    return (2 - pads[0], 2 - pads[1])
+
+
+def fft_tiles(height: int, width: int) -> bool:
+    """Whether NNPACK computes a 3 x 3 convolution with an output of this size by 16 x 16 FFT tiles (its rule:
+    when 8 x 8 tiles would be more than 4 times as many) rather than by Winograd's 8 x 8 ones. Only the FFT's
+    gradients are as accurate as oneDNN's: 1.6-3.1e-7 against 0.9-2.2e-7 from float64 (relative Frobenius;
+    sizes 14-56, 3-128 channels), where the Winograd tiles gave 1.6-3.2e-6 (sizes 6-20)."""
+    return math.ceil(height / 6) * math.ceil(width / 6) > 4 * math.ceil(height / 14) * math.ceil(width / 14)
+
+
+class _Conv2dNNPACKInputGrad(torch.autograd.Function):
+    """``F.conv2d`` itself (oneDNN) forward; its input gradient by NNPACK's FFT convolution of the output
+    gradient with the flipped, transposed kernel (see :class:`CaptureMode`)."""
+
+    @staticmethod
+    def forward(ctx, func, args: tuple, kwargs: dict, pads: tuple[int, int], x: Tensor) -> Tensor:
+        ctx.weight, ctx.pads = _CONV_SIGNATURE.bind(*args, **kwargs).arguments["weight"], pads
+        return func(x.detach(), *args[1:], **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weight = ctx.weight.detach()
+        flipped = weight.transpose(0, 1).flip(-2, -1).contiguous()
+        try:
+            grad_input = torch._nnpack_spatial_convolution(
+                grad.contiguous(), flipped, grad.new_zeros(flipped.shape[0]), list(ctx.pads), [1, 1]
+            )
+        except RuntimeError:  # NNPACK refused (e.g. out of memory for its workspace): oneDNN's, as without the mode
+            grad_input = F.conv_transpose2d(grad, weight, padding=(2 - ctx.pads[0], 2 - ctx.pads[1]))
+        return (None, None, None, None, grad_input)
+
+
 class CaptureMode(TorchFunctionMode):
     """The capture's operators: with ``exact_zero_patches``, ``F.conv2d`` (and so ``nn.Conv2d``) on 4-D
-    float32/float64 inputs exact over all-zero patches (:func:`_conv2d`); with ``pool_channels_last``,
-    ``F.max_pool2d`` (and so ``nn.MaxPool2d``) on a contiguous 4-D float32/float64 CPU tensor with at least
-    :data:`MIN_CHANNELS` channels in channels-last. Every other call, and every call under ``vmap``/``grad``
-    inside the forward, is PyTorch's own."""
+    float32/float64 inputs exact over all-zero patches (:func:`_conv2d`); with ``nnpack_input_grads``, the
+    input gradients of float32 CPU 3 x 3 convolutions by NNPACK (:class:`_Conv2dNNPACKInputGrad`); with
+    ``pool_channels_last``, ``F.max_pool2d`` (and so ``nn.MaxPool2d``) on a contiguous 4-D float32/float64 CPU
+    tensor with at least :data:`MIN_CHANNELS` channels in channels-last. Every other call, and every call under
+    ``vmap``/``grad`` inside the forward, is PyTorch's own.
 
-    def __init__(self, pool_channels_last: bool = False, exact_zero_patches: bool = True) -> None:
+    *NNPACK input gradients.* The forward convolutions stay oneDNN's: their rounding decides which ReLU gates
+    and max-pool choices flip between float32 and float64, and it is the tutorial method's rounding too. The
+    backward only carries gradients through decisions already made, so there any accurate algorithm will do.
+    NNPACK's FFT convolution (PyTorch's own CPU convolution when oneDNN is off), of the output gradient with the
+    flipped, transposed kernel, took 0.6x the time of oneDNN's input gradient for the paper's VGG layers on
+    MNIST (35 examples, one thread: 38 -> 38 channels at 28 x 28 7.1-7.6 ms against 12.0 ms; 38 -> 76 and
+    76 -> 76 at 14 x 14 2.4 and 4.4-4.9 ms against 4.4 and 7.3 ms), with the same error against float64
+    (2.2-2.5e-7 against 2.0-2.1e-7, relative Frobenius); on that VGG the whole kernel took 6.5% less time.
+    oneDNN pads channels to blocks of 16 (38 to 48), NNPACK does not. NNPACK has one thread pool per process,
+    sized by the thread count of its first caller and locked while it runs: the capture asks for these
+    gradients only on threads with one intra-op thread (the concurrent capture's workers on a 2-core CPU), where
+    the pool, created there, runs each call in its caller's thread."""
+
+    def __init__(
+        self, pool_channels_last: bool = False, exact_zero_patches: bool = True, nnpack_input_grads: bool = False
+    ) -> None:
         super().__init__()
         self.pool_channels_last, self.exact_zero_patches = pool_channels_last, exact_zero_patches
+        # (availability also initialises NNPACK, which its convolution needs)
+        self.nnpack_input_grads = nnpack_input_grads and not exact_zero_patches and nnpack_input_grads_available()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.exact_zero_patches and func is F.conv2d and args and _plain_float(args[0]):
             return _conv2d(func, args, kwargs)
+        if self.nnpack_input_grads and func is F.conv2d and args and not _under_functorch():
+            pads = _nnpack_geometry(args, kwargs)
+            if pads is not None:
+                return _Conv2dNNPACKInputGrad.apply(func, args, kwargs, pads, args[0])
         if self.pool_channels_last and (func is F.max_pool2d or func is F.max_pool2d_with_indices):
             bound = _SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()

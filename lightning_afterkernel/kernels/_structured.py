@@ -54,9 +54,18 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError, ModelError
-from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_over_zero_patches, uses_conv, uses_max_pool
+from lightning_afterkernel.kernels._layouts import (
+    CaptureMode,
+    inexact_over_zero_patches,
+    nnpack_input_grads_available,
+    uses_conv,
+    uses_max_pool,
+)
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+NNPACK_INPUT_GRADS = True
+"""Whether the capture may take convolutions' input gradients from NNPACK on CPU (see
+:class:`~._layouts.CaptureMode`; only where they are as accurate as oneDNN's and faster)."""
 ELEMENTWISE_COST = 4.0
 """Cost of one elementwise multiply-accumulate on an n x n tile, in units of one matmul multiply-add
 (elementwise work is memory-bound); used when choosing a layer's form."""
@@ -231,8 +240,18 @@ def capture(
         inp = inp.clone(memory_format=torch.contiguous_format)
         pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
         exact_zero_patches = inexact_over_zero_patches(x.device) and uses_conv(model)
+        nnpack = (
+            NNPACK_INPUT_GRADS
+            and not exact_zero_patches
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and torch.get_num_threads() == 1  # see CaptureMode: NNPACK's one thread pool is sized by its first caller
+            and uses_conv(model)
+            and nnpack_input_grads_available()
+        )
         # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)
-        mode = CaptureMode(pool_channels_last, exact_zero_patches) if pool_channels_last or exact_zero_patches else None
+        work = pool_channels_last or exact_zero_patches or nnpack
+        mode = CaptureMode(pool_channels_last, exact_zero_patches, nnpack) if work else None
         with mode or nullcontext():
             out = functional_call(model, state, (inp,))
         check_logits(out, x)
