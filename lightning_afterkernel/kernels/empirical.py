@@ -62,8 +62,17 @@ MAX_AUTO_WORKERS = 8
 """Most workers chosen without the variable (measured on 2 cores only; more threads each get several
 intra-op threads)."""
 _CONCURRENT_CAPTURE = threading.Lock()
-"""Held while chunks are captured concurrently: the thread count the workers change is process-wide, so a
-second engine (another thread's call) captures serially meanwhile instead of interleaving the changes."""
+"""Held while chunks are captured or strips computed concurrently: the thread count the workers change is
+process-wide, so a second engine (another thread's call) works serially meanwhile instead of interleaving the
+changes."""
+CONCURRENT_GRAM_WIDTH = 8192
+"""On CPU, when the materialised factors are at least this wide (the paper's VGG: 91,542 columns; its MLP, whose
+layers are structured: 95), the strips of the Gram matrix are cut in half by rows and computed side by side,
+one per torch thread with one intra-op thread each. On the 2-core AMD EPYC of ``docs/benchmarks.md`` a 1,000 x
+95,267 factor matrix's upper triangle took 0.64 s that way against 0.76 s in 256-row strips on both threads
+(median of 7, interleaved): a matrix product on one thread runs closer to the core's peak than one split
+between two, and half-height strips halve the diagonal blocks' unneeded triangles. Narrow factors (the MLP's
+structured layers, many small products per strip) were slower on one thread each."""
 OOM_RETRIES = 4
 """Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
@@ -630,8 +639,8 @@ class _Engine:
             for q in sorted({unit[1] for unit in todo}):
                 group = slice(panels[q][0].start, panels[q][-1].stop)
                 f_group = f_panel if q == p else self.factors(x[group])
-                for _, _, rows, cols in (unit for unit in todo if unit[1] == q):
-                    write(rows, cols, self._tile(f_panel, f_group, rows, cols, start, group.start))
+                jobs = [(rows, cols) for _, q_, rows, cols in todo if q_ == q]
+                for _ in self._strips(f_panel, f_group, jobs, start, group.start, write, upper=True):
                     done += 1
                     if progress:
                         progress(done, len(units))
@@ -656,12 +665,69 @@ class _Engine:
                 if not rows_here:
                     continue
                 f_group = cached if cached is not None else self.factors(x2[cols])
-                for rows in rows_here:
-                    kernel[rows, cols] = self._tile(f_panel, f_group, rows, cols, start, cols.start)
+
+                def write(rows: slice, cols: slice, tile: Tensor) -> None:
+                    kernel[rows, cols] = tile
+
+                for _ in self._strips(f_panel, f_group, [(rows, cols) for rows in rows_here], start, cols.start, write):
                     done += 1
                     if progress:
                         progress(done, len(units))
         return kernel
+
+    def _strips(
+        self,
+        f1: st.Factors,
+        f2: st.Factors,
+        jobs: list[tuple[slice, slice]],
+        offset1: int,
+        offset2: int,
+        write: Callable[[slice, slice, Tensor], None],
+        upper: bool = False,
+    ) -> Iterator[None]:
+        """Compute and ``write`` K(rows, cols) for each job (the factors of two resident blocks starting at
+        ``offset1`` and ``offset2``), yielding once per job done, in order. Each ``write`` touches its own
+        entries of the result. Wide factors on CPU: each job cut in two by rows and the halves computed side
+        by side (:data:`CONCURRENT_GRAM_WIDTH`); with ``upper`` (strips of the upper triangle), a strip that
+        starts on the diagonal has halves that start on it too."""
+        workers = min(MAX_AUTO_WORKERS, torch.get_num_threads())
+        wide = f1.jac is not None and f1.jac.device.type == "cpu" and f1.jac.shape[1] >= CONCURRENT_GRAM_WIDTH
+        if not (wide and workers > 1 and _plain_thread_state(f1.jac)) or not _CONCURRENT_CAPTURE.acquire(False):
+            for rows, cols in jobs:
+                write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
+                yield
+            return
+        threads = torch.get_num_threads()
+        per_worker = max(1, threads // workers)
+
+        def work(rows: slice, cols: slice) -> None:
+            torch.set_num_threads(per_worker)
+            write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
+
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="afterkernel-gram") as pool:
+                parts = []
+                for rows, cols in jobs:
+                    halves = _chunks(rows.stop - rows.start, max(1, (rows.stop - rows.start + 1) // 2))
+                    parts.append([])
+                    for half in halves:
+                        sub = slice(rows.start + half.start, rows.start + half.stop)
+                        starts_on_diagonal = upper and cols.start == rows.start and half.start > 0
+                        sub_cols = slice(sub.start, cols.stop) if starts_on_diagonal else cols
+                        parts[-1].append(pool.submit(work, sub, sub_cols))
+                try:
+                    for futures in parts:
+                        for future in futures:
+                            future.result()
+                        yield
+                except BaseException:
+                    for futures in parts:
+                        for future in futures:
+                            future.cancel()
+                    raise
+        finally:
+            torch.set_num_threads(threads)  # process-wide state, which the workers changed
+            _CONCURRENT_CAPTURE.release()
 
     @staticmethod
     def _tile(f1: st.Factors, f2: st.Factors, rows: slice, cols: slice, offset1: int, offset2: int) -> Tensor:

@@ -1091,3 +1091,82 @@ def test_a_compiled_model_is_captured_serially_and_exactly(monkeypatch):
         warnings.simplefilter("ignore")  # dynamo's recompilation notes
         kernel = empirical_ntk(torch.compile(model, backend="eager"), x, dtype=torch.float64, batch_size=4)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+# ------------------------------------------------------------------ Gram strips side by side (CPU)
+def _gram_threads(monkeypatch, wait: bool = True) -> list[str]:
+    """Every factor matrix counts as wide; records the thread computing each strip, and (``wait``) makes the
+    first strip of each of two workers wait (up to 10 s) until both run, so a test fails unless they do."""
+    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 1)
+    barrier, seen, names = threading.Barrier(2, timeout=10), set(), []
+    original = empirical._Engine._tile
+
+    def spy(*args):
+        name = threading.current_thread().name
+        names.append(name)
+        if wait and name.startswith("afterkernel-gram") and name not in seen and len(seen) < 2:
+            seen.add(name)
+            barrier.wait()
+        return original(*args)
+
+    monkeypatch.setattr(empirical._Engine, "_tile", staticmethod(spy))
+    return names
+
+
+@pytest.mark.parametrize("name", ["conv_strided_padded", "conv_same_reflect_circular", "batchnorm"])
+def test_wide_factors_strips_side_by_side_give_the_exact_kernel(monkeypatch, two_threads, name):
+    names = _gram_threads(monkeypatch)
+    force_forms(monkeypatch, "materialised")
+    monkeypatch.setattr(empirical, "TILE", 5)
+    make, shape = MODELS[name]
+    model = make()
+    torch.manual_seed(14)
+    x1, x2 = torch.randn(23, *shape), torch.randn(11, *shape)
+    calls = []
+    options = dict(dtype=torch.float64, batch_size=4)
+    gram = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
+    assert sum(n.startswith("afterkernel-gram") for n in names) == 2 * 5  # 5 strips of 4-5 rows, halved
+    assert calls == [(k, 5) for k in range(1, 6)] and torch.get_num_threads() == 2
+    expected = reference_ntk(model, x1)
+    assert relative_error(gram, expected) < 1e-12 and torch.equal(gram, gram.T)
+    assert relative_error(empirical_ntk(model, x1, x2, **options), reference_ntk(model, x1, x2)) < 1e-12
+    k_train, k_test = empirical_ntk_train_test(model, x1, x2, **options)
+    assert relative_error(k_train, expected) < 1e-12 and relative_error(k_test, reference_ntk(model, x2, x1)) < 1e-12
+    budget = dict(options, memory_budget=40 * 8 * 60 / empirical.RESIDENT_SHARE)  # panels: columns recomputed
+    assert relative_error(empirical_ntk(model, x1, **budget), expected) < 1e-12
+    shards = sum(empirical_ntk(model, x1, shard=(rank, 3), **options) for rank in range(3))
+    assert relative_error(shards, expected) < 1e-12
+
+
+def test_narrow_factors_and_one_thread_keep_strips_serial(monkeypatch, two_threads):
+    names = _gram_threads(monkeypatch, wait=False)
+    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 10**9)  # the MLP's structured layers: narrow
+    make, shape = MODELS["conv_strided_padded"]
+    model, x = make(), torch.randn(12, *shape)
+    force_forms(monkeypatch, "materialised")
+    empirical_ntk(model, x, dtype=torch.float64)
+    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 1)
+    torch.set_num_threads(1)
+    empirical_ntk(model, x, dtype=torch.float64)
+    torch.set_num_threads(2)
+    with empirical._CONCURRENT_CAPTURE:  # as if another thread's engine were working concurrently
+        kernel = empirical_ntk(model, x, dtype=torch.float64)
+    assert names and not any(n.startswith("afterkernel-gram") for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+def test_an_error_in_a_strip_is_raised_and_the_threads_and_lock_restored(monkeypatch, two_threads):
+    _gram_threads(monkeypatch, wait=False)
+    force_forms(monkeypatch, "materialised")
+    monkeypatch.setattr(empirical, "TILE", 4)
+
+    def fails(f1, f2, rows, cols, offset1, offset2):
+        if rows.start >= 8:
+            raise ValueError("strip failed")
+        return torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.float64)
+
+    monkeypatch.setattr(empirical._Engine, "_tile", staticmethod(fails))
+    make, shape = MODELS["conv_strided_padded"]
+    with pytest.raises(ValueError, match="strip failed"):
+        empirical_ntk(make(), torch.randn(16, *shape), dtype=torch.float64)
+    assert torch.get_num_threads() == 2 and not empirical._CONCURRENT_CAPTURE.locked()
