@@ -8,7 +8,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Literal
 
 import torch
@@ -465,7 +465,7 @@ class _Engine:
                     failed.set()
                     raise
         finally:
-            torch.set_num_threads(threads)  # process-wide state, which the workers changed
+            torch.set_num_threads(threads)  # also the default of threads started later, which the workers changed
 
     def _replicas(self, count: int) -> list[tuple[nn.Module, list[st.Layer]]]:
         """The model and up to ``count - 1`` replicas (:func:`~._structured.replicate`), each checked to give
@@ -640,10 +640,11 @@ class _Engine:
                 group = slice(panels[q][0].start, panels[q][-1].stop)
                 f_group = f_panel if q == p else self.factors(x[group])
                 jobs = [(rows, cols) for _, q_, rows, cols in todo if q_ == q]
-                for _ in self._strips(f_panel, f_group, jobs, start, group.start, write, upper=True):
-                    done += 1
-                    if progress:
-                        progress(done, len(units))
+                with closing(self._strips(f_panel, f_group, jobs, start, group.start, write, upper=True)) as strips:
+                    for _ in strips:  # (closing: the workers and the lock are released even if progress raises)
+                        done += 1
+                        if progress:
+                            progress(done, len(units))
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
         kernel = self._new(len(x1), len(x2))
@@ -669,10 +670,12 @@ class _Engine:
                 def write(rows: slice, cols: slice, tile: Tensor) -> None:
                     kernel[rows, cols] = tile
 
-                for _ in self._strips(f_panel, f_group, [(rows, cols) for rows in rows_here], start, cols.start, write):
-                    done += 1
-                    if progress:
-                        progress(done, len(units))
+                jobs = [(rows, cols) for rows in rows_here]
+                with closing(self._strips(f_panel, f_group, jobs, start, cols.start, write)) as strips:
+                    for _ in strips:
+                        done += 1
+                        if progress:
+                            progress(done, len(units))
         return kernel
 
     def _strips(
@@ -692,7 +695,10 @@ class _Engine:
         starts on the diagonal has halves that start on it too."""
         workers = min(MAX_AUTO_WORKERS, torch.get_num_threads())
         wide = f1.jac is not None and f1.jac.device.type == "cpu" and f1.jac.shape[1] >= CONCURRENT_GRAM_WIDTH
-        if not (wide and workers > 1 and _plain_thread_state(f1.jac)) or not _CONCURRENT_CAPTURE.acquire(False):
+        # (structured layers with T > 1 positions take up to TILE_TEMP_BYTES of temporaries per strip: one at a time)
+        small_temporaries = all(left.shape[1] == 1 for left, _ in f1.pairs)
+        concurrent = wide and small_temporaries and workers > 1 and _plain_thread_state(f1.jac)
+        if not concurrent or not _CONCURRENT_CAPTURE.acquire(False):
             for rows, cols in jobs:
                 write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
                 yield
@@ -726,7 +732,9 @@ class _Engine:
                             future.cancel()
                     raise
         finally:
-            torch.set_num_threads(threads)  # process-wide state, which the workers changed
+            # set_num_threads sets the calling thread's count and the default of threads that start later: the
+            # workers' count must not become the default
+            torch.set_num_threads(threads)
             _CONCURRENT_CAPTURE.release()
 
     @staticmethod

@@ -1126,7 +1126,7 @@ def test_wide_factors_strips_side_by_side_give_the_exact_kernel(monkeypatch, two
     options = dict(dtype=torch.float64, batch_size=4)
     gram = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
     assert sum(n.startswith("afterkernel-gram") for n in names) == 2 * 5  # 5 strips of 4-5 rows, halved
-    assert calls == [(k, 5) for k in range(1, 6)] and torch.get_num_threads() == 2
+    assert calls == [(k, 5) for k in range(1, 6)] and _new_threads_count() == 2
     expected = reference_ntk(model, x1)
     assert relative_error(gram, expected) < 1e-12 and torch.equal(gram, gram.T)
     assert relative_error(empirical_ntk(model, x1, x2, **options), reference_ntk(model, x1, x2)) < 1e-12
@@ -1155,18 +1155,48 @@ def test_narrow_factors_and_one_thread_keep_strips_serial(monkeypatch, two_threa
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
 
 
-def test_an_error_in_a_strip_is_raised_and_the_threads_and_lock_restored(monkeypatch, two_threads):
+def _new_threads_count() -> int:
+    """torch's thread count in a thread started now (set_num_threads also sets the default of later threads)."""
+    counts = []
+    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return counts[0]
+
+
+def test_an_error_in_a_strip_is_raised_the_rest_cancelled_and_threads_and_lock_restored(monkeypatch, two_threads):
     _gram_threads(monkeypatch, wait=False)
     force_forms(monkeypatch, "materialised")
     monkeypatch.setattr(empirical, "TILE", 4)
+    names = []
 
     def fails(f1, f2, rows, cols, offset1, offset2):
-        if rows.start >= 8:
+        names.append(threading.current_thread().name)
+        if rows.start == 0:
             raise ValueError("strip failed")
+        time.sleep(0.2)
         return torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=torch.float64)
 
     monkeypatch.setattr(empirical._Engine, "_tile", staticmethod(fails))
     make, shape = MODELS["conv_strided_padded"]
     with pytest.raises(ValueError, match="strip failed"):
         empirical_ntk(make(), torch.randn(16, *shape), dtype=torch.float64)
-    assert torch.get_num_threads() == 2 and not empirical._CONCURRENT_CAPTURE.locked()
+    assert names and all(name.startswith("afterkernel-gram") for name in names)
+    assert len(names) < 8  # 4 strips cut in half: those not yet started when the first failed never ran
+    assert torch.get_num_threads() == 2 and _new_threads_count() == 2
+    assert not empirical._CONCURRENT_CAPTURE.locked()
+
+
+def test_progress_that_raises_releases_the_strips_workers_and_lock(monkeypatch, two_threads):
+    _gram_threads(monkeypatch, wait=False)
+    force_forms(monkeypatch, "materialised")
+    monkeypatch.setattr(empirical, "TILE", 4)
+    make, shape = MODELS["conv_strided_padded"]
+
+    def stop(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        empirical_ntk(make(), torch.randn(16, *shape), dtype=torch.float64, progress=stop)
+    assert not empirical._CONCURRENT_CAPTURE.locked() and _new_threads_count() == 2
