@@ -67,12 +67,15 @@ process-wide, so a second engine (another thread's call) works serially meanwhil
 changes."""
 CONCURRENT_GRAM_WIDTH = 8192
 """On CPU, when the materialised factors are at least this wide (the paper's VGG: 91,542 columns; its MLP, whose
-layers are structured: 95), the strips of the Gram matrix are cut in half by rows and computed side by side,
-one per torch thread with one intra-op thread each. On the 2-core AMD EPYC of ``docs/benchmarks.md`` a 1,000 x
-95,267 factor matrix's upper triangle took 0.64 s that way against 0.76 s in 256-row strips on both threads
-(median of 7, interleaved): a matrix product on one thread runs closer to the core's peak than one split
-between two, and half-height strips halve the diagonal blocks' unneeded triangles. Narrow factors (the MLP's
-structured layers, many small products per strip) were slower on one thread each."""
+layers are structured: 95), the strips of the Gram matrix are cut in half by rows and computed side by side by
+:data:`GRAM_WORKERS` threads with their share of torch's threads. On the 2-core AMD EPYC of
+``docs/benchmarks.md`` a 1,000 x 95,267 factor matrix's upper triangle took 0.64 s that way against 0.76 s in
+256-row strips on both threads (median of 7, interleaved): a matrix product on one thread runs closer to the
+core's peak than one split between two, and half-height strips halve the diagonal blocks' unneeded triangles.
+Narrow factors (the MLP's structured layers, many small products per strip) were slower on one thread each."""
+GRAM_WORKERS = 2
+"""Strips computed side by side at most (each with ``torch.get_num_threads() // 2`` intra-op threads): measured on
+2 cores only, and a strip's two halves keep two workers busy however few the strips."""
 OOM_RETRIES = 4
 """Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
@@ -693,7 +696,7 @@ class _Engine:
         entries of the result. Wide factors on CPU: each job cut in two by rows and the halves computed side
         by side (:data:`CONCURRENT_GRAM_WIDTH`); with ``upper`` (strips of the upper triangle), a strip that
         starts on the diagonal has halves that start on it too."""
-        workers = min(MAX_AUTO_WORKERS, torch.get_num_threads())
+        workers = min(GRAM_WORKERS, torch.get_num_threads())
         wide = f1.jac is not None and f1.jac.device.type == "cpu" and f1.jac.shape[1] >= CONCURRENT_GRAM_WIDTH
         # (structured layers with T > 1 positions take up to TILE_TEMP_BYTES of temporaries per strip: one at a time)
         small_temporaries = all(left.shape[1] == 1 for left, _ in f1.pairs)
