@@ -118,12 +118,12 @@ def nnpack_input_grads_available() -> bool:
         return False
 
 
-def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[int, int] | None:
-    """The input-gradient padding of an ``F.conv2d`` call that :class:`_Conv2dNNPACKInputGrad` handles, or
-    None: a float32 CPU input of two examples or more that requires a gradient, a frozen 3 x 3 weight and bias,
-    stride 1, dilation 1,
-    one group, padding 0-2 (so the input gradient is a 3 x 3 convolution with padding 2 - p, as large as the
-    input), and an input size for which NNPACK picks its 16 x 16 FFT tiles (:func:`fft_tiles`)."""
+def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[tuple[int, int], Tensor] | None:
+    """The input-gradient padding and the weight of an ``F.conv2d`` call that :class:`_Conv2dNNPACKInputGrad`
+    handles, or None: a float32 CPU input of two examples or more that requires a gradient, a frozen 3 x 3
+    weight and bias, stride 1, dilation 1, one group, padding 0-2 (so the input gradient is a 3 x 3 convolution
+    with padding 2 - p, as large as the input), and an input size for which NNPACK picks its 16 x 16 FFT tiles
+    (:func:`fft_tiles`)."""
     a = _CONV_SIGNATURE.bind(*args, **kwargs)
     a.apply_defaults()
     x, weight, bias = a.arguments["input"], a.arguments["weight"], a.arguments["bias"]
@@ -147,7 +147,7 @@ def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     pads = {"valid": (0, 0), "same": (1, 1)}.get(padding) if isinstance(padding, str) else _pair(padding)
     if pads is None or not all(0 <= p <= 2 for p in pads) or not fft_tiles(*x.shape[-2:]):
         return None
-    return (2 - pads[0], 2 - pads[1])
+    return (2 - pads[0], 2 - pads[1]), weight
 
 
 def fft_tiles(height: int, width: int) -> bool:
@@ -223,9 +223,9 @@ class CaptureMode(TorchFunctionMode):
             and not _under_functorch()
             and not torch.is_autocast_enabled("cpu")  # (NNPACK takes float32 gradients only)
         ):
-            pads = _nnpack_geometry(args, kwargs)
-            if pads is not None:
-                weight = _CONV_SIGNATURE.bind(*args, **kwargs).arguments["weight"]
+            geometry = _nnpack_geometry(args, kwargs)
+            if geometry is not None:
+                pads, weight = geometry
                 return _Conv2dNNPACKInputGrad.apply(func, args, kwargs, pads, args[0], weight)
         if self.pool_channels_last and (func is F.max_pool2d or func is F.max_pool2d_with_indices):
             bound = _SIGNATURE.bind(*args, **kwargs)

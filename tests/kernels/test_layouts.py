@@ -329,10 +329,9 @@ def test_nnpack_input_gradients_only_where_they_apply(change):
         "padding": 3 if change == "padding 3" else 1,
     }
     eligible = torch.randn(2, 4, 14, 14).requires_grad_(True)
-    assert _layouts._nnpack_geometry((eligible, torch.randn(4, 4, 3, 3)), {"padding": 1, "bias": torch.zeros(4)}) == (
-        1,
-        1,
-    )
+    weight_4 = torch.randn(4, 4, 3, 3)
+    geometry = _layouts._nnpack_geometry((eligible, weight_4), {"padding": 1, "bias": torch.zeros(4)})
+    assert geometry is not None and geometry[0] == (1, 1) and geometry[1] is weight_4
     assert _layouts._nnpack_geometry((x, weight), kwargs) is None
     with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _Spy(_layouts._Conv2dNNPACKInputGrad):
         F.conv2d(x, weight, **kwargs)
