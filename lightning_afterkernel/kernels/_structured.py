@@ -239,14 +239,15 @@ def capture(
         inp = x.detach() if eps else x.detach().requires_grad_(True)
         inp = inp.clone(memory_format=torch.contiguous_format)
         pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
-        exact_zero_patches = inexact_over_zero_patches(x.device) and uses_conv(model)
+        conv = uses_conv(model)
+        exact_zero_patches = conv and inexact_over_zero_patches(x.device)
         nnpack = (
-            NNPACK_INPUT_GRADS
+            conv
+            and NNPACK_INPUT_GRADS
             and not exact_zero_patches
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and torch.get_num_threads() == 1  # see CaptureMode: NNPACK's one thread pool is sized by its first caller
-            and uses_conv(model)
             and nnpack_input_grads_available()
         )
         # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)

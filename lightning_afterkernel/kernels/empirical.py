@@ -438,8 +438,6 @@ class _Engine:
         other threads' torch calls meanwhile get that count too). The chunks are the serial path's, computed
         the same way; the first error is raised once every thread has stopped, and a failure stops the chunks
         not yet started."""
-        threads = torch.get_num_threads()
-        per_worker = max(1, threads // len(replicas))
         free: queue.SimpleQueue = queue.SimpleQueue()
         for replica in replicas:
             free.put(replica)
@@ -459,16 +457,13 @@ class _Engine:
             finally:
                 free.put((model, layers))
 
-        try:
-            with ThreadPoolExecutor(len(replicas), thread_name_prefix="afterkernel-capture") as pool:
-                try:
-                    for future in [pool.submit(work, rows) for rows in chunks]:
-                        future.result()
-                except BaseException:  # e.g. KeyboardInterrupt here: the chunks not yet started are skipped
-                    failed.set()
-                    raise
-        finally:
-            torch.set_num_threads(threads)  # also the default of threads started later, which the workers changed
+        with _workers(len(replicas), "afterkernel-capture") as (pool, per_worker):
+            try:
+                for future in [pool.submit(work, rows) for rows in chunks]:
+                    future.result()
+            except BaseException:  # e.g. KeyboardInterrupt here: the chunks not yet started are skipped
+                failed.set()
+                raise
 
     def _replicas(self, count: int) -> list[tuple[nn.Module, list[st.Layer]]]:
         """The model and up to ``count - 1`` replicas (:func:`~._structured.replicate`), each checked to give
@@ -657,6 +652,10 @@ class _Engine:
         owns = self._owner(len(x1), lambda rows: rows.stop - rows.start)  # whole rows of the kernel per shard
         units = [unit for unit in units if owns(unit[2])]
         cached = self.factors(x2) if len(groups) == 1 and units else None
+
+        def write(rows: slice, cols: slice, tile: Tensor) -> None:
+            kernel[rows, cols] = tile
+
         done = 0
         for p, panel in enumerate(panels):
             todo = [unit for unit in units if unit[0] == p]
@@ -669,10 +668,6 @@ class _Engine:
                 if not rows_here:
                     continue
                 f_group = cached if cached is not None else self.factors(x2[cols])
-
-                def write(rows: slice, cols: slice, tile: Tensor) -> None:
-                    kernel[rows, cols] = tile
-
                 jobs = [(rows, cols) for rows in rows_here]
                 with closing(self._strips(f_panel, f_group, jobs, start, cols.start, write)) as strips:
                     for _ in strips:
@@ -706,15 +701,13 @@ class _Engine:
                 write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
                 yield
             return
-        threads = torch.get_num_threads()
-        per_worker = max(1, threads // workers)
-
-        def work(rows: slice, cols: slice) -> None:
-            torch.set_num_threads(per_worker)
-            write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
-
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="afterkernel-gram") as pool:
+            with _workers(workers, "afterkernel-gram") as (pool, per_worker):
+
+                def work(rows: slice, cols: slice) -> None:
+                    torch.set_num_threads(per_worker)
+                    write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
+
                 parts = []
                 for rows, cols in jobs:
                     halves = _chunks(rows.stop - rows.start, max(1, (rows.stop - rows.start + 1) // 2))
@@ -735,9 +728,6 @@ class _Engine:
                             future.cancel()
                     raise
         finally:
-            # set_num_threads sets the calling thread's count and the default of threads that start later: the
-            # workers' count must not become the default
-            torch.set_num_threads(threads)
             _CONCURRENT_CAPTURE.release()
 
     @staticmethod
@@ -747,6 +737,19 @@ class _Engine:
         block2 = f2.rows(slice(cols.start - offset2, cols.stop - offset2))
         like = block1.jac if block1.jac is not None else block1.pairs[0][0]
         return gram(block1, block2, like.new_empty(len(block1), len(block2)))
+
+
+@contextmanager
+def _workers(count: int, name: str) -> Iterator[tuple[ThreadPoolExecutor, int]]:
+    """A pool of ``count`` threads and the intra-op thread count each should set, its share of torch's. On exit
+    (once every thread has stopped) the caller's count is set again: ``torch.set_num_threads`` sets the calling
+    thread's count and the default of threads started later, and the workers' must not become that default."""
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(count, thread_name_prefix=name) as pool:
+            yield pool, max(1, threads // count)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_shard(shard: object) -> None:
