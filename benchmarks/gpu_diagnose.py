@@ -3,9 +3,11 @@
 On an H200 the float32 engine's full-split VGG kernel differed from its float64 kernel by 2.9e-2 while the
 tutorial's differed by 3e-5, and on random inputs both were at 6.6e-6. The cause found on CPU (convolution
 algorithms that return noise over all-zero patches, opening ReLU gates at the zero-bias initialisation) is fixed
-in the capture (`kernels/_layouts.py`); this script shows whether anything is left: errors against the float64
-reference by implementation, batch size, memory budget, mode, data and cuDNN settings, the captured layer
-factors against plain autograd, and the error at larger n.
+in the capture (`kernels/_layouts.py`: convolutions as im2col times the weight off oneDNN CPUs, or, with
+`_structured.GEMM_CONVOLUTIONS` off, cuDNN's with the outputs over all-zero patches set to the bias); this script
+shows whether anything is left: errors against the float64 reference by implementation, batch size, memory
+budget, mode, data and cuDNN settings, both fixes side by side with their times, the captured layer factors
+against plain autograd, and the error at larger n.
 
     python benchmarks/gpu_diagnose.py .gpu_data cuda 2000,6000     # on a GPU (gpu_checks.sh step "diagnose")
     python benchmarks/gpu_diagnose.py ../shared/data cpu 400       # the same on CPU
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +32,17 @@ from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_tes
 
 def err(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{entk.rel_err(a, b):.1e}"
+
+
+@contextmanager
+def gemm_convolutions(on: bool):
+    """The capture's im2col convolutions on or off (off: cuDNN's, exact over all-zero patches only)."""
+    before = st.GEMM_CONVOLUTIONS
+    st.GEMM_CONVOLUTIONS = on
+    try:
+        yield
+    finally:
+        st.GEMM_CONVOLUTIONS = before
 
 
 def main() -> None:
@@ -69,6 +83,8 @@ def main() -> None:
             print(f"real n=300 {name}: {err(fn(), ref)}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"real n=300 {name}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+    with gemm_convolutions(False):
+        print("real n=300 engine, cuDNN + zero-patch correction:", err(empirical_ntk(model, x), ref), flush=True)
     with torch.backends.cudnn.flags(enabled=False):
         print("real n=300 engine, cuDNN off:", err(empirical_ntk(model, x), ref), flush=True)
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, benchmark=False):
@@ -119,12 +135,18 @@ def main() -> None:
     # the full split at a smaller size, to see the size dependence
     for n in sizes:
         xa = xtr[:n]
-        t0 = time.perf_counter()
         k64 = empirical_ntk(model, xa, dtype=torch.float64)
-        k32 = empirical_ntk(model, xa)
-        entk.sync(dev)
-        print(f"real n={n}: engine fp32 vs engine fp64 {err(k32, k64)} ({time.perf_counter() - t0:.1f} s)", flush=True)
-        del k64, k32
+        for on in (True, False, True):  # (the first call of each warms up; times: the later calls)
+            with gemm_convolutions(on):
+                entk.sync(dev)
+                t0 = time.perf_counter()
+                k32 = empirical_ntk(model, xa)
+                entk.sync(dev)
+                seconds = time.perf_counter() - t0
+            name = "im2col convolutions" if on else "cuDNN + zero-patch correction"
+            print(f"real n={n}: engine fp32 ({name}) vs engine fp64 {err(k32, k64)} ({seconds:.2f} s)", flush=True)
+            del k32
+        del k64
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def real_mnist(shared_data):
+    """The real MNIST 3-vs-8 (train, test) images as the data module gives them (strides of channels-last)."""
+    from lightning_afterkernel.data import BinaryPairDataModule
+
+    dm = BinaryPairDataModule(dataset="mnist", root=str(shared_data))
+    dm.setup("fit")
+    return dm.tensors("train")[0], dm.tensors("test")[0]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """Keep wandb and matplotlib away from ~/.cache and the network in every test."""

@@ -1,21 +1,32 @@
-"""Operators re-done inside the capture: convolutions exact over all-zero patches on any device, max-pooling
-channels-last on CPU, and on CPU convolutions' input gradients by NNPACK (see :class:`CaptureMode`).
+"""Operators re-done inside the capture: convolutions computed directly (im2col times the weight) where PyTorch's
+may not be direct ones, max-pooling channels-last on CPU, and on CPU convolutions' input gradients by NNPACK (see
+:class:`CaptureMode`).
 
-*Convolutions over all-zero patches.* Where an image is flat (MNIST's black background), a convolution's input
-patch is all zeros and its output is exactly its bias in exact arithmetic: zero at the paper's initialisation.
-Convolution algorithms that transform their inputs by tiles (Winograd, FFT; cuDNN picks them by shape) return
-rounding noise there instead, of either sign, wherever a tile also holds non-zero pixels. The ReLU after the
-convolution then passes the gradient through about half of these positions (PyTorch's ReLU passes none at
-exactly zero), and every bias gradient sums them. On an H200 the float32 after kernel of the paper's VGG on the
-full MNIST 3-vs-8 split came out 2.9e-2 (relative Frobenius) away from the float64 one, while the tutorial's
-method, whose convolutions kept those zeros, was 3e-5 away. Adding one unit of rounding of the channel's largest
-value, of random sign, to the float32 convolution outputs reproduces it on CPU: 3.8e-2 instead of 4e-5. In
-:class:`CaptureMode`, ``F.conv2d`` (so ``nn.Conv2d``) sets the outputs whose patch is all zeros (found by one
-max-pooling of the input's magnitudes with the convolution's geometry) to the bias exactly, as an added constant:
-the gradients are the convolution's own (the derivative with respect to the input does not vanish there).
-Elsewhere the outputs are untouched, and where the algorithm already returned the bias nothing changes. On CPU,
-PyTorch's oneDNN convolutions are direct ones that return the bias exactly there (a test checks it), so the
-correction, 4.5% of the paper's VGG kernel on CPU, is made only where :func:`inexact_over_zero_patches` says.
+*Convolutions where PyTorch's may not be direct.* The float32 kernel of a ReLU network is only as close to the
+float64 one as its forward pass's rounding lets ReLU gates and max-pool choices agree, and convolution
+algorithms that transform their inputs by tiles (Winograd, FFT; cuDNN picks them by shape, NNPACK by size) round
+each output relative to the largest values of its tile rather than to its own terms. Where an image is flat
+(MNIST's black background) a convolution's input patch is all zeros and its exact output is its bias: zero at the
+paper's initialisation. Those algorithms return rounding noise of either sign there, wherever a tile also holds
+non-zero pixels; the ReLU after the convolution then passes the gradient through about half of these positions
+(PyTorch's ReLU passes none at exactly zero), and every bias gradient sums them. On an H200 the float32 after
+kernel of the paper's VGG on the full MNIST 3-vs-8 split came out 2.9e-2 (relative Frobenius) away from the
+float64 one, while the tutorial's method was 3e-5 away. The same happens on CPU with oneDNN switched off, where
+PyTorch convolves by NNPACK's FFT and Winograd tiles: on real MNIST (the paper's VGG at initialisation, 100 test
+by 300 training images) the float32 kernel was 3.5e-2 from float64, the tutorial's too.
+
+So wherever convolutions may not be direct (:func:`inexact_convolutions`: any device but a CPU with oneDNN, whose
+convolutions are direct and return the bias exactly over all-zero patches, as a test checks), ``F.conv2d`` (so
+``nn.Conv2d``) runs inside the capture as im2col patches (``F.unfold``) times the weight, one batched matmul
+(:func:`_conv2d_gemm`; TF32 only when the caller allows it, like the engine's other matmuls): a plain sum of
+products per output, rounded entry by entry. In that CPU experiment the kernel came out 8.8e-8 from float64,
+as with oneDNN (8.8e-8; the tutorial on oneDNN 6.4e-8). Its autograd is that of ``unfold`` and ``matmul``, so
+the output gradients G and the input gradients are exact compositions too. It costs the patches' memory, one
+layer at a time, which the engine's chunk sizing already counts (the CUDA weight gradients use the same
+patches). Under autocast, and for calls it does not take, the convolution stays PyTorch's, and its outputs whose
+patch is all zeros (found by one max-pooling of the input's magnitudes with the convolution's geometry) are set
+to the bias exactly, as an added constant, so that the gradients stay the convolution's (:func:`_conv2d`): in
+the CPU experiment that alone gave 6.1e-5 (the rest is gates flipped by the tiles' coarser rounding elsewhere).
 
 *Max-pooling channels-last on CPU.* PyTorch's CPU max-pooling in NCHW runs a scalar loop per output element; in
 channels-last it is vectorised over the channels. On the paper's VGG (2-core AMD EPYC, one thread) a 2 x 2 pool
@@ -42,11 +53,13 @@ MIN_CHANNELS = 4
 _SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
 _CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: 0)
 _DTYPES = (torch.float32, torch.float64)
+_PLAIN = (Tensor, nn.Parameter)
 
 
-def inexact_over_zero_patches(device: torch.device) -> bool:
-    """Whether convolutions on ``device`` may return noise over all-zero patches: any device but a CPU with
-    oneDNN enabled (PyTorch's own CPU convolutions, with oneDNN off, are not checked)."""
+def inexact_convolutions(device: torch.device) -> bool:
+    """Whether PyTorch's convolutions on ``device`` may not be direct ones (rounding by tiles, noise over all-zero
+    patches): any device but a CPU with oneDNN enabled (with oneDNN off, PyTorch's CPU convolutions are NNPACK's
+    tiled ones)."""
     return device.type != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
@@ -54,19 +67,24 @@ def _pair(value) -> tuple[int, int]:
     return (int(value[0]), int(value[-1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
 
 
+def _pads(padding, kernel: tuple[int, int], dilation) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of ``F.conv2d``'s ``padding``: an int, a pair, "valid" or "same"."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":  # PyTorch's split: the odd element of the total goes after
+        (kh, kw), (dh, dw) = kernel, _pair(dilation)
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = _pair(padding)
+    return (pw, pw, ph, ph)
+
+
 def zero_patches(x: Tensor, kernel: tuple[int, int], stride, padding, dilation, groups: int) -> Tensor:
     """(N, groups, H', W') bool: where the convolution's input patch of each group is all zeros (zero padding
     counts as zeros). ``padding`` is an int, a pair, "valid" or "same"."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, _pair(stride), _pair(dilation)
     n, c, h, w = x.shape
-    if padding == "valid":
-        pads = (0, 0, 0, 0)
-    elif padding == "same":  # PyTorch's split: the odd element of the total goes after
-        th, tw = dh * (kh - 1), dw * (kw - 1)
-        pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    else:
-        ph, pw = _pair(padding)
-        pads = (pw, pw, ph, ph)
+    pads = _pads(padding, kernel, dilation)
     magnitude = x.detach().abs().reshape(n, groups, c // groups, h, w).amax(2)
     magnitude = torch.where(magnitude.isnan(), float("inf"), magnitude)  # a NaN patch is not all zeros
     window = F.max_pool2d(F.pad(magnitude, pads), (kh, kw), (sh, sw), 0, (dh, dw))
@@ -88,6 +106,47 @@ def _conv2d(func, args: tuple, kwargs: dict) -> Tensor:
     zero = zero.unsqueeze(2).expand(n, g, out.shape[1] // g, ho, wo).reshape(out.shape)
     exact = out.new_zeros(()) if bias is None else bias.detach().view(1, -1, 1, 1)
     return out + torch.where(zero, exact - out.detach(), 0)  # a constant: the gradients stay the convolution's
+
+
+def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
+    """``F.conv2d`` as im2col patches times the weight (one batched matmul), or None for a call it does not
+    take (see :class:`CaptureMode`): each output is a plain sum of products, rounded entry by entry like a
+    direct convolution's, so exactly the bias over all-zero patches. Differentiable like any composition of
+    PyTorch operators (the input gradient is the matmul's, folded back by ``F.fold``)."""
+    a = _CONV_SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
+    if not (
+        type(weight) in _PLAIN
+        and weight.ndim == 4
+        and weight.dtype == x.dtype
+        and weight.device == x.device
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.device == x.device))
+        and isinstance(groups, int)
+        and groups >= 1
+        and x.shape[1] == weight.shape[1] * groups
+        and weight.shape[0] % groups == 0
+    ):
+        return None  # (PyTorch's convolution raises its own error, or handles what this does not)
+    kernel = (weight.shape[2], weight.shape[3])
+    (sh, sw), (dh, dw) = _pair(a.arguments["stride"]), _pair(a.arguments["dilation"])
+    left, right, top, bottom = _pads(a.arguments["padding"], kernel, (dh, dw))
+    n, _, h, w = x.shape
+    out_h = (h + top + bottom - dh * (kernel[0] - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kernel[1] - 1) - 1) // sw + 1
+    if min(left, right, top, bottom) < 0 or min(sh, sw, dh, dw, out_h, out_w) < 1:
+        return None
+    if (left, top) != (right, bottom):  # ("same" with an even total): F.unfold pads symmetrically only
+        x, (top, left) = F.pad(x, (left, right, top, bottom)), (0, 0)
+    patches = F.unfold(x, kernel, dilation=(dh, dw), padding=(top, left), stride=(sh, sw))  # (n, C k k, T)
+    out_c, depth = weight.shape[0], weight[0].numel()
+    if groups == 1:
+        out = torch.matmul(weight.reshape(out_c, depth), patches)
+    else:
+        patches = patches.view(n, groups, depth, patches.shape[-1])
+        out = torch.matmul(weight.reshape(groups, out_c // groups, depth), patches)
+    out = out.reshape(n, out_c, out_h, out_w)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 class _MaxPool2dChannelsLast(torch.autograd.Function):
@@ -182,12 +241,13 @@ class _Conv2dNNPACKInputGrad(torch.autograd.Function):
 
 
 class CaptureMode(TorchFunctionMode):
-    """The capture's operators: with ``exact_zero_patches``, ``F.conv2d`` (and so ``nn.Conv2d``) on 4-D
-    float32/float64 inputs exact over all-zero patches (:func:`_conv2d`); with ``nnpack_input_grads``, the
-    input gradients of float32 CPU 3 x 3 convolutions by NNPACK (:class:`_Conv2dNNPACKInputGrad`); with
-    ``pool_channels_last``, ``F.max_pool2d`` (and so ``nn.MaxPool2d``) on a contiguous 4-D float32/float64 CPU
-    tensor with at least :data:`MIN_CHANNELS` channels in channels-last. Every other call, and every call under
-    ``vmap``/``grad`` inside the forward, is PyTorch's own.
+    """The capture's operators: with ``gemm_convolutions``, ``F.conv2d`` (and so ``nn.Conv2d``) on 4-D
+    float32/float64 inputs as im2col patches times the weight (:func:`_conv2d_gemm`), outside autocast; with
+    ``exact_zero_patches``, the other such convolutions exact over all-zero patches (:func:`_conv2d`); with
+    ``nnpack_input_grads``, the input gradients of float32 CPU 3 x 3 convolutions by NNPACK
+    (:class:`_Conv2dNNPACKInputGrad`); with ``pool_channels_last``, ``F.max_pool2d`` (and so ``nn.MaxPool2d``)
+    on a contiguous 4-D float32/float64 CPU tensor with at least :data:`MIN_CHANNELS` channels in channels-last.
+    Every other call, and every call under ``vmap``/``grad`` inside the forward, is PyTorch's own.
 
     *NNPACK input gradients.* The forward convolutions stay oneDNN's: their rounding decides which ReLU gates
     and max-pool choices flip between float32 and float64, and it is the tutorial method's rounding too. The
@@ -205,17 +265,29 @@ class CaptureMode(TorchFunctionMode):
     the pool, created there, runs each call in its caller's thread."""
 
     def __init__(
-        self, pool_channels_last: bool = False, exact_zero_patches: bool = True, nnpack_input_grads: bool = False
+        self,
+        pool_channels_last: bool = False,
+        exact_zero_patches: bool = True,
+        nnpack_input_grads: bool = False,
+        gemm_convolutions: bool = False,
     ) -> None:
         super().__init__()
         self.pool_channels_last, self.exact_zero_patches = pool_channels_last, exact_zero_patches
+        self.gemm_convolutions = gemm_convolutions
         # (availability also initialises NNPACK, which its convolution needs)
-        self.nnpack_input_grads = nnpack_input_grads and not exact_zero_patches and nnpack_input_grads_available()
+        self.nnpack_input_grads = (
+            nnpack_input_grads and not (exact_zero_patches or gemm_convolutions) and nnpack_input_grads_available()
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.exact_zero_patches and func is F.conv2d and args and _plain_float(args[0]):
-            return _conv2d(func, args, kwargs)
+        if func is F.conv2d and args and _plain_float(args[0]):
+            if self.gemm_convolutions and not torch.is_autocast_enabled(args[0].device.type):
+                out = _conv2d_gemm(args, kwargs)
+                if out is not None:
+                    return out
+            if self.exact_zero_patches:
+                return _conv2d(func, args, kwargs)
         if (
             self.nnpack_input_grads
             and func is F.conv2d

@@ -56,7 +56,7 @@ from torch.func import functional_call
 from lightning_afterkernel.errors import ConfigurationError, ModelError
 from lightning_afterkernel.kernels._layouts import (
     CaptureMode,
-    inexact_over_zero_patches,
+    inexact_convolutions,
     nnpack_input_grads_available,
     uses_conv,
     uses_max_pool,
@@ -66,6 +66,10 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NNPACK_INPUT_GRADS = True
 """Whether the capture may take convolutions' input gradients from NNPACK on CPU (see
 :class:`~._layouts.CaptureMode`; only where they are as accurate as oneDNN's and faster)."""
+GEMM_CONVOLUTIONS = True
+"""Whether the capture computes convolutions as im2col patches times the weight wherever PyTorch's own may
+not be direct ones (any device but a CPU with oneDNN; see :class:`~._layouts.CaptureMode`); if not, those
+convolutions are only made exact over all-zero patches."""
 ELEMENTWISE_COST = 4.0
 """Cost of one elementwise multiply-accumulate on an n x n tile, in units of one matmul multiply-add
 (elementwise work is memory-bound); used when choosing a layer's form."""
@@ -240,7 +244,8 @@ def capture(
         inp = inp.clone(memory_format=torch.contiguous_format)
         pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
         conv = uses_conv(model)
-        exact_zero_patches = conv and inexact_over_zero_patches(x.device)
+        exact_zero_patches = conv and inexact_convolutions(x.device)
+        gemm = exact_zero_patches and GEMM_CONVOLUTIONS
         nnpack = (
             conv
             and NNPACK_INPUT_GRADS
@@ -252,7 +257,7 @@ def capture(
         )
         # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)
         work = pool_channels_last or exact_zero_patches or nnpack
-        mode = CaptureMode(pool_channels_last, exact_zero_patches, nnpack) if work else None
+        mode = CaptureMode(pool_channels_last, exact_zero_patches, nnpack, gemm) if work else None
         with mode or nullcontext():
             out = functional_call(model, state, (inp,))
         check_logits(out, x)

@@ -628,16 +628,13 @@ def test_inputs_in_any_memory_format_give_the_contiguous_inputs_kernel(monkeypat
     assert torch.equal(empirical_ntk(model, x[:7], strided), empirical_ntk(model, x[:7], x))
 
 
-def test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial(shared_data):
+def test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial(real_mnist):
     """Real MNIST test images against 200 training images, in the data module's own tensors (strides of
     channels-last). Before the capture copied its chunks to NCHW this slice was 1.2e-4 from float64 (a max-pool
     near-tie flipped by the channels-last rounding), against the tutorial's 6e-8."""
-    from lightning_afterkernel.data import BinaryPairDataModule
     from lightning_afterkernel.models import VGGClassifier
 
-    dm = BinaryPairDataModule(dataset="mnist", root=str(shared_data))
-    dm.setup("fit")
-    x_train, x_test = dm.tensors("train")[0][:200], dm.tensors("test")[0][:50]
+    x_train, x_test = real_mnist[0][:200], real_mnist[1][:50]
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=(1, 28, 28)).eval()
     expected = reference_ntk(model, x_test, x_train)

@@ -1,5 +1,5 @@
-"""The capture's operators: convolutions exact over all-zero patches, channels-last max-pooling bitwise the NCHW
-operator, each used only where it applies."""
+"""The capture's operators: im2col convolutions and convolutions exact over all-zero patches, channels-last
+max-pooling bitwise the NCHW operator, NNPACK input gradients, each used only where it applies."""
 
 from __future__ import annotations
 
@@ -126,6 +126,15 @@ def test_pooling_under_functorch_transforms_takes_the_ordinary_operator():
 
 
 # ---------------------------------------------------------------- convolutions over all-zero patches
+needs_nnpack = pytest.mark.skipif(
+    not _layouts.nnpack_input_grads_available(), reason="this PyTorch has no NNPACK for this CPU"
+)
+needs_nnpack_forward = pytest.mark.skipif(
+    not (_layouts.nnpack_input_grads_available() and torch.backends.mkldnn.is_available()),
+    reason="needs oneDNN (to switch off) and NNPACK (PyTorch's CPU convolutions without it)",
+)
+
+
 class _TiledNoise(TorchFunctionMode):
     """Float32 convolutions return a checkerboard of +-1 unit of rounding of each channel's largest value on top
     of the true outputs: what algorithms that transform tiles (Winograd, FFT) return where the exact output is
@@ -206,7 +215,8 @@ def test_a_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_flat_ima
     model = VGGClassifier(input_shape=(1, 16, 16), num_parameters=20_000)
     x = _flat_background(24, 16, seed=1)
     expected = reference_ntk(model, x)
-    monkeypatch.setattr(_structured, "inexact_over_zero_patches", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(_structured, "inexact_convolutions", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", False)  # the correction alone (as under autocast)
     with _TiledNoise():
         exact = empirical_ntk(model, x)
     assert relative(exact, expected) < 1e-6
@@ -215,13 +225,117 @@ def test_a_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_flat_ima
         assert relative(empirical_ntk(model, x), expected) > 1e-2
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g[2:]) for g in GEOMETRIES])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_convolutions_are_the_convolutions_with_their_gradients(geometry, bias):
+    c_in, c_out, kernel, stride, padding, dilation, groups = geometry
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, c_in, 11, 10, dtype=torch.float64, generator=g).requires_grad_(True)
+    weight = torch.randn(c_out, c_in // groups, *kernel, dtype=torch.float64, generator=g).requires_grad_(True)
+    b = torch.randn(c_out, dtype=torch.float64, generator=g).requires_grad_(True) if bias else None
+    args, kwargs = (x, weight, b), {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    want, got = F.conv2d(*args, **kwargs), _layouts._conv2d_gemm(args, kwargs)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    params = [x, weight] + ([b] if bias else [])
+    got_grads, want_grads = torch.autograd.grad(got, params, upstream), torch.autograd.grad(want, params, upstream)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_convolutions_return_the_bias_exactly_over_zero_patches_and_take_only_their_calls():
+    conv = nn.Conv2d(5, 7, 3, padding=1)
+    nn.init.normal_(conv.bias)
+    x = torch.rand(4, 5, 12, 12)
+    x[:, :, :6] = 0.0
+    with CaptureMode(exact_zero_patches=False, gemm_convolutions=True), _Calls(_layouts, "_conv2d_gemm") as calls:
+        out = conv(x)
+    zero = _layouts.zero_patches(x, (3, 3), 1, 1, 1, 1).expand_as(out)
+    assert calls == [True] and torch.equal(out[zero], conv.bias.detach().view(1, -1, 1, 1).expand_as(out)[zero])
+    # a call it does not take (a float64 weight for a float32 input) is PyTorch's, which raises its own error
+    with CaptureMode(exact_zero_patches=False, gemm_convolutions=True), pytest.raises(RuntimeError):
+        F.conv2d(x, conv.weight.double())
+    with CaptureMode(exact_zero_patches=True, gemm_convolutions=True), _Calls(_layouts, "_conv2d_gemm") as calls:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: PyTorch's, with the correction
+            conv(x)
+    assert calls == []
+
+
+class _Calls:
+    """Records, for each call of ``module.name`` within the block, whether it returned a tensor."""
+
+    def __init__(self, module, name: str) -> None:
+        self.module, self.name, self.calls = module, name, []
+
+    def __enter__(self) -> list[bool]:
+        self.original = getattr(self.module, self.name)
+
+        def wrapped(*args, **kwargs):
+            out = self.original(*args, **kwargs)
+            self.calls.append(out is not None)
+            return out
+
+        setattr(self.module, self.name, wrapped)
+        return self.calls
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.module, self.name, self.original)
+
+
+@needs_nnpack_forward
+@pytest.mark.parametrize("gemm", [True, False])
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_a_real_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_flat_images(monkeypatch, gemm):
+    """With oneDNN off, PyTorch's CPU convolutions are NNPACK's, by FFT or Winograd tiles: the kind of algorithm
+    that put the float32 VGG kernel 2.9e-2 from float64 on an H200. The capture's im2col convolutions make it as
+    exact as with oneDNN; without them or the correction over all-zero patches the kernel is far off."""
+    from lightning_afterkernel.models import VGGClassifier
+
+    torch.manual_seed(0)
+    model = VGGClassifier(input_shape=(1, 28, 28), num_parameters=20_000)
+    x = _flat_background(24, 28, seed=5)
+    expected = reference_ntk(model, x)
+    bound = max(2e-7, 3 * relative(reference_ntk(model, x, dtype=torch.float32), expected))  # oneDNN's tutorial
+    monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", gemm)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _layouts.inexact_convolutions(torch.device("cpu"))
+        kernel = empirical_ntk(model, x)
+        monkeypatch.setattr(_layouts, "_conv2d", lambda func, args, kwargs: func(*args, **kwargs))
+        monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", False)
+        uncorrected = empirical_ntk(model, x)
+    if gemm:
+        assert relative(kernel, expected) < bound
+    else:  # the correction alone (as under autocast): the zero patches' noise is gone
+        assert relative(kernel, expected) < 1e-5
+    assert relative(uncorrected, expected) > 1e-2
+
+
+@needs_nnpack_forward
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_the_im2col_convolutions_keep_real_mnist_kernels_exact_under_tiled_convolutions(real_mnist):
+    """The H200's failure on real data, reproduced with NNPACK's tiles: the paper's VGG at initialisation, real
+    MNIST test images against training images. Without the im2col convolutions it was 3.5e-2 from float64 (the
+    tutorial's, whose convolutions are NNPACK's too, as well), with the correction alone 6e-5."""
+    from lightning_afterkernel.models import VGGClassifier
+
+    x_train, x_test = real_mnist[0][:150], real_mnist[1][:40]
+    torch.manual_seed(0)
+    model = VGGClassifier(input_shape=(1, 28, 28)).eval()
+    expected = reference_ntk(model, x_test, x_train)
+    tutorial = relative(reference_ntk(model, x_test, x_train, dtype=torch.float32), expected)  # on oneDNN
+    with torch.backends.mkldnn.flags(enabled=False):
+        kernel = empirical_ntk(model, x_test, x_train)
+        tiled = relative(reference_ntk(model, x_test, x_train, dtype=torch.float32), expected)
+    assert relative(kernel, expected) < max(2e-7, 3 * tutorial) and tiled > 1e-3
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def test_cpu_convolutions_return_the_bias_exactly_over_zero_patches():
     """Why the correction is skipped on CPU with oneDNN: its convolutions are exact there already."""
-    assert _layouts.inexact_over_zero_patches(torch.device("cuda")) and not _layouts.inexact_over_zero_patches(
+    assert _layouts.inexact_convolutions(torch.device("cuda")) and not _layouts.inexact_convolutions(
         torch.device("cpu")
     )
     for dtype in (torch.float32, torch.float64):
@@ -256,9 +370,6 @@ def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float6
     assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * tutorial)
 
 
-needs_nnpack = pytest.mark.skipif(
-    not _layouts.nnpack_input_grads_available(), reason="this PyTorch has no NNPACK for this CPU"
-)
 NNPACK_CASES = [  # (input shape, out channels, padding, bias): input sizes where NNPACK takes FFT tiles
     ((5, 38, 28, 28), 38, 1, True),
     ((4, 6, 14, 28), 11, "same", False),  # non-square
