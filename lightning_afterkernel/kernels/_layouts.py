@@ -19,14 +19,15 @@ So wherever convolutions may not be direct (:func:`inexact_convolutions`: any de
 convolutions are direct and return the bias exactly over all-zero patches, as a test checks), ``F.conv2d`` (so
 ``nn.Conv2d``) runs inside the capture as im2col patches (``F.unfold``) times the weight, one batched matmul
 (:func:`_conv2d_gemm`; TF32 only when the caller allows it, like the engine's other matmuls): a plain sum of
-products per output, rounded entry by entry. In that CPU experiment the kernel came out 8.8e-8 from float64,
-as with oneDNN (8.8e-8; the tutorial on oneDNN 6.4e-8). Its autograd is that of ``unfold`` and ``matmul``, so
-the output gradients G and the input gradients are exact compositions too. It costs the patches' memory, one
-layer at a time, which the engine's chunk sizing already counts (the CUDA weight gradients use the same
-patches). Under autocast, and for calls it does not take, the convolution stays PyTorch's, and its outputs whose
-patch is all zeros (found by one max-pooling of the input's magnitudes with the convolution's geometry) are set
-to the bias exactly, as an added constant, so that the gradients stay the convolution's (:func:`_conv2d`): in
-the CPU experiment that alone gave 6.1e-5 (the rest is gates flipped by the tiles' coarser rounding elsewhere).
+products per output, rounded entry by entry. In that CPU experiment the kernel came out 8.8e-8 from float64, as with
+oneDNN (8.8e-8; the tutorial on oneDNN 6.4e-8). Its autograd is that of ``unfold`` and ``matmul``, so the output
+gradients G and the input gradients are exact compositions too. It costs the patches' memory, at most
+:data:`GEMM_PATCH_BYTES` at a time (the batch is cut into parts), frozen layers included. Only the structured
+capture's ``F.conv2d`` is re-done: the ``vmap`` path and other convolutions (1-D, 3-D, transposed) are PyTorch's.
+Under autocast, and for calls it does not take, the convolution stays PyTorch's, and its outputs whose patch is all
+zeros (found by one max-pooling of the input's magnitudes with the convolution's geometry) are set to the bias
+exactly, as an added constant, so that the gradients stay the convolution's (:func:`_conv2d`): in the CPU experiment
+that alone gave 6.1e-5 (the rest is gates flipped by the tiles' coarser rounding elsewhere).
 
 *Max-pooling channels-last on CPU.* PyTorch's CPU max-pooling in NCHW runs a scalar loop per output element; in
 channels-last it is vectorised over the channels. On the paper's VGG (2-core AMD EPYC, one thread) a 2 x 2 pool
@@ -108,44 +109,86 @@ def _conv2d(func, args: tuple, kwargs: dict) -> Tensor:
     return out + torch.where(zero, exact - out.detach(), 0)  # a constant: the gradients stay the convolution's
 
 
-def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
-    """``F.conv2d`` as im2col patches times the weight (one batched matmul), or None for a call it does not
-    take (see :class:`CaptureMode`): each output is a plain sum of products, rounded entry by entry like a
-    direct convolution's, so exactly the bias over all-zero patches. Differentiable like any composition of
-    PyTorch operators (the input gradient is the matmul's, folded back by ``F.fold``)."""
-    a = _CONV_SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
+def _strict_pair(value) -> tuple[int, int] | None:
+    """An int, or a sequence of one or two ints, as a pair; None for anything else."""
+    if isinstance(value, (list, tuple)):
+        value = tuple(value) * 2 if len(value) == 1 else tuple(value)
+        return value if len(value) == 2 and all(isinstance(v, int) for v in value) else None
+    return (value, value) if isinstance(value, int) else None
+
+
+def _gemm_geometry(a: inspect.BoundArguments) -> tuple | None:
+    """(kernel, stride, dilation, pads, output size) of a convolution :func:`_conv2d_gemm` takes, or None: the
+    checks PyTorch's convolution makes (so that every call it would refuse is left to it, and to its error)."""
     x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
+    stride, dilation, padding = (a.arguments[key] for key in ("stride", "dilation", "padding"))
     if not (
         type(weight) in _PLAIN
         and weight.ndim == 4
         and weight.dtype == x.dtype
         and weight.device == x.device
+        and weight.shape[0] > 0
         and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype and bias.device == x.device))
+        and (bias is None or tuple(bias.shape) == (weight.shape[0],))
         and isinstance(groups, int)
         and groups >= 1
         and x.shape[1] == weight.shape[1] * groups
         and weight.shape[0] % groups == 0
     ):
-        return None  # (PyTorch's convolution raises its own error, or handles what this does not)
-    kernel = (weight.shape[2], weight.shape[3])
-    (sh, sw), (dh, dw) = _pair(a.arguments["stride"]), _pair(a.arguments["dilation"])
-    left, right, top, bottom = _pads(a.arguments["padding"], kernel, (dh, dw))
-    n, _, h, w = x.shape
-    out_h = (h + top + bottom - dh * (kernel[0] - 1) - 1) // sh + 1
-    out_w = (w + left + right - dw * (kernel[1] - 1) - 1) // sw + 1
-    if min(left, right, top, bottom) < 0 or min(sh, sw, dh, dw, out_h, out_w) < 1:
         return None
+    stride, dilation = _strict_pair(stride), _strict_pair(dilation)
+    if stride is None or dilation is None or min(*stride, *dilation) < 1:
+        return None
+    kernel = (weight.shape[2], weight.shape[3])
+    if isinstance(padding, str):
+        if padding not in ("same", "valid") or (padding == "same" and stride != (1, 1)):
+            return None
+    elif _strict_pair(padding) is None or min(_strict_pair(padding)) < 0:
+        return None
+    left, right, top, bottom = _pads(padding, kernel, dilation)
+    out_h = (x.shape[2] + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (x.shape[3] + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    if min(out_h, out_w) < 1:
+        return None
+    return kernel, stride, dilation, (left, right, top, bottom), (out_h, out_w)
+
+
+GEMM_PATCH_BYTES = 256 * 2**20
+"""Most bytes of im2col patches :func:`_conv2d_gemm` builds at once (the batch is cut into parts below that):
+the transient memory of the capture's convolutions, whatever the chunk's size and whichever layers are frozen."""
+
+
+def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
+    """``F.conv2d`` as im2col patches times the weight (batched matmuls), or None for a call it does not take
+    (see :class:`CaptureMode`): each output is a plain sum of products, rounded entry by entry like a direct
+    convolution's, so exactly the bias over all-zero patches. Differentiable like any composition of PyTorch
+    operators (the input gradient is the matmul's, folded back by ``F.fold``). The batch is taken in parts of
+    at most :data:`GEMM_PATCH_BYTES` of patches (and, with groups, of the weight's expanded copy), each its own
+    autograd node, so the backward's patch-sized gradients are as bounded."""
+    a = _CONV_SIGNATURE.bind(*args, **kwargs)
+    a.apply_defaults()
+    geometry = _gemm_geometry(a)
+    if geometry is None:
+        return None  # (PyTorch's convolution raises its own error, or handles what this does not)
+    kernel, stride, dilation, (left, right, top, bottom), (out_h, out_w) = geometry
+    x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
     if (left, top) != (right, bottom):  # ("same" with an even total): F.unfold pads symmetrically only
         x, (top, left) = F.pad(x, (left, right, top, bottom)), (0, 0)
-    patches = F.unfold(x, kernel, dilation=(dh, dw), padding=(top, left), stride=(sh, sw))  # (n, C k k, T)
-    out_c, depth = weight.shape[0], weight[0].numel()
-    if groups == 1:
-        out = torch.matmul(weight.reshape(out_c, depth), patches)
-    else:
-        patches = patches.view(n, groups, depth, patches.shape[-1])
-        out = torch.matmul(weight.reshape(groups, out_c // groups, depth), patches)
-    out = out.reshape(n, out_c, out_h, out_w)
+    n, out_c, depth = len(x), weight.shape[0], weight[0].numel()
+    # (a weight that does not require a gradient, as in the capture, is multiplied as a stride-0 expanded view,
+    # and only it is saved for the backward; one that does would make matmul copy and save the patches)
+    w = weight.reshape(out_c, depth) if groups == 1 else weight.reshape(groups, out_c // groups, depth)
+    per_example = (x.shape[1] * kernel[0] * kernel[1] * out_h * out_w + (weight.numel() if groups > 1 else 0)) * (
+        x.element_size()
+    )
+    rows = max(1, GEMM_PATCH_BYTES // per_example)
+    parts = []
+    for start in range(0, max(n, 1), rows):
+        patches = F.unfold(x[start : start + rows], kernel, dilation=dilation, padding=(top, left), stride=stride)
+        if groups > 1:
+            patches = patches.view(len(patches), groups, depth, out_h * out_w)
+        parts.append(torch.matmul(w, patches).reshape(-1, out_c, out_h, out_w))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -281,8 +324,9 @@ class CaptureMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.conv2d and args and _plain_float(args[0]):
-            if self.gemm_convolutions and not torch.is_autocast_enabled(args[0].device.type):
+        x = args[0] if args else kwargs.get("input")
+        if func is F.conv2d and _plain_float(x):
+            if self.gemm_convolutions and not torch.is_autocast_enabled(x.device.type):
                 out = _conv2d_gemm(args, kwargs)
                 if out is not None:
                     return out

@@ -1090,6 +1090,26 @@ def test_a_compiled_model_is_captured_serially_and_exactly(monkeypatch):
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
 
 
+@pytest.mark.parametrize("implementation", ["auto", "vmap"])
+def test_a_model_compiled_with_aot_autograd_gives_the_exact_kernel(implementation):
+    """In a graph compiled with AOT autograd the layers' outputs are siblings of the logit, so gradients with
+    respect to them came out None and the structured kernel was 0.23 (relative) off; the engine now runs compiled
+    code eagerly, and leaves dynamo's stance as it found it."""
+    from torch._dynamo import eval_frame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    stance = eval_frame._stance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's notes
+        compiled = torch.compile(model, backend="aot_eager")
+        kernel = empirical_ntk(compiled, x, dtype=torch.float64, implementation=implementation)
+        assert eval_frame._stance == stance
+        compiled(x)  # compiles afterwards as before
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
 # ------------------------------------------------------------------ Gram strips side by side (CPU)
 def _gram_threads(monkeypatch, wait: bool = True) -> list[str]:
     """Every factor matrix counts as wide; records the thread computing each strip, and (``wait``) makes the

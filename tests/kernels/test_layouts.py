@@ -261,6 +261,32 @@ def test_gemm_convolutions_return_the_bias_exactly_over_zero_patches_and_take_on
     assert calls == []
 
 
+def test_gemm_convolutions_take_large_batches_in_parts_of_bounded_patches(monkeypatch):
+    sizes = []
+    unfold = F.unfold
+
+    def recorded(*args, **kwargs):
+        out = unfold(*args, **kwargs)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(F, "unfold", recorded)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(10, 4, 9, 9, dtype=torch.float64, generator=g).requires_grad_(True)
+    for groups in (1, 2):
+        weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g)
+        per_example = 4 * 9 * 81 * 8 + (weight.numel() * 8 if groups > 1 else 0)  # patches (+ the weight's copy)
+        monkeypatch.setattr(_layouts, "GEMM_PATCH_BYTES", 3 * per_example)
+        sizes.clear()
+        got = _layouts._conv2d_gemm((x, weight), {"padding": 1, "groups": groups})
+        want = F.conv2d(x, weight, padding=1, groups=groups)
+        assert len(sizes) == 4 and max(sizes) <= 3 * 4 * 9 * 81 * 8  # 10 examples in parts of 3
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        (a,), (b,) = torch.autograd.grad(got, [x], upstream), torch.autograd.grad(want, [x], upstream)
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 class _Calls:
     """Records, for each call of ``module.name`` within the block, whether it returned a tensor."""
 
@@ -355,7 +381,9 @@ def test_cpu_convolutions_return_the_bias_exactly_over_zero_patches():
 def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float64(device):
     """The failure seen on an H200 (2.9e-2 on real MNIST) as a test: zero biases, flat backgrounds, and on a GPU
     one capture chunk of 2,048 images (the engine's chunks there were 4,096; cuDNN picks algorithms by shape),
-    checked on the first 40 against the float64 reference computed on the CPU."""
+    checked on the first 40 against the float64 reference computed on the CPU. On a GPU the capture's
+    convolutions are im2col matmuls, rounded entry by entry: as close as the CPU's direct ones (TF32 would be
+    ~1e-3 away, cuDNN's tiles with the zero-patch correction alone ~6e-5)."""
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
@@ -364,10 +392,16 @@ def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float6
     x = _flat_background(n, 28, seed=2)
     x[:, :, 5:12, 5:12] = 1.0  # a saturated block in every image: flat and non-zero
     expected = reference_ntk(model, x[:m])
+    on_cpu = relative(reference_ntk(model, x[:m], dtype=torch.float32), expected)  # oneDNN's direct convolutions
     model, x = model.to(device), x.to(device)
     tutorial = relative(reference_ntk(model, x[:m], dtype=torch.float32), expected)
-    kernel = empirical_ntk(model, x, batch_size=n)
+    with _Calls(_layouts, "_conv2d_gemm") as calls:
+        kernel = empirical_ntk(model, x, batch_size=n)
     assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * tutorial)
+    if device == "cuda":
+        assert calls and all(calls) and relative(kernel[:m, :m], expected) < max(1e-6, 3 * on_cpu)
+    else:
+        assert not calls
 
 
 NNPACK_CASES = [  # (input shape, out channels, padding, bias): input sizes where NNPACK takes FFT tiles
