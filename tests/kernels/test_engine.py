@@ -589,18 +589,23 @@ def test_out_of_memory_every_time_is_a_clear_error(monkeypatch):
         empirical_ntk(make(), torch.randn(4, *shape))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("shape", "n"), [((3, 32, 32), 150), ((1, 28, 28), 12)])
-def test_paper_vgg_float32_error_is_the_tutorials(shape, n, device):
+def test_paper_vgg_float32_error_is_the_tutorials(shape, n):
     """n = 150 CIFAR images: where oneDNN's channels-last convolutions lost two digits (4.9e-6 vs 1.1e-7).
-    On a GPU, the tutorial's error is measured on the same card (cuDNN's convolutions, TF32 off)."""
+
+    On CPU only: here both forwards are oneDNN's direct convolutions, so the same ReLU gates and max-pool
+    choices flip against float64. On a GPU the engine's convolutions are im2col matmuls and the tutorial's
+    cuDNN's: other rounding, and on random images whether a near-tie flips is a coin toss for either method
+    (with the im2col forward on CPU, 10 of 20 seeds of the CIFAR case flipped one, the oneDNN tutorial 7, with
+    errors from 2e-6 to 3.5e-4 either way), so no fixed bound separates them. The GPU tests use real and flat
+    images instead, where neither flips (``test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial``
+    and ``test_layouts.py``)."""
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=shape)
     x = torch.rand(n, *shape, generator=torch.Generator().manual_seed(1))
     expected = reference_ntk(model, x)
-    model, x = model.to(device), x.to(device)
     tutorial = relative_error(reference_ntk(model, x, dtype=torch.float32), expected)
     assert relative_error(empirical_ntk(model, x), expected) < max(1e-6, 3 * tutorial)
 
@@ -628,18 +633,23 @@ def test_inputs_in_any_memory_format_give_the_contiguous_inputs_kernel(monkeypat
     assert torch.equal(empirical_ntk(model, x[:7], strided), empirical_ntk(model, x[:7], x))
 
 
-def test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial(real_mnist):
+@pytest.mark.parametrize("device", DEVICES)
+def test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial(real_mnist, device):
     """Real MNIST test images against 200 training images, in the data module's own tensors (strides of
     channels-last). Before the capture copied its chunks to NCHW this slice was 1.2e-4 from float64 (a max-pool
-    near-tie flipped by the channels-last rounding), against the tutorial's 6e-8."""
+    near-tie flipped by the channels-last rounding), against the tutorial's 6e-8. On a GPU (where the capture's
+    convolutions are im2col matmuls) within 1e-6 as well: on CPU that route gave 1.05e-7 on 2,000 real images,
+    oneDNN 1.06e-7 (an H200 with cuDNN's tiles gave 2.9e-2 on the full split, the tutorial 3e-5)."""
     from lightning_afterkernel.models import VGGClassifier
 
     x_train, x_test = real_mnist[0][:200], real_mnist[1][:50]
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=(1, 28, 28)).eval()
     expected = reference_ntk(model, x_test, x_train)
+    model, x_train, x_test = model.to(device), x_train.to(device), x_test.to(device)
     tutorial = relative_error(reference_ntk(model, x_test, x_train, dtype=torch.float32), expected)
-    assert relative_error(empirical_ntk(model, x_test, x_train), expected) < max(2e-7, 3 * tutorial)
+    error = relative_error(empirical_ntk(model, x_test, x_train), expected)
+    assert error < max(2e-7, 3 * tutorial) and error < 1e-6
 
 
 class _ConstantBranch(nn.Module):
