@@ -57,12 +57,20 @@ def gram(f1: Factors, f2: Factors, out: Tensor) -> Tensor:
 
 
 def _factor_product(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = a b^T``, as accurate for a few rows on either side as for many. MKL multiplies such thin
-    matrices (fewer than ~12 rows on a side) with one running sum per entry over all P parameters: on factors of
-    95,267 parameters the float32 product was 4e-6 to 4e-5 from float64 where a 512 x 512 one was 6e-7 (and,
+    """``out = a b^T``, as accurate for a few rows on either side as for many. On CPU, MKL multiplies such thin
+    float32 matrices (fewer than ~12 rows on a side) with one running sum per entry over all P parameters: on
+    factors of 95,267 parameters the product was 4e-6 to 4e-5 from float64 where a 512 x 512 one was 6e-7 (and,
     in the concurrent strips' 6 x 6 corner of a 12-example kernel, 4e-6). Summing blocks of K_BLOCK parameters
-    gave 1e-7 to 7e-7 for every shape, at 2% more time for such products (2048; 8192 gave up to 2e-6)."""
-    if min(len(a), len(b)) >= SMALL_PRODUCT or a.shape[1] <= K_BLOCK:
+    gave 1e-7 to 7e-7 for every shape (2048; 8192 gave up to 2e-6). Those products take 1.02-1.1x the time with
+    the thin side first (a few test examples against many), up to 1.5-1.8x with it second (e.g. 2,000 x 8 or
+    256 x 1: milliseconds). Float64 (whose thin products are exact enough) and GPUs (not measured there) keep
+    one product."""
+    if (
+        min(len(a), len(b)) >= SMALL_PRODUCT
+        or a.shape[1] <= K_BLOCK
+        or a.dtype != torch.float32
+        or a.device.type != "cpu"
+    ):
         torch.mm(a, b.mT, out=out)
         return
     torch.mm(a[:, :K_BLOCK], b[:, :K_BLOCK].mT, out=out)

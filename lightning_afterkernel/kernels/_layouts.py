@@ -174,22 +174,21 @@ def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
     x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
     if (left, top) != (right, bottom):  # ("same" with an even total): F.unfold pads symmetrically only
         x, (top, left) = F.pad(x, (left, right, top, bottom)), (0, 0)
-    n, out_c, depth = len(x), weight.shape[0], weight[0].numel()
+    out_c, depth = weight.shape[0], weight[0].numel()
     # (a weight that does not require a gradient, as in the capture, is multiplied as a stride-0 expanded view,
     # and only it is saved for the backward; one that does would make matmul copy and save the patches)
     w = weight.reshape(out_c, depth) if groups == 1 else weight.reshape(groups, out_c // groups, depth)
     per_example = (x.shape[1] * kernel[0] * kernel[1] * out_h * out_w + (weight.numel() if groups > 1 else 0)) * (
         x.element_size()
     )
-    rows = max(1, GEMM_PATCH_BYTES // per_example)
     parts = []
-    for start in range(0, max(n, 1), rows):
-        patches = F.unfold(x[start : start + rows], kernel, dilation=dilation, padding=(top, left), stride=stride)
+    for part in x.split(max(1, GEMM_PATCH_BYTES // per_example)):  # (one autograd node for all the parts' slices)
+        patches = F.unfold(part, kernel, dilation=dilation, padding=(top, left), stride=stride)
         if groups > 1:
             patches = patches.view(len(patches), groups, depth, out_h * out_w)
-        parts.append(torch.matmul(w, patches).reshape(-1, out_c, out_h, out_w))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out if bias is None else out + bias.view(1, -1, 1, 1)
+        out = torch.matmul(w, patches).reshape(-1, out_c, out_h, out_w)
+        parts.append(out if bias is None else out + bias.view(1, -1, 1, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class _MaxPool2dChannelsLast(torch.autograd.Function):

@@ -1120,6 +1120,63 @@ def test_a_model_compiled_with_aot_autograd_gives_the_exact_kernel(implementatio
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
 
 
+def test_overlapping_calls_hold_the_compile_stance_until_the_last_one_ends():
+    """Two threads' calls: the first to end must not switch compilation back on under the other (a plain save
+    and restore per call did, and left "force_eager" set for good)."""
+    from torch._dynamo import eval_frame
+
+    before = eval_frame._stance
+    entered, first_done, seen = threading.Barrier(2, timeout=10), threading.Event(), {}
+
+    def call(name: str) -> None:
+        with empirical._eager():
+            entered.wait()
+            if name == "second":
+                first_done.wait(10)
+                seen["after the first ended"] = eval_frame._stance.stance
+            else:
+                seen["inside"] = eval_frame._stance.stance
+        if name == "first":
+            first_done.set()
+
+    threads = [threading.Thread(target=call, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen == {"inside": "force_eager", "after the first ended": "force_eager"}
+    assert eval_frame._stance == before
+
+
+def test_a_call_needing_another_setting_waits_for_the_holders_or_raises_when_nested():
+    setting, log = empirical._ProcessSetting("demo"), []
+
+    def apply(value):
+        log.append(("set", value))
+        return lambda: log.append(("restored", value))
+
+    holding, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with setting.held(False, apply):
+            holding.set()
+            release.wait(10)
+            log.append("first ends")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait(10)
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    with setting.held(True, apply):  # waits for the first holder to leave, then sets its own value
+        log.append("second runs")
+    thread.join(10)
+    assert log == [("set", False), "first ends", ("restored", False), ("set", True), "second runs", ("restored", True)]
+    with setting.held(False, apply), pytest.raises(ConfigurationError, match="demo=True"):
+        with setting.held(True, apply):
+            pass
+
+
 # ------------------------------------------------------------------ Gram strips side by side (CPU)
 def _gram_threads(monkeypatch, wait: bool = True) -> list[str]:
     """Every factor matrix counts as wide; records the thread computing each strip, and (``wait``) makes the

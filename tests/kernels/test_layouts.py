@@ -261,7 +261,11 @@ def test_gemm_convolutions_return_the_bias_exactly_over_zero_patches_and_take_on
     assert calls == []
 
 
-def test_gemm_convolutions_take_large_batches_in_parts_of_bounded_patches(monkeypatch):
+@pytest.mark.parametrize(
+    ("shape", "out_c", "groups"),
+    [((10, 4, 9, 9), 6, 1), ((10, 4, 9, 9), 6, 2), ((10, 4, 3, 3), 64, 2)],  # the last: the weight's copy dominates
+)
+def test_gemm_convolutions_take_large_batches_in_parts_of_bounded_bytes(monkeypatch, shape, out_c, groups):
     sizes = []
     unfold = F.unfold
 
@@ -272,19 +276,24 @@ def test_gemm_convolutions_take_large_batches_in_parts_of_bounded_patches(monkey
 
     monkeypatch.setattr(F, "unfold", recorded)
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(10, 4, 9, 9, dtype=torch.float64, generator=g).requires_grad_(True)
-    for groups in (1, 2):
-        weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, generator=g)
-        per_example = 4 * 9 * 81 * 8 + (weight.numel() * 8 if groups > 1 else 0)  # patches (+ the weight's copy)
-        monkeypatch.setattr(_layouts, "GEMM_PATCH_BYTES", 3 * per_example)
-        sizes.clear()
-        got = _layouts._conv2d_gemm((x, weight), {"padding": 1, "groups": groups})
-        want = F.conv2d(x, weight, padding=1, groups=groups)
-        assert len(sizes) == 4 and max(sizes) <= 3 * 4 * 9 * 81 * 8  # 10 examples in parts of 3
-        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
-        upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
-        (a,), (b,) = torch.autograd.grad(got, [x], upstream), torch.autograd.grad(want, [x], upstream)
-        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(True)
+    weight = torch.randn(out_c, shape[1] // groups, 3, 3, dtype=torch.float64, generator=g)
+    bias = torch.randn(out_c, dtype=torch.float64, generator=g)
+    patches = shape[1] * 9 * shape[2] * shape[3] * 8  # per example, "same" padding
+    copy = weight.numel() * 8 if groups > 1 else 0  # matmul expands the grouped weight per example
+    monkeypatch.setattr(_layouts, "GEMM_PATCH_BYTES", 3 * (patches + copy))
+    got = _layouts._conv2d_gemm((x, weight, bias), {"padding": 1, "groups": groups})
+    want = F.conv2d(x, weight, bias, padding=1, groups=groups)
+    assert len(sizes) == 4 and max(sizes) <= 3 * patches  # 10 examples in parts of 3
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    (a,), (b,) = torch.autograd.grad(got, [x], upstream), torch.autograd.grad(want, [x], upstream)
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gemm_convolutions_of_an_empty_batch_are_empty():
+    x, weight = torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    assert _layouts._conv2d_gemm((x, weight), {"padding": 1}).shape == (0, 4, 5, 5)
 
 
 class _Calls:
