@@ -113,8 +113,8 @@ def empirical_ntk(
       activations. Handles ``Linear``, ``Conv2d`` (stride, padding, dilation, groups, padding modes),
       eval-mode ``BatchNorm`` and every parameter-free layer. On any device but a CPU with oneDNN (CUDA), the
       capture's convolutions run as im2col patches times the weight, rounded entry by entry like a direct
-      convolution (tiled algorithms such as cuDNN's Winograd/FFT flip ReLU gates against float64); the
-      patches, one layer at a time, are counted in the chunk size.
+      convolution (tiled algorithms such as cuDNN's Winograd/FFT flip ReLU gates against float64), in parts
+      of at most 256 MiB of patches.
     - ``"materialised"``: the same hooks, every layer as per-example gradients (n P floats to hold,
       n1 n2 P multiply-adds).
     - ``"vmap"``: ``torch.func.vmap(grad(f))`` per example, for any model (n P floats, n1 n2 P
