@@ -92,17 +92,21 @@ def zero_patches(x: Tensor, kernel: tuple[int, int], stride, padding, dilation, 
     return window == 0
 
 
+def _conv_call(args: tuple, kwargs: dict) -> dict:
+    """The arguments of an ``F.conv2d`` call by name, defaults included."""
+    bound = _CONV_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def _conv2d(func, args: tuple, kwargs: dict) -> Tensor:
     """``func`` (F.conv2d) with the outputs over all-zero input patches set to the bias exactly."""
     out = func(*args, **kwargs)
-    a = _CONV_SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
-    x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
+    a = _conv_call(args, kwargs)
+    x, weight, bias, groups = a["input"], a["weight"], a["bias"], a["groups"]
     if x.ndim != 4 or out.ndim != 4:  # unbatched: left as is
         return out
-    zero = zero_patches(
-        x, tuple(weight.shape[-2:]), a.arguments["stride"], a.arguments["padding"], a.arguments["dilation"], groups
-    )
+    zero = zero_patches(x, tuple(weight.shape[-2:]), a["stride"], a["padding"], a["dilation"], groups)
     n, g, ho, wo = zero.shape
     zero = zero.unsqueeze(2).expand(n, g, out.shape[1] // g, ho, wo).reshape(out.shape)
     exact = out.new_zeros(()) if bias is None else bias.detach().view(1, -1, 1, 1)
@@ -117,11 +121,11 @@ def _strict_pair(value) -> tuple[int, int] | None:
     return (value, value) if isinstance(value, int) else None
 
 
-def _gemm_geometry(a: inspect.BoundArguments) -> tuple | None:
+def _gemm_geometry(a: dict) -> tuple | None:
     """(kernel, stride, dilation, pads, output size) of a convolution :func:`_conv2d_gemm` takes, or None: the
     checks PyTorch's convolution makes (so that every call it would refuse is left to it, and to its error)."""
-    x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
-    stride, dilation, padding = (a.arguments[key] for key in ("stride", "dilation", "padding"))
+    x, weight, bias, groups = a["input"], a["weight"], a["bias"], a["groups"]
+    stride, dilation, padding = a["stride"], a["dilation"], a["padding"]
     if not (
         type(weight) in _PLAIN
         and weight.ndim == 4
@@ -143,7 +147,7 @@ def _gemm_geometry(a: inspect.BoundArguments) -> tuple | None:
     if isinstance(padding, str):
         if padding not in ("same", "valid") or (padding == "same" and stride != (1, 1)):
             return None
-    elif _strict_pair(padding) is None or min(_strict_pair(padding)) < 0:
+    elif (pair := _strict_pair(padding)) is None or min(pair) < 0:
         return None
     left, right, top, bottom = _pads(padding, kernel, dilation)
     out_h = (x.shape[2] + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
@@ -165,13 +169,12 @@ def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
     operators (the input gradient is the matmul's, folded back by ``F.fold``). The batch is taken in parts of
     at most :data:`GEMM_PATCH_BYTES` of patches (and, with groups, of the weight's expanded copy), each its own
     autograd node, so the backward's patch-sized gradients are as bounded."""
-    a = _CONV_SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
+    a = _conv_call(args, kwargs)
     geometry = _gemm_geometry(a)
     if geometry is None:
         return None  # (PyTorch's convolution raises its own error, or handles what this does not)
     kernel, stride, dilation, (left, right, top, bottom), (out_h, out_w) = geometry
-    x, weight, bias, groups = a.arguments["input"], a.arguments["weight"], a.arguments["bias"], a.arguments["groups"]
+    x, weight, bias, groups = a["input"], a["weight"], a["bias"], a["groups"]
     if (left, top) != (right, bottom):  # ("same" with an even total): F.unfold pads symmetrically only
         x, (top, left) = F.pad(x, (left, right, top, bottom)), (0, 0)
     out_c, depth = weight.shape[0], weight[0].numel()
@@ -225,9 +228,8 @@ def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[tuple[int, int], Tensor
     weight and bias, stride 1, dilation 1, one group, padding 0-2 (so the input gradient is a 3 x 3 convolution
     with padding 2 - p, as large as the input), and an input size for which NNPACK picks its 16 x 16 FFT tiles
     (:func:`fft_tiles`)."""
-    a = _CONV_SIGNATURE.bind(*args, **kwargs)
-    a.apply_defaults()
-    x, weight, bias = a.arguments["input"], a.arguments["weight"], a.arguments["bias"]
+    a = _conv_call(args, kwargs)
+    x, weight, bias = a["input"], a["weight"], a["bias"]
     if not (
         type(x) is Tensor
         and x.ndim == 4
@@ -239,12 +241,12 @@ def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[tuple[int, int], Tensor
         and tuple(weight.shape[-2:]) == (3, 3)
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
-        and a.arguments["groups"] == 1
-        and _pair(a.arguments["stride"]) == (1, 1)
-        and _pair(a.arguments["dilation"]) == (1, 1)
+        and a["groups"] == 1
+        and _pair(a["stride"]) == (1, 1)
+        and _pair(a["dilation"]) == (1, 1)
     ):
         return None
-    padding = a.arguments["padding"]
+    padding = a["padding"]
     pads = {"valid": (0, 0), "same": (1, 1)}.get(padding) if isinstance(padding, str) else _pair(padding)
     if pads is None or not all(0 <= p <= 2 for p in pads) or not fft_tiles(*x.shape[-2:]):
         return None
