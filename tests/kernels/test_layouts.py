@@ -296,25 +296,34 @@ def test_gemm_convolutions_of_an_empty_batch_are_empty():
     assert _layouts._conv2d_gemm((x, weight), {"padding": 1}).shape == (0, 4, 5, 5)
 
 
-class _Calls:
-    """Records, for each call of ``module.name`` within the block, whether it returned a tensor."""
+def _nnpack_calls() -> _Calls:
+    return _Calls(_layouts._Conv2dNNPACKInputGrad, "apply")
 
-    def __init__(self, module, name: str) -> None:
-        self.module, self.name, self.calls = module, name, []
+
+class _Calls:
+    """Records, for each call of ``owner.name`` (a module's function, or an autograd Function's ``apply``) within
+    the block, whether it returned something other than None."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name, self.calls = owner, name, []
 
     def __enter__(self) -> list[bool]:
-        self.original = getattr(self.module, self.name)
+        self.own = vars(self.owner).get(self.name)  # (None: inherited, as a Function's apply)
+        original = getattr(self.owner, self.name)
 
         def wrapped(*args, **kwargs):
-            out = self.original(*args, **kwargs)
+            out = original(*args, **kwargs)
             self.calls.append(out is not None)
             return out
 
-        setattr(self.module, self.name, wrapped)
+        setattr(self.owner, self.name, wrapped)
         return self.calls
 
     def __exit__(self, *exc) -> None:
-        setattr(self.module, self.name, self.original)
+        if self.own is None:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.own)
 
 
 @needs_nnpack_forward
@@ -433,9 +442,9 @@ def test_nnpack_input_gradients_are_the_convolutions_and_the_forward_is_unchange
     x = torch.randn(*shape).requires_grad_(True)
     plain = F.conv2d(x, weight, b, padding=padding)
     upstream = torch.randn(plain.shape)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _Spy(_layouts._Conv2dNNPACKInputGrad):
+    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, b, padding=padding)
-    assert _Spy.calls == 1 and torch.equal(out, plain)  # the forward is oneDNN's, bitwise
+    assert len(calls) == 1 and torch.equal(out, plain)  # the forward is oneDNN's, bitwise
     (got,) = torch.autograd.grad(out, x, upstream)
     (want,) = torch.autograd.grad(plain, x, upstream)
     x64 = x.detach().double().requires_grad_(True)
@@ -487,9 +496,9 @@ def test_nnpack_input_gradients_only_where_they_apply(change):
     geometry = _layouts._nnpack_geometry((eligible, weight_4), {"padding": 1, "bias": torch.zeros(4)})
     assert geometry is not None and geometry[0] == (1, 1) and geometry[1] is weight_4
     assert _layouts._nnpack_geometry((x, weight), kwargs) is None
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _Spy(_layouts._Conv2dNNPACKInputGrad):
+    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
         F.conv2d(x, weight, **kwargs)
-    assert _Spy.calls == 0
+    assert len(calls) == 0
 
 
 @needs_nnpack
@@ -509,39 +518,17 @@ def test_the_engine_takes_nnpack_input_gradients_only_on_one_thread_and_keeps_it
     try:
         for count, used in ((1, True), (2, False)):
             torch.set_num_threads(count)
-            with _Spy(_layouts._Conv2dNNPACKInputGrad):
+            with _nnpack_calls() as calls:
                 kernel = empirical_ntk(model, x)
-            assert (_Spy.calls > 0) == used, count
+            assert (len(calls) > 0) == used, count
             assert relative(kernel, expected) < bound
         monkeypatch.setattr(_structured, "NNPACK_INPUT_GRADS", False)
         torch.set_num_threads(1)
-        with _Spy(_layouts._Conv2dNNPACKInputGrad):
+        with _nnpack_calls() as calls:
             empirical_ntk(model, x)
-        assert _Spy.calls == 0
+        assert len(calls) == 0
     finally:
         torch.set_num_threads(threads)
-
-
-class _Spy:
-    """Counts calls of an autograd Function's ``apply`` within the block (in ``_Spy.calls``)."""
-
-    calls = 0
-
-    def __init__(self, function: type) -> None:
-        self.function = function
-
-    def __enter__(self) -> None:
-        _Spy.calls = 0
-        self.original = self.function.apply
-
-        def apply(*args):
-            _Spy.calls += 1
-            return self.original(*args)
-
-        self.function.apply = apply
-
-    def __exit__(self, *exc) -> None:
-        self.function.apply = self.original
 
 
 def test_nnpack_takes_fft_tiles_by_its_own_rule():
@@ -560,19 +547,19 @@ def test_a_refused_nnpack_call_falls_back_to_onednns_gradient(monkeypatch):
     upstream = torch.randn(3, 6, 14, 14)
     (want,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), x, upstream)
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _Spy(_layouts._Conv2dNNPACKInputGrad):
+    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, padding=1)
     (got,) = torch.autograd.grad(out, x, upstream)
-    assert _Spy.calls == 1 and relative(got, want) < 1e-6
+    assert len(calls) == 1 and relative(got, want) < 1e-6
 
 
 @needs_nnpack
 def test_a_weight_changed_in_place_before_the_backward_is_an_error_as_in_pytorch():
     weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _Spy(_layouts._Conv2dNNPACKInputGrad):
+    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, padding=1)
     weight.mul_(2.0)
-    assert _Spy.calls == 1
+    assert len(calls) == 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
 
@@ -581,6 +568,6 @@ def test_a_weight_changed_in_place_before_the_backward_is_an_error_as_in_pytorch
 def test_autocast_keeps_pytorchs_convolution():
     weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16), CaptureMode(nnpack_input_grads=True, exact_zero_patches=False):
-        with _Spy(_layouts._Conv2dNNPACKInputGrad):
+        with _nnpack_calls() as calls:
             F.conv2d(x, weight, padding=1)
-    assert _Spy.calls == 0
+    assert len(calls) == 0
