@@ -87,6 +87,7 @@ def _libsvm_fit(
         tol=tol,
         max_iter=-1 if max_iter is None else max_iter,
         cache_size=_cache_mb(K.shape[0]),
+        random_state=0,  # unused by a fit without probabilities, but None would draw a seed from NumPy's global RNG
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
