@@ -6,16 +6,20 @@ The callback decides *when* to compute and *what* to log; the maths lives in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
+import re
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
@@ -102,6 +106,39 @@ def _finite_or_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite_or_none(v) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def _global_rng_untouched(device: torch.device | None = None) -> Iterator[None]:
+    """Run a block (a dataset's random transforms, an evaluation) without advancing torch's (CPU, and ``device``'s
+    when it is a GPU), Python's or NumPy's global RNG: training draws the same numbers with or without the callback."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _fit_val_loader(trainer: pl.Trainer) -> Any:
+    """The first validation dataloader of fit (given to ``fit()`` or the model's hook), even when Lightning runs no
+    validation (``limit_val_batches=0``, no ``validation_step``); None when there is none."""
+    source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if source.instance is None or not source.is_defined():
+        return None
+    loaders = source.dataloader()
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders
+
+
+def _nan_for_none(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row read back from the results file: its nulls are the NaN metrics :func:`_finite_or_none` wrote."""
+    return {k: math.nan if v is None else v for k, v in row.items()}
 
 
 def _plain(value: Any) -> Any:
@@ -259,11 +296,17 @@ class AfterKernelCallback(pl.Callback):
             metrics and an ``error`` message in its rows) with a warning, and training goes on. Running out of
             memory (after the engine's retries with half the budget each) is always recorded, never raised:
             training never crashes because of the callback's memory use.
+        name: tells several callbacks in one Trainer apart (e.g. a float32 and a float64 one, or two SVM
+            settings): each writes to ``<dirpath>/<name>``, logs under ``afterkernel/<name>/...`` and keeps its own
+            checkpoint state. Two callbacks with the same name (None included) in one Trainer are an error.
 
     Data: the test subset comes from ``datamodule.tensors("test")`` when the datamodule has it
     (``BinaryPairDataModule`` does), else from ``datamodule.test_dataset`` / ``val_dataset`` or the
-    validation dataloader's dataset; the train subset likewise from the training data. Any
-    map-style dataset returning ``(x, y)`` with binary ``y`` works.
+    validation dataloader's dataset (the one given to ``fit`` or the model's hook, even when no validation runs);
+    the train subset likewise from the training data. A loader hook that fails (e.g. a test set built only in
+    ``setup("test")``) is passed over for the next source. Any map-style dataset returning ``(x, y)`` with binary
+    ``y`` works; its transforms are applied when the subsets are drawn (once per fit), with the global random
+    state saved and restored around them, so training draws the same numbers with or without the callback.
 
     Distributed runs (DDP, any number of devices and nodes): every rank computes a cost-balanced share of the NTK
     (``shard=(rank, world_size)`` of :func:`~lightning_afterkernel.kernels.empirical_ntk_train_test`) and one
@@ -272,9 +315,14 @@ class AfterKernelCallback(pl.Callback):
     kernels failed), so all enter the same collectives.
 
     Resuming (``ckpt_path``): results live in the checkpoint; the results file is checked against them and
-    rewritten when corrupt, partial or missing (rows written after the checkpoint belong to weights the
-    interruption lost and are recomputed). The epoch-0 weights are saved beside the epoch-0 kernels
-    (``afterkernel_initial_weights.pt``), so kernels missing or corrupt in the side file are recomputed from them.
+    rewritten when corrupt, partial or missing. Rows the file holds beyond the checkpoint's are kept when they
+    were computed on the checkpoint's own weights (its step: e.g. the ``at_end`` row, computed after the last
+    checkpoint) and dropped otherwise (their weights were lost; scheduled epochs are computed again on the way).
+    A checkpoint saved mid-epoch resumes without evaluating: a scheduled epoch whose end it skipped is announced
+    as missed. The epoch-0 weights are saved beside the epoch-0 kernels (``afterkernel_initial_weights.pt``), so
+    kernels missing or corrupt in the side file are recomputed from them; the checkpoint names both files, so a
+    resumed run whose log folder is new (a new logger version or W&B run) still finds them, resume after resume.
+    A new fit that starts at step 0 (e.g. the same callback passed to a second Trainer) starts a new history.
     """
 
     def __init__(
@@ -298,6 +346,7 @@ class AfterKernelCallback(pl.Callback):
         figures: bool = True,
         save_kernels: bool = False,
         on_error: Literal["raise", "warn"] = "raise",
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.epochs = _check_epochs(epochs)
@@ -334,9 +383,16 @@ class AfterKernelCallback(pl.Callback):
                 f"on_error={on_error!r} must be 'raise' (a failed kernel computation stops training) or 'warn' "
                 "(it is recorded with NaN metrics and a warning, and training goes on)."
             )
-        for name, value in (("figures", figures), ("save_kernels", save_kernels)):
+        for option, value in (("figures", figures), ("save_kernels", save_kernels)):
             if not isinstance(value, bool):
-                raise ConfigurationError(f"{name}={value!r} must be True or False.")
+                raise ConfigurationError(f"{option}={value!r} must be True or False.")
+        if name is not None and not (isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)):
+            raise ConfigurationError(
+                f"name={name!r} must be None or a short name of letters, digits, '_', '.' and '-' (it becomes a "
+                "folder and a prefix of the logged keys), e.g. name='float64'."
+            )
+        self.name = name
+        self._prefix = "afterkernel" if name is None else f"afterkernel/{name}"
         self.soft_margin_c = soft_margin_c
         self.n_invariance = n_invariance
         self.figures = figures
@@ -354,16 +410,23 @@ class AfterKernelCallback(pl.Callback):
         self.dirpath = dirpath
         self.verbose = verbose
 
+        self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
+        self._active_kernels = list(self.kernels)
+        self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
+        self._start_history()
+
+    def _start_history(self) -> None:
+        """The state of one training history (a fit from step 0, and the fits that resume or continue it)."""
         self.results: list[dict[str, Any]] = []
         self._initial_kernels: dict[str, Tensor] = {}
         self._indices: dict[str, Tensor] = {}
         self._data: dict[str, tuple[Tensor, Tensor]] | None = None
-        self._active_kernels = list(self.kernels)
         self._progress: int | float | None = None  # epochs behind the weights at the last epoch end
-        self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
-        self._initial_file: str | None = None  # where a restored checkpoint says the epoch-0 kernels are
+        # Where the epoch-0 kernels and weights are (written by this history, or named by a restored checkpoint:
+        # a resumed run in a new log folder keeps pointing at the files of the run that wrote them).
+        self._initial_file: str | None = None
+        self._initial_weights_file: str | None = None
         self._families: tuple[str, ...] | None = None  # invariance families the data allows, set at first use
-        self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
         self._initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
         self._spectra: dict[str, Tensor] = {}  # eigenvalues of this evaluation's train kernels
         self._evaluated: set[tuple[int | float, int]] = set()  # (epoch, step) evaluated in this process, every rank
@@ -371,7 +434,10 @@ class AfterKernelCallback(pl.Callback):
     @property
     def state_key(self) -> str:
         # The schedule is left out on purpose: resuming with more epochs keeps what was computed.
-        return self._generate_state_key(kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed)
+        key = dict(kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed)
+        if self.name is not None:  # left out when unset: checkpoints of unnamed callbacks keep their key
+            key["name"] = self.name
+        return self._generate_state_key(**key)
 
     @property
     def done_epochs(self) -> list[int | float]:
@@ -389,7 +455,23 @@ class AfterKernelCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._dir = Path(self.dirpath) if self.dirpath else self._default_dir(trainer)
+        twins = [c for c in trainer.callbacks if isinstance(c, AfterKernelCallback) and c is not self]
+        if any(c.name == self.name for c in twins):
+            which = "without a name" if self.name is None else f"named {self.name!r}"
+            raise ConfigurationError(
+                f"The Trainer has more than one AfterKernelCallback {which}: they would write the same files and log "
+                "under the same keys. Give each its own name, e.g. AfterKernelCallback(name='float64')."
+            )
+        if trainer.global_step == 0 and (self.results or self._evaluated):
+            # A new training history (a checkpoint's state, if any, is loaded after setup).
+            rank_zero_info(
+                f"AfterKernelCallback: a new fit starts at step 0; the {len(self.results)} results of the previous "
+                f"fit stay in {self._dir / RESULTS_FILENAME if self._dir else 'its results file'}, and this callback "
+                "starts afresh."
+            )
+            self._start_history()
+        base = Path(self.dirpath) if self.dirpath else self._default_dir(trainer)
+        self._dir = base if self.name is None else base / self.name
         if "ck" in self.kernels and not has_features_method(pl_module):
             self._active_kernels = [k for k in self.kernels if k != "ck"]
             rank_zero_warn(
@@ -422,20 +504,32 @@ class AfterKernelCallback(pl.Callback):
         if self._data is None:
             self._data = self._draw_subsets(trainer)
         completed = trainer.current_epoch
+        # Are the weights those after `completed` epochs? Yes on a fresh start and after a checkpoint of a finished
+        # epoch; no after a mid-epoch checkpoint, or one saved after an epoch's last batch but before its end hooks
+        # (Lightning then runs on_train_epoch_end first, which evaluates epoch completed + 1).
+        epochs_run = trainer.fit_loop.epoch_progress.current
+        batches_run = trainer.fit_loop.epoch_loop.batch_progress.current
+        at_boundary = epochs_run.started == epochs_run.completed or batches_run.completed == 0
         if trainer.global_step > 0:
+            adopted = self._check_results_file(trainer) if trainer.is_global_zero else []
+            # Every rank must agree on what is done (see _done): rank 0 read the file, so it tells the others.
+            adopted = trainer.strategy.broadcast(adopted, src=0)
+            if not trainer.is_global_zero:
+                self.results.extend(adopted)
             if trainer.is_global_zero:
-                self._check_results_file(trainer)
                 self._restore_initial_kernels(trainer, pl_module)
-            missed = [e for e in self.epochs if e < completed and e not in self.done_epochs]
+            done = self.done_epochs
+            missed = [e for e in self.epochs if (e < completed or (e == completed and not at_boundary))]
+            missed = [e for e in missed if e not in done]
             if missed:
                 rank_zero_warn(
-                    f"AfterKernelCallback: resuming after epoch {completed}; scheduled epochs {missed} have no "
-                    "saved results (the checkpoint holds none for them) and their weights are gone, so they "
-                    "are skipped."
+                    f"AfterKernelCallback: resuming at step {trainer.global_step} (epoch {completed}); scheduled "
+                    f"epochs {missed} have no saved results (the checkpoint holds none for them) and their weights "
+                    "are gone, so they are skipped."
                 )
-        if completed in self.epochs and completed not in self._done()[0]:
-            # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved before this
-            # callback ran (e.g. a ModelCheckpoint saving at validation end).
+        if at_boundary and completed in self.epochs and completed not in self._done()[0]:
+            # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved at the boundary before
+            # this callback's epoch-end evaluation ran.
             self._evaluate(trainer, pl_module, epoch=completed)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -445,7 +539,11 @@ class AfterKernelCallback(pl.Callback):
         seen = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         total = trainer.num_training_batches
         partial = math.isfinite(total) and 0 < total and seen < total
-        self._progress = round(trainer.current_epoch + seen / total, 3) if partial else trainer.current_epoch + 1
+        if partial:  # enough decimals that no partial epoch rounds to a whole one (1999 / 2000 is not 1.0)
+            digits = max(3, math.ceil(math.log10(total)))
+            self._progress = round(trainer.current_epoch + seen / total, digits)
+        else:
+            self._progress = trainer.current_epoch + 1
         if not partial and self._progress in self.epochs and self._progress not in self._done()[0]:
             self._evaluate(trainer, pl_module, epoch=self._progress)
 
@@ -469,13 +567,17 @@ class AfterKernelCallback(pl.Callback):
         return {
             "results": [dict(r) for r in self.results],
             "indices": {k: v.cpu() for k, v in self._indices.items()},
-            "initial_kernels_file": str(self._initial_kernels_path()) if self._initial_kernels else None,
+            "initial_kernels_file": self._initial_file if self._initial_kernels else None,
+            "initial_weights_file": self._initial_weights_file,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.results = [dict(r) for r in state_dict.get("results", [])]
         self._indices = dict(state_dict.get("indices", {}))
         self._initial_file = state_dict.get("initial_kernels_file")
+        # Checkpoints written before the weights' path was recorded: the weights lie beside the kernels.
+        beside = str(Path(self._initial_file).with_name(INITIAL_WEIGHTS_FILENAME)) if self._initial_file else None
+        self._initial_weights_file = state_dict.get("initial_weights_file", beside)
         self._data = None  # re-drawn at the next on_train_start from the saved indices
 
     # ---------------------------------------------------------------- data
@@ -488,30 +590,33 @@ class AfterKernelCallback(pl.Callback):
             return dm.tensors(split)
         names = ("train_dataset",) if split == "train" else ("test_dataset", "val_dataset")
         hooks = ("train_dataloader",) if split == "train" else ("test_dataloader", "val_dataloader")
-        candidates: list[Any] = []
+        # (what, getter, gives a loader): tried in order, lazily; a loader hook that fails (e.g. a test set built
+        # only in setup("test")) counts as "not available here", and the next one is tried.
+        candidates: list[tuple[str, Any, bool]] = []
         if dm is not None:
-            candidates += [getattr(dm, name, None) for name in names]
-            for hook in hooks:
-                try:
-                    candidates.append(getattr(getattr(dm, hook)(), "dataset", None))
-                except MisconfigurationException:  # the datamodule does not implement this loader
-                    continue
+            candidates += [(f"datamodule.{name}", lambda name=name: getattr(dm, name, None), False) for name in names]
+            candidates += [(f"datamodule.{hook}()", lambda hook=hook: getattr(dm, hook)(), True) for hook in hooks]
         elif split == "train":
-            candidates.append(getattr(trainer.train_dataloader, "dataset", None))
+            candidates.append(("the training dataloader", lambda: trainer.train_dataloader, True))
         else:
-            if trainer.val_dataloaders is None:  # not loaded yet when validation is not due this epoch
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            loaders = trainer.val_dataloaders
-            if isinstance(loaders, (list, tuple)):
-                loaders = loaders[0] if loaders else None
-            candidates.append(getattr(loaders, "dataset", None))
-        for ds in candidates:
+            candidates.append(("the validation dataloaders given to fit()", lambda: _fit_val_loader(trainer), True))
+        problems = []
+        for what, get, is_loader in candidates:
+            try:
+                found = get()
+            except MisconfigurationException:  # the hook is not implemented
+                continue
+            except Exception as err:
+                problems.append(f"{what} failed ({type(err).__name__}: {str(err)[:200]})")
+                continue
+            ds = getattr(found, "dataset", None) if is_loader else found
             if ds is not None:
                 return ds
         what = "training" if split == "train" else "validation or test"
         raise DataError(
             f"AfterKernelCallback found no {what} data: give the Trainer a datamodule with `tensors(split)`, "
             f"`{names[0]}` or `{hooks[0]}()`, or pass {what} dataloaders to fit()."
+            + (f" Tried: {'; '.join(problems)}." if problems else "")
         )
 
     def _draw_subsets(self, trainer: pl.Trainer) -> dict[str, tuple[Tensor, Tensor]]:
@@ -531,7 +636,8 @@ class AfterKernelCallback(pl.Callback):
             if isinstance(source, tuple):
                 x, y = source[0][idx], source[1][idx]
             else:
-                items = [source[int(i)] for i in idx]
+                with _global_rng_untouched():  # a dataset's random transforms must not shift training's draws
+                    items = [source[int(i)] for i in idx]
                 x = torch.stack([torch.as_tensor(it[0]) for it in items])
                 y = torch.as_tensor([int(it[1]) for it in items])
             y = y.long().flatten()
@@ -652,7 +758,11 @@ class AfterKernelCallback(pl.Callback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float = 0) -> None:
         """One evaluation. Every rank runs it (the same decisions on every rank: see :meth:`_done`): under DDP each
         rank computes its share of the NTK and one all-reduce sums them; the SVM, analyses, logs and files are
-        rank 0's."""
+        rank 0's. The global RNGs are left as they were (e.g. scikit-learn's SVC, or a user's model)."""
+        with _global_rng_untouched(pl_module.device):
+            self._evaluate_now(trainer, pl_module, epoch)
+
+    def _evaluate_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int | float) -> None:
         assert self._data is not None
         self._evaluated.add((epoch, trainer.global_step))
         self._memory_failures: set[str] = set()  # stages that ran out of memory (never stop training)
@@ -874,10 +984,10 @@ class AfterKernelCallback(pl.Callback):
         return float(soft.score(k_test, y_test))
 
     def _log(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> None:
-        metrics: dict[str, float] = {"afterkernel/epoch": float(rows[0]["epoch"])}
-        metrics["afterkernel/network_test_acc"] = rows[0]["network_test_acc"]
+        metrics: dict[str, float] = {f"{self._prefix}/epoch": float(rows[0]["epoch"])}
+        metrics[f"{self._prefix}/network_test_acc"] = rows[0]["network_test_acc"]
         for row in rows:
-            prefix = f"afterkernel/{row['kernel']}"
+            prefix = f"{self._prefix}/{row['kernel']}"
             for key in KERNEL_METRICS:
                 metrics[f"{prefix}/{key}"] = float(row[key])
             if not math.isnan(row["svm_soft_test_acc"]):
@@ -887,7 +997,7 @@ class AfterKernelCallback(pl.Callback):
                     metrics[f"{prefix}/invariance/{family}"] = row[f"invariance_{family}"]
             for key in ("alignment_ntk_ck", "cka_ntk_ck"):
                 if key in row:
-                    metrics[f"afterkernel/{key}"] = row[key]
+                    metrics[f"{self._prefix}/{key}"] = row[key]
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -904,7 +1014,7 @@ class AfterKernelCallback(pl.Callback):
                 if name not in self._initial_spectra:  # e.g. after resuming: once, from the side file
                     self._initial_spectra[name] = eigenspectrum(self._initial_kernels[name]).cpu()
                 spectra[name][0] = self._initial_spectra[name]
-        kernels = list(grams)
+        kernels = list(self._active_kernels)  # a kernel that failed this time keeps its earlier points in the curves
         tag = f"{epoch:g}"
         try:
             paths = {
@@ -934,7 +1044,7 @@ class AfterKernelCallback(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 for key, path in paths.items():
-                    logger.log_image(key=f"afterkernel/figures/{key}", images=[str(path)], step=trainer.global_step)
+                    logger.log_image(key=f"{self._prefix}/figures/{key}", images=[str(path)], step=trainer.global_step)
 
     def _save_kernels(
         self, trainer: pl.Trainer, name: str, epoch: int | float, k_train: Tensor, k_test: Tensor
@@ -974,7 +1084,7 @@ class AfterKernelCallback(pl.Callback):
         data = [[row.get(c, math.nan) for c in columns] for row in self.results]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table(key="afterkernel/results", columns=columns, data=data)
+                logger.log_table(key=f"{self._prefix}/results", columns=columns, data=data)
 
     @staticmethod
     def _default_dir(trainer: pl.Trainer) -> Path:
@@ -1001,9 +1111,11 @@ class AfterKernelCallback(pl.Callback):
         path = self._initial_kernels_path()
         try:
             self._atomic_torch_save(self._initial_kernels, path)
+            self._initial_file = str(path)
             if pl_module is not None:
                 weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
                 self._atomic_torch_save(weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
+                self._initial_weights_file = str(path.with_name(INITIAL_WEIGHTS_FILENAME))
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will lack them.")
 
@@ -1047,7 +1159,7 @@ class AfterKernelCallback(pl.Callback):
         if not missing:
             return
         problem = problem or f"{path} lacks the {missing} kernels"
-        weights_path = path.with_name(INITIAL_WEIGHTS_FILENAME)
+        weights_path = Path(self._initial_weights_file or path.with_name(INITIAL_WEIGHTS_FILENAME))
         try:
             weights = torch.load(weights_path, weights_only=True)
         except Exception as err:
@@ -1060,21 +1172,26 @@ class AfterKernelCallback(pl.Callback):
         trained = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         try:
             pl_module.load_state_dict(weights)
-            for name in missing:
-                k_train = self._compute_kernel(trainer, name, pl_module)[0]
-                self._initial_kernels[name] = k_train.to("cpu", torch.float32)
+            with _global_rng_untouched(pl_module.device):
+                for name in missing:
+                    k_train = self._compute_kernel(trainer, name, pl_module)[0]
+                    self._initial_kernels[name] = k_train.to("cpu", torch.float32)
         except (KernelError, RuntimeError) as err:
             rank_zero_warn(f"AfterKernelCallback: recomputing the epoch-0 kernels failed ({err}); NaN alignments.")
         finally:
             pl_module.load_state_dict(trained)  # copies into the same tensors: bit-exact, the optimiser unaffected
         self._save_initial_kernels()
 
-    def _check_results_file(self, trainer: pl.Trainer) -> None:
+    def _check_results_file(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
         """Rank 0 on resume: the results file must hold the checkpoint's rows; a corrupt, partial or stale one is
-        rewritten from them (rows written after the checkpoint belong to weights the kill lost: recomputed)."""
+        rewritten from them. Rows the file holds beyond them were computed after the checkpoint was saved: those
+        on the checkpoint's own weights (its step; e.g. the ``at_end`` evaluation, which runs after the last
+        checkpoint) are kept and returned (the caller adds them to ``results`` on every rank); the others belong
+        to weights the interruption lost and are dropped (scheduled epochs are computed again on the way)."""
         assert self._dir is not None
         path = self._dir / RESULTS_FILENAME
         expected = json.loads(json.dumps(_finite_or_none(self.results)))
+        adopted: list[dict[str, Any]] = []
         try:
             saved = json.loads(path.read_text())["results"]
         except FileNotFoundError:
@@ -1087,17 +1204,30 @@ class AfterKernelCallback(pl.Callback):
         if saved is not None:
             if saved[: len(expected)] == expected:
                 if len(saved) == len(expected):
-                    return
-                later = sorted({r.get("epoch") for r in saved[len(expected) :]}, key=str)
-                rank_zero_info(
-                    f"AfterKernelCallback: {path} has results for epochs {later} computed after the checkpoint was "
-                    "saved; their weights were lost, so they are recomputed."
-                )
+                    return adopted
+                later = [r for r in saved[len(expected) :] if isinstance(r, dict)]
+                step = trainer.global_step
+                adopted = [_nan_for_none(r) for r in later if r.get("step") == step and r.get("kernel")]
+                lost = sorted({r.get("epoch") for r in later if r.get("step") != step}, key=str)
+                if adopted:
+                    kept = sorted({r["epoch"] for r in adopted}, key=str)
+                    rank_zero_info(
+                        f"AfterKernelCallback: {path} has results for epochs {kept} computed after the checkpoint "
+                        f"was saved, on its weights (step {step}): kept."
+                    )
+                if lost:
+                    rank_zero_info(
+                        f"AfterKernelCallback: {path} has results for epochs {lost} computed on weights after the "
+                        "checkpoint, which the interruption lost: dropped (scheduled epochs are computed again "
+                        "when training reaches them)."
+                    )
+                self.results.extend(adopted)
             else:
                 problem = "does not match the checkpoint's results (partial or from another run)"
         if problem and self.results:
             rank_zero_warn(f"AfterKernelCallback: {path} {problem}; rewriting it from the checkpoint's results.")
         self._save(trainer)
+        return adopted
 
     def _save(self, trainer: pl.Trainer) -> None:
         payload = {

@@ -1,9 +1,11 @@
 """Run by the DDP tests: a CPU (gloo) fit with AfterKernelCallback, in float64, on ``DEVICES`` processes
 (n_train=300 > the engine's 256-row strips, so the ranks have work to share).
 
-Usage: python ddp_fit_script.py OUT_DIR [DEVICES]. The callback writes to OUT_DIR (kernels saved); every rank writes
-OUT_DIR/rank<r>.json with the shards it computed (to show that each did its share), rank 0 also its results and
-the final weights (OUT_DIR/final.pt).
+Usage: python ddp_fit_script.py OUT_DIR [DEVICES [MAX_EPOCHS [resume|checkpoint]]]. The callback writes to OUT_DIR
+(kernels saved); every rank writes OUT_DIR/rank<r>.json with the shards it computed (to show that each did its
+share), rank 0 also its results and the final weights (OUT_DIR/final.pt). With "checkpoint", a ModelCheckpoint
+saves OUT_DIR/ckpt/last.ckpt at validation end (before the callback's epoch-end evaluation); with "resume", the
+fit resumes from it.
 """
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel.callbacks import AfterKernelCallback, after_kernel
@@ -25,7 +28,7 @@ def toy_inputs() -> torch.Tensor:
     return x
 
 
-def main(out: Path, devices: int = 2) -> AfterKernelCallback:
+def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> AfterKernelCallback:
     calls = []
     engine = after_kernel.empirical_ntk_train_test
 
@@ -40,7 +43,8 @@ def main(out: Path, devices: int = 2) -> AfterKernelCallback:
         pl.seed_everything(0)
         loader = DataLoader(TensorDataset(toy_inputs(), torch.arange(400) % 2), batch_size=50)
         callback = AfterKernelCallback(
-            epochs=[0, 1],
+            epochs=[0, 1] if not mode else [0, 1, 2],
+            at_end=not mode,
             n_train=300,
             n_test=40,
             n_invariance=8,
@@ -49,20 +53,21 @@ def main(out: Path, devices: int = 2) -> AfterKernelCallback:
             save_kernels=True,
             dirpath=str(out),
         )
+        checkpoint = ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_on_train_epoch_end=False)
         trainer = pl.Trainer(
             strategy="ddp" if devices > 1 else "auto",
             devices=devices,
             accelerator="cpu",
-            max_epochs=2,
-            callbacks=[callback],
+            max_epochs=max_epochs,
+            callbacks=[callback] + ([checkpoint] if mode == "checkpoint" else []),
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=mode == "checkpoint",
             enable_progress_bar=False,
             enable_model_summary=False,
             default_root_dir=out,
         )
         model = MLPClassifier(input_shape=(1, 8, 8), width=16)
-        trainer.fit(model, loader, loader)
+        trainer.fit(model, loader, loader, ckpt_path=str(out / "ckpt" / "last.ckpt") if mode == "resume" else None)
     finally:
         after_kernel.empirical_ntk_train_test = engine
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"calls": calls, "done": callback.done_epochs}))
@@ -73,4 +78,5 @@ def main(out: Path, devices: int = 2) -> AfterKernelCallback:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+    args = sys.argv[1:]
+    main(Path(args[0]), *(int(a) for a in args[1:3]), *args[3:4])

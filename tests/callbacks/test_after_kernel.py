@@ -7,12 +7,15 @@ import importlib.util
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -141,6 +144,8 @@ def small_callback(**kwargs) -> AfterKernelCallback:
         ({"svm": {"no_such_option": 1}}, "svm"),
         ({"implementation": "fastest"}, "implementation='fastest' must be one of"),
         ({"memory_budget": "a lot"}, "memory_budget='a lot'"),
+        ({"name": "my run/1"}, "name='my run/1' must be None or a short name"),
+        ({"name": ""}, "name='' must be"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -853,3 +858,239 @@ def test_a_corrupt_initial_kernels_file_is_recomputed_from_the_epoch_0_weights(t
         lost, _ = _resume(tmp_path, last)
     assert lost.done_epochs == [0, 1, 2]
     assert all(math.isnan(r["alignment_to_initial"]) for r in lost.results if r["epoch"] == 2)
+
+
+# ---------------------------------------------------------------- second review (resume, reuse, data sources)
+def test_a_second_resume_in_a_new_folder_still_finds_the_epoch_0_kernels(tmp_path, recwarn):
+    """Each run writes to a new folder (as a new logger version or W&B run does); the checkpoint of a resumed run
+    must name the epoch-0 files where they are, so the run after it still has its initial kernels."""
+    last = None
+    for run, max_epochs in enumerate((1, 2, 3)):
+        pl.seed_everything(run)
+        cb = small_callback(epochs=[0, 1, 2, 3], at_end=False, dirpath=str(tmp_path / f"run{run}"))
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpt{run}", save_last=True)
+        make_trainer(tmp_path, [cb, ckpt], max_epochs=max_epochs).fit(
+            wide_mlp(), datamodule=ToyData(), ckpt_path=str(last) if last else None
+        )
+        last = tmp_path / f"ckpt{run}" / "last.ckpt"
+    assert cb.done_epochs == [0, 1, 2, 3]
+    assert all(0 < r["alignment_to_initial"] < 1 for r in cb.results if r["epoch"] == 3)
+    state = torch.load(last, weights_only=False)["callbacks"][cb.state_key]
+    assert state["initial_kernels_file"] == str(tmp_path / "run0" / "afterkernel_initial_kernels.pt")
+    assert state["initial_weights_file"] == str(tmp_path / "run0" / "afterkernel_initial_weights.pt")
+    assert not [w for w in recwarn if "alignment_to_initial" in str(w.message)]
+
+
+def test_the_at_end_row_on_the_checkpoints_weights_survives_a_longer_resume(tmp_path):
+    """on_train_end evaluates after the last checkpoint was saved, on the same weights: kept, not dropped."""
+    pl.seed_everything(0)
+    folder = str(tmp_path / "ak")
+    cb = small_callback(epochs=[0, 1], at_end=True, dirpath=folder)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    assert cb.done_epochs == [0, 1, 2]
+    at_end = [r for r in cb.results if r["epoch"] == 2]
+
+    pl.seed_everything(1)
+    longer = small_callback(epochs=[0, 1], at_end=True, dirpath=folder)
+    make_trainer(tmp_path, [longer], max_epochs=4).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert longer.done_epochs == [0, 1, 2, 4]
+    kept = [r for r in longer.results if r["epoch"] == 2]
+    assert json.dumps(after_kernel_module._finite_or_none(kept)) == json.dumps(
+        after_kernel_module._finite_or_none(at_end)
+    )
+    saved = json.loads((tmp_path / "ak" / "afterkernel_results.json").read_text())["results"]
+    assert sorted({r["epoch"] for r in saved}) == [0, 1, 2, 4]
+
+
+def test_a_mid_epoch_checkpoint_never_labels_other_weights_with_an_epoch(tmp_path):
+    """A checkpoint at step 9 (1.5 epochs of 6 batches): epoch 1's weights are gone; it is announced as missed,
+    never evaluated on the step-9 weights."""
+    pl.seed_everything(0)
+    cb = small_callback(epochs=[0], at_end=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3)
+    make_trainer(tmp_path, [cb, ckpt], max_epochs=5, max_steps=9).fit(wide_mlp(), datamodule=ToyData())
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["global_step"] == 9
+
+    resumed = small_callback(epochs=[0, 1, 2], at_end=False)
+    with pytest.warns(UserWarning, match=r"resuming at step 9 \(epoch 1\); scheduled epochs \[1\]"):
+        make_trainer(tmp_path, [resumed], max_epochs=2).fit(
+            wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    assert [(r["epoch"], r["step"]) for r in resumed.results if r["kernel"] == "ntk"] == [(0, 0), (2, 12)]
+
+
+def test_partial_epochs_are_never_labelled_as_whole_ones():
+    cb = small_callback(epochs=[0, 2], at_end=True)
+    for seen, total, label in ((1999, 2000, 1.9995), (1, 2000, 1.0005), (3, 6, 1.5), (1, 3, 1.333)):
+        progress = types.SimpleNamespace(current=types.SimpleNamespace(completed=seen))
+        trainer = types.SimpleNamespace(
+            sanity_checking=False,
+            current_epoch=1,
+            num_training_batches=total,
+            fit_loop=types.SimpleNamespace(epoch_loop=types.SimpleNamespace(batch_progress=progress)),
+        )
+        cb.on_train_epoch_end(trainer, None)
+        assert cb._progress == label
+
+
+def test_one_callback_reused_for_a_second_fit_starts_afresh(tmp_path):
+    cb = small_callback(epochs=[0, 1], at_end=False, dirpath=str(tmp_path / "ak"))
+    results = []
+    for lr in (0.05, 0.2):
+        pl.seed_everything(0)
+        make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(lr=lr), datamodule=ToyData())
+        results.append([dict(r) for r in cb.results])
+    pl.seed_everything(0)
+    fresh = small_callback(epochs=[0, 1], at_end=False, dirpath=str(tmp_path / "fresh"))
+    make_trainer(tmp_path, [fresh], max_epochs=1).fit(wide_mlp(lr=0.2), datamodule=ToyData())
+    assert [(r["epoch"], r["step"]) for r in results[1]] == [(0, 0), (0, 0), (1, 6), (1, 6)]
+    assert results[1][2]["svm_test_acc"] == fresh.results[2]["svm_test_acc"]
+    assert results[1][2]["alignment_to_initial"] == fresh.results[2]["alignment_to_initial"]
+    assert results[1][2]["alignment_to_initial"] != results[0][2]["alignment_to_initial"]
+
+
+def test_named_callbacks_share_a_trainer_and_the_same_name_twice_is_an_error(tmp_path):
+    logger = MemoryLogger()
+    narrow = small_callback(epochs=[0], at_end=False, kernels=["ntk"], name="f32", dirpath=str(tmp_path))
+    wide = small_callback(epochs=[0], at_end=False, kernels=["ntk"], name="f64", dtype="float64", dirpath=str(tmp_path))
+    assert narrow.state_key != wide.state_key
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, [narrow, wide, ckpt], max_epochs=1, logger=logger).fit(wide_mlp(), datamodule=ToyData())
+    for name, cb in (("f32", narrow), ("f64", wide)):
+        saved = json.loads((tmp_path / name / "afterkernel_results.json").read_text())["results"]
+        assert [r["svm_test_acc"] for r in saved] == [r["svm_test_acc"] for r in cb.results]
+        assert logger.values(f"afterkernel/{name}/ntk/svm_test_acc") == [cb.results[0]["svm_test_acc"]]
+    assert narrow.results[0]["kta"] == pytest.approx(wide.results[0]["kta"], rel=1e-5)
+    states = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert {narrow.state_key, wide.state_key} <= states.keys()
+
+    for names in ((None, None), ("a", "a")):
+        twins = [small_callback(kernels=["ntk"], name=names[0]), small_callback(kernels=["ck"], name=names[1])]
+        with pytest.raises(ConfigurationError, match="more than one AfterKernelCallback .*Give each its own name"):
+            make_trainer(tmp_path, twins, max_epochs=1).fit(wide_mlp(), datamodule=ToyData())
+
+
+def test_a_test_loader_that_only_works_after_setup_test_falls_back_to_validation(tmp_path):
+    """Lightning's documented datamodule pattern: the test split is built in setup('test') only."""
+
+    class DocsStyle(pl.LightningDataModule):
+        def setup(self, stage):
+            if stage == "fit":
+                self.ds_train, self.ds_val = TensorDataset(*toy_data(96, 0)), TensorDataset(*toy_data(48, 1))
+            if stage == "test":
+                self.ds_test = TensorDataset(*toy_data(48, 2))
+
+        def train_dataloader(self):
+            return DataLoader(self.ds_train, batch_size=16, shuffle=True)
+
+        def val_dataloader(self):
+            return DataLoader(self.ds_val, batch_size=16)
+
+        def test_dataloader(self):
+            return DataLoader(self.ds_test, batch_size=16)
+
+    cb = small_callback(epochs=[0], at_end=False)
+    make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(), datamodule=DocsStyle())
+    assert cb.done_epochs == [0]
+    x_val = toy_data(48, 1)[0]
+    assert all(any(torch.equal(x, v) for v in x_val) for x in cb._data["test"][0])
+
+
+@pytest.mark.parametrize("why", ["no validation_step", "limit_val_batches=0", "no loader at all"])
+def test_validation_loaders_given_to_fit_are_found_even_when_no_validation_runs(tmp_path, why):
+    cb = small_callback(epochs=[0], at_end=False, n_train=30, n_test=20, kernels=["ntk"])
+    model = PlainLogit() if why == "no validation_step" else wide_mlp()
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, limit_val_batches=0 if why != "no validation_step" else None)
+    loaders = [DataLoader(TensorDataset(*toy_data(64, 0)), batch_size=16)]
+    if why == "no loader at all":
+        with pytest.raises(DataError, match="found no validation or test data"):
+            trainer.fit(model, *loaders)
+        return
+    trainer.fit(model, *loaders, DataLoader(TensorDataset(*toy_data(32, 1)), batch_size=16))
+    assert cb.done_epochs == [0]
+
+
+def test_a_datasets_random_transforms_leave_training_unchanged(tmp_path):
+    class Noisy(torch.utils.data.Dataset):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):  # a random augmentation drawn from the global RNGs
+            noise = 0.05 * torch.randn_like(self.x[i]) + 0.01 * float(np.random.rand() + random.random())
+            return self.x[i] + noise, self.y[i]
+
+    class Data(pl.LightningDataModule):
+        def setup(self, stage):
+            self.train_dataset = Noisy(*toy_data(96, 0))
+            self.test_dataset = TensorDataset(*toy_data(48, 1))
+
+        def train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_size=16, shuffle=True)
+
+    def weights(callbacks):
+        pl.seed_everything(0)
+        model = wide_mlp()
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(model, datamodule=Data())
+        return model.state_dict()
+
+    without = weights([])
+    cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"], n_invariance=0)
+    with_callback = weights([cb])
+    assert cb.done_epochs == [0]
+    for key, value in without.items():
+        assert torch.equal(value, with_callback[key]), key
+
+
+def test_a_kernel_that_fails_at_the_last_evaluation_keeps_its_curve(tmp_path, monkeypatch):
+    calls, drawn = [], []
+    real_ntk, real_curves = after_kernel_module.empirical_ntk_train_test, after_kernel_module._figures.accuracy_curves
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_ntk(*args, **kwargs)
+
+    def spy(path, results, kernels, *rest):
+        drawn.append(list(kernels))
+        return real_curves(path, results, kernels, *rest)
+
+    monkeypatch.setattr(after_kernel_module, "empirical_ntk_train_test", failing_third)
+    monkeypatch.setattr(after_kernel_module._figures, "accuracy_curves", spy)
+    cb = small_callback(epochs=[0, 1, 2], at_end=False, figures=True, dirpath=str(tmp_path), n_invariance=0)
+    with pytest.warns(UserWarning, match="out of memory"):
+        make_trainer(tmp_path, [cb], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    assert [("error" in r) for r in cb.results if r["kernel"] == "ntk"] == [False, False, True]
+    assert drawn[-1] == ["ntk", "ck"]
+
+
+def test_ddp_resume_keeps_rows_computed_after_the_checkpoint_on_every_rank(tmp_path):
+    """A checkpoint saved at validation end precedes the callback's epoch-end evaluation of the same weights. On a
+    2-process resume rank 0 keeps those rows from the results file and must tell rank 1, or rank 1 alone would
+    evaluate that epoch again and enter collectives rank 0 never joins (a hang)."""
+    script = Path(__file__).with_name("ddp_fit_script.py")
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), "2", *args], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run("1", "checkpoint")
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert sorted({r["epoch"] for r in first}) == [0, 1]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    states = [s for key, s in state.items() if key.startswith("AfterKernelCallback")]
+    assert [sorted({r["epoch"] for r in s["results"]}) for s in states] == [[0]]
+    run("2", "resume")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["done"] == [0, 1, 2] and ranks[1]["done"] == [0, 1]  # rank 1: restored and kept rows only
+    assert [c["shard"] for c in ranks[1]["calls"]] == [[1, 2]]  # one evaluation (epoch 2) in the resumed run
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert json.dumps(resumed[: len(first)]) == json.dumps(first)
