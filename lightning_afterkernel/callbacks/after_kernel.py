@@ -821,24 +821,39 @@ class AfterKernelCallback(pl.Callback):
             k_train, k_test, row["kernel_time_s"] = kernels[name]
             if self.save_kernels:
                 self._save_kernels(trainer, name, epoch, k_train, k_test)
-            # The metrics run where the kernel is (eigen-decompositions are much faster on a GPU), in float64.
-            analysis_device = k_train.device if k_train.device.type == "cuda" else torch.device("cpu")
-            train_grams[name] = k_train.to(analysis_device, torch.float64)
-            k_train_cpu = train_grams[name].cpu()
             k_test = k_test.to("cpu", torch.float64)
             if trainer.global_step == 0 and name not in self._initial_kernels:
-                self._initial_kernels[name] = k_train_cpu.to(torch.float32)
-            # The SVM's interior-point method runs where the kernel is ("auto" on a GPU: its float64 Cholesky there)
-            row.update(self._fit_svm(name, epoch, train_grams[name], y_tr, k_test, y_te))
-            del k_train_cpu, k_test
-            t0 = time.perf_counter()
-            row.update(self._kernel_metrics(name, epoch, train_grams[name], y_tr))
+                self._initial_kernels[name] = k_train.to("cpu", torch.float32)
+            # The SVM and metrics run where the kernel is, in float64 (the interior-point method's Cholesky and the
+            # eigen-decompositions are much faster on a GPU); on the CPU when the GPU has no room for them.
+            devices = [k_train.device, torch.device("cpu")] if k_train.device.type == "cuda" else [torch.device("cpu")]
+            for device in devices:
+                try:
+                    train_grams[name] = k_train.to(device, torch.float64)
+                    svm = self._fit_svm(name, epoch, train_grams[name], y_tr, k_test, y_te)
+                    t0 = time.perf_counter()
+                    metrics = self._kernel_metrics(name, epoch, train_grams[name], y_tr)
+                    break
+                except torch.OutOfMemoryError as err:
+                    if device.type != "cuda":
+                        raise
+                    train_grams.pop(name, None)
+                    torch.cuda.empty_cache()
+                    rank_zero_warn(
+                        f"AfterKernelCallback: the {KERNEL_LABELS[name]} SVM and analyses at epoch {epoch} ran out of "
+                        f"GPU memory ({str(err)[:160]}); doing them on the CPU."
+                    )
+            row.update(svm)
+            row.update(metrics)
             row["analysis_time_s"] = time.perf_counter() - t0
+            del k_test
             rows.append(row)
         if {"ntk", "ck"} <= set(self._active_kernels):
             align = cka = math.nan
             if {"ntk", "ck"} <= train_grams.keys():
                 pair = (train_grams["ntk"], train_grams["ck"])
+                if pair[0].device != pair[1].device:  # one of them fell back to the CPU
+                    pair = (pair[0].cpu(), pair[1].cpu())
                 align = self._metric("the NTK-CK alignment", epoch, kernel_alignment, *pair)
                 cka = self._metric("the NTK-CK CKA", epoch, centered_kernel_alignment, *pair)
             for row in rows:

@@ -220,6 +220,36 @@ def test_a_gpu_trainer_computes_the_kernels_on_the_card(tmp_path, monkeypatch):
         assert gpu == pytest.approx(cpu, rel=1e-4)
 
 
+@pytest.mark.gpu
+def test_an_analysis_that_runs_out_of_gpu_memory_is_done_on_the_cpu(tmp_path, monkeypatch):
+    """The SVM and metrics run on the card; when it has no room for them (simulated) they are redone on the CPU,
+    with a warning, and give the same rows: training does not crash for the callback's memory use."""
+    real_fit = HardMarginSVM.fit
+
+    def no_room_on_the_card(self, K, y):
+        if isinstance(K, torch.Tensor) and K.is_cuda:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_fit(self, K, y)
+
+    runs = {}
+    for full in (False, True):
+        if full:
+            monkeypatch.setattr(HardMarginSVM, "fit", no_room_on_the_card)
+        pl.seed_everything(0)
+        cb = small_callback(epochs=[0], at_end=False, n_invariance=0)
+        trainer = make_trainer(tmp_path / str(full), [cb], max_epochs=1, accelerator="gpu")
+        if full:
+            with pytest.warns(UserWarning, match="ran out of GPU memory .*doing them on the CPU"):
+                trainer.fit(wide_mlp(), datamodule=ToyData())
+        else:
+            trainer.fit(wide_mlp(), datamodule=ToyData())
+        runs[full] = cb.results
+    keys = ("svm_test_acc", "svm_n_support", "kta", "effective_rank", "alignment_ntk_ck")
+    for ours, theirs in zip(runs[True], runs[False], strict=True):
+        assert "error" not in ours
+        assert [ours[k] for k in keys] == pytest.approx([theirs[k] for k in keys], rel=1e-6)
+
+
 @pytest.mark.parametrize("bar", ["tqdm", "rich"])
 def test_kernel_progress_sits_beside_lightnings_progress_bar(tmp_path, capsys, monkeypatch, bar):
     from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
