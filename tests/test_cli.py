@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 import yaml
 
+from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,17 +23,25 @@ def _no_pytest_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning_afterkernel"])
 
 
-def shrunk_quickstart(tmp_path: Path) -> Path:
+def shrunk_quickstart(tmp_path: Path, max_epochs: int = 1) -> Path:
     """The quickstart config with a smaller schedule and every output under tmp_path."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    cfg["trainer"]["max_epochs"] = 1
+    cfg["trainer"]["max_epochs"] = max_epochs
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
-    cfg["trainer"]["callbacks"][0]["init_args"].update({"n_train": 150, "n_test": 100})
+    checkpoint, after_kernel = cfg["trainer"]["callbacks"]
+    assert checkpoint["class_path"].endswith("ModelCheckpoint") and after_kernel["class_path"].endswith("Callback")
+    checkpoint["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
+    after_kernel["init_args"].update({"n_train": 150, "n_test": 100})
     cfg["data"]["train_subset"] = 300
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def after_kernel_callback(cli) -> AfterKernelCallback:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, AfterKernelCallback)]
+    return callback
 
 
 def test_quickstart_config_runs_and_writes_an_offline_wandb_run(tmp_path, capsys):
@@ -39,7 +49,7 @@ def test_quickstart_config_runs_and_writes_an_offline_wandb_run(tmp_path, capsys
     out = capsys.readouterr().out
     assert "After-kernel summary" in out
     assert "NTK SVM" in out and "CK SVM" in out and "network itself" in out
-    callback = cli.trainer.callbacks[0]
+    callback = after_kernel_callback(cli)
     assert callback.done_epochs == [0, 1]
     assert {(r["epoch"], r["kernel"]) for r in callback.results} == {(e, k) for e in (0, 1) for k in ("ntk", "ck")}
     assert all(r["svm_separable"] == 1 and r["svm_test_acc"] > 0.8 for r in callback.results if r["kernel"] == "ntk")
@@ -56,7 +66,7 @@ def test_validate_and_test_subcommands_leave_the_callback_idle(tmp_path):
         metrics = cli.trainer.callback_metrics
         key = "val_acc" if subcommand == "validate" else "test_acc"
         assert 0.0 <= float(metrics[key]) <= 1.0
-        assert cli.trainer.callbacks[0].results == []  # kernels are a fit-time analysis
+        assert after_kernel_callback(cli).results == []  # kernels are a fit-time analysis
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -119,3 +129,24 @@ def test_top_level_help_lists_reproduce_and_report_beside_fit():
         [sys.executable, "-m", "lightning_afterkernel", "--help"], capture_output=True, text=True, cwd=REPO, check=True
     ).stdout
     assert "reproduce" in out and "report" in out and "{fit,validate,test,predict}" in out
+
+
+def test_ckpt_path_last_resumes_a_config_run_in_a_new_wandb_folder(tmp_path):
+    """The documented CLI resume: every config has a ModelCheckpoint with a fixed folder and save_last, so
+    `--ckpt_path last` finds the latest run's checkpoint; the resumed run (a new W&B run id, hence a new results
+    folder) carries every earlier row over, the at_end row of the first run (same weights) included."""
+    first = main(["fit", "--config", str(shrunk_quickstart(tmp_path, max_epochs=2))])
+    before = after_kernel_callback(first)
+    assert before.done_epochs == [0, 1, 2]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    wandb.finish()  # as a second process would: a new W&B run
+    second = main(["fit", "--config", str(shrunk_quickstart(tmp_path, max_epochs=3)), "--ckpt_path", "last"])
+    after = after_kernel_callback(second)
+    assert second.trainer.global_step > first.trainer.global_step > 0
+    assert after._dir != before._dir
+    assert after.done_epochs == [0, 1, 2, 3]
+    assert [r["svm_test_acc"] for r in after.results[: len(before.results)]] == [
+        r["svm_test_acc"] for r in before.results
+    ]
+    saved = yaml.safe_load((after._dir / "afterkernel_results.json").read_text())["results"]
+    assert sorted({r["epoch"] for r in saved}) == [0, 1, 2, 3]

@@ -426,6 +426,7 @@ class AfterKernelCallback(pl.Callback):
         # a resumed run in a new log folder keeps pointing at the files of the run that wrote them).
         self._initial_file: str | None = None
         self._initial_weights_file: str | None = None
+        self._results_file: str | None = None  # the results file of the run a restored checkpoint comes from
         self._families: tuple[str, ...] | None = None  # invariance families the data allows, set at first use
         self._initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
         self._spectra: dict[str, Tensor] = {}  # eigenvalues of this evaluation's train kernels
@@ -569,6 +570,7 @@ class AfterKernelCallback(pl.Callback):
             "indices": {k: v.cpu() for k, v in self._indices.items()},
             "initial_kernels_file": self._initial_file if self._initial_kernels else None,
             "initial_weights_file": self._initial_weights_file,
+            "results_file": str(self._dir / RESULTS_FILENAME) if self._dir is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -578,6 +580,7 @@ class AfterKernelCallback(pl.Callback):
         # Checkpoints written before the weights' path was recorded: the weights lie beside the kernels.
         beside = str(Path(self._initial_file).with_name(INITIAL_WEIGHTS_FILENAME)) if self._initial_file else None
         self._initial_weights_file = state_dict.get("initial_weights_file", beside)
+        self._results_file = state_dict.get("results_file")
         self._data = None  # re-drawn at the next on_train_start from the saved indices
 
     # ---------------------------------------------------------------- data
@@ -1207,8 +1210,12 @@ class AfterKernelCallback(pl.Callback):
         path = self._dir / RESULTS_FILENAME
         expected = json.loads(json.dumps(_finite_or_none(self.results)))
         adopted: list[dict[str, Any]] = []
+        source = path  # a run resumed into a new folder (a new logger version or W&B run) reads the old file
+        if self._results_file and not path.exists() and Path(self._results_file).exists():
+            source = Path(self._results_file)
+            rank_zero_info(f"AfterKernelCallback: resumed into a new folder; the results of {source} go on in {path}.")
         try:
-            saved = json.loads(path.read_text())["results"]
+            saved = json.loads(source.read_text())["results"]
         except FileNotFoundError:
             saved, problem = None, "is missing"
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -1219,6 +1226,8 @@ class AfterKernelCallback(pl.Callback):
         if saved is not None:
             if saved[: len(expected)] == expected:
                 if len(saved) == len(expected):
+                    if source != path:
+                        self._save(trainer)
                     return adopted
                 later = [r for r in saved[len(expected) :] if isinstance(r, dict)]
                 step = trainer.global_step
@@ -1227,12 +1236,12 @@ class AfterKernelCallback(pl.Callback):
                 if adopted:
                     kept = sorted({r["epoch"] for r in adopted}, key=str)
                     rank_zero_info(
-                        f"AfterKernelCallback: {path} has results for epochs {kept} computed after the checkpoint "
+                        f"AfterKernelCallback: {source} has results for epochs {kept} computed after the checkpoint "
                         f"was saved, on its weights (step {step}): kept."
                     )
                 if lost:
                     rank_zero_info(
-                        f"AfterKernelCallback: {path} has results for epochs {lost} computed on weights after the "
+                        f"AfterKernelCallback: {source} has results for epochs {lost} computed on weights after the "
                         "checkpoint, which the interruption lost: dropped (scheduled epochs are computed again "
                         "when training reaches them)."
                     )
@@ -1240,7 +1249,8 @@ class AfterKernelCallback(pl.Callback):
             else:
                 problem = "does not match the checkpoint's results (partial or from another run)"
         if problem and self.results:
-            rank_zero_warn(f"AfterKernelCallback: {path} {problem}; rewriting it from the checkpoint's results.")
+            rewrite = "rewriting it" if source == path else f"writing {path}"
+            rank_zero_warn(f"AfterKernelCallback: {source} {problem}; {rewrite} from the checkpoint's results.")
         self._save(trainer)
         return adopted
 
