@@ -405,6 +405,32 @@ def warn_if_indefinite(K: np.ndarray) -> None:
         )
 
 
+def separation_bound(K: np.ndarray, y: np.ndarray, alpha: np.ndarray, fit_intercept: bool) -> float:
+    """Upper bound on every separator's geometric margin, from any alpha >= 0, in units of sqrt(mean K_ii).
+
+    With u = alpha / 1^T alpha (with a bias: each class's part scaled to total 1/2, so that sum_i u_i y_i = 0)
+    and z = u * y, every separator y_i (w . phi(x_i) + b) >= 1 satisfies 1 <= w . sum_i z_i phi(x_i) <=
+    ||w|| sqrt(z^T K z), so its geometric margin 1 / ||w|| is at most sqrt(z^T K z). Returns
+    sqrt(z^T K z / mean K_ii) in float64 (inf when alpha has no weight on some class it needs). Alphas that
+    diverge along a combination of examples whose signed features cancel (non-separable data) make it ~0.
+    """
+    pos = y > 0
+    if fit_intercept:
+        mass_pos, mass_neg = float(alpha[pos].sum()), float(alpha[~pos].sum())
+        if not (mass_pos > 0.0 and mass_neg > 0.0):
+            return np.inf
+        u = alpha * np.where(pos, 0.5 / mass_pos, 0.5 / mass_neg)
+    else:
+        total = float(alpha.sum())
+        if not total > 0.0:
+            return np.inf
+        u = alpha / total
+    support = np.flatnonzero(u)
+    z = u[support] * y[support]
+    q = float(z @ (K[np.ix_(support, support)] @ z))
+    return float(np.sqrt(max(q, 0.0) / float(np.diagonal(K).mean())))
+
+
 def training_margins(K: np.ndarray, y: np.ndarray, alpha: np.ndarray, intercept: float) -> np.ndarray:
     """Functional margins m_i = y_i (sum_j alpha_j y_j K_ij + b) in float64."""
     return y * (K @ (alpha * y) + intercept)

@@ -6,17 +6,21 @@
   ``torch_backend.polish`` solves margins = 1 on libsvm's support set (one Cholesky of |S| x |S|, a few
   rounds of dropping negative alphas and adding violators). If that does not settle, the interior-point
   method runs on libsvm's support vectors plus every example with margin < 1 + ``WORKING_SLACK`` and adds
-  violators until all n margins hold. libsvm gets iterations worth ``smo_budget(n)`` seconds; past them (a hard
-  or non-separable kernel) the interior-point method solves the whole problem, and detects non-separability.
+  violators until all n margins hold. libsvm gets iterations worth ``smo_budget(n)`` seconds (at most
+  ``SMO_TIME_SHARE`` of ``time_limit``); past them (a hard or non-separable kernel) the interior-point method
+  solves the whole problem, and detects non-separability. So does it when libsvm's alphas reach the box bound
+  without certifying non-separability (``sklearn_backend.finish_hard_margin``): that happens on data separable
+  only with a small margin, which libsvm's float32 kernel cache cannot resolve.
 
-libsvm cannot be interrupted, so its budget is an iteration cap: the budget at ``SMO_NS_PER_ITER_EXAMPLE`` (an
-SMO iteration reads two kernel rows: 1.7-4.8 ns per example on the 2-core reference CPU; the easy kernels need
-0.5-1.5 n iterations, far below the cap). libsvm runs in this process: no child process to start (a fork plus its
-exit cost 0.02-0.05 s, more than libsvm itself on an easy kernel at n = 2,000 and 13% of it on the VGG's
-initial kernel at n = 11,982), and the route does not depend on the machine's load. The price: on a machine
-slower or busier than the reference, a kernel that libsvm cannot solve overruns the budget (and so
-``time_limit``) by that factor before the interior-point method takes over, as the interior-point method itself
-can overrun by up to one iteration.
+libsvm cannot be interrupted, so its budget is an iteration cap: the budget over the modelled cost of one SMO
+iteration, ``SMO_NS_PER_ITER`` plus ``SMO_NS_PER_ITER_EXAMPLE`` per example (it reads two kernel rows; measured
+on the 2-core reference CPU: 75-110 ns plus 1.7-4.8 ns per example; easy kernels need 0.5-1.5 n iterations, far
+below the cap). libsvm runs in this process: no child process to start (a fork plus its exit cost 0.02-0.05 s,
+more than libsvm itself on an easy kernel at n = 2,000 and 13% of it on the VGG's initial kernel at n = 11,982),
+and the route does not depend on the machine's load. The price: the budget holds on the reference CPU (the
+model overestimates the cost there, up to 1.4x at n = 2,000); a machine slower or busier than that overruns it,
+and so the share of ``time_limit``, by its factor before the interior-point method takes over, as the
+interior-point method itself can overrun ``time_limit`` by up to one iteration.
 """
 
 from __future__ import annotations
@@ -38,24 +42,46 @@ MARGIN_TOL = torch_backend.MARGIN_TOL
 SMO_TOL = 1e-3
 """libsvm's tolerance in the first stage (its default); the polish makes the result exact."""
 
+IPM_SECONDS_PER_GFLOP = 0.75
+"""libsvm's budget (``smo_budget``) is about the interior-point method's own time for the whole problem, this
+times n^3 / 3e9 (~15 iterations at 20 GFLOP/s; measured 10-13 ms at n = 300, 0.19-0.43 s at n = 1,000 on the
+reference CPU), so that a kernel libsvm cannot solve costs at most ~2x the interior-point method; ..."""
+
 SMO_SECONDS = 2.0
-"""libsvm always gets at least this many seconds ..."""
+"""... but at most this many seconds (reached at n = 2,000), ..."""
 
 SMO_SECONDS_PER_GFLOP = 0.15
-"""... and up to this times n^3 / 3e9 (about 3 interior-point iterations on 2 CPU cores at 20 GFLOP/s):
-n = 2,000: 2 s, 5,000: 6 s, 12,000: 86 s."""
+"""... and at least this times n^3 / 3e9 (about 3 interior-point iterations; 6 s at n = 5,000, 86 s at 12,000), ..."""
+
+SMO_MIN_SECONDS = 0.01
+"""... and at least this (tiny n: about the interior-point method's fixed cost). n = 300: 0.01 s, 500: 0.03 s,
+1,000: 0.25 s, 2,000-3,400: 2 s."""
+
+SMO_TIME_SHARE = 0.5
+"""libsvm gets at most this share of ``time_limit``, so that the interior-point method has time to decide."""
+
+SMO_NS_PER_ITER = 100.0
+"""Fixed nanoseconds per libsvm iteration assumed in the iteration cap (measured 75-110 on the reference CPU;
+dominant below n ~ 30) ..."""
 
 SMO_NS_PER_ITER_EXAMPLE = 5.0
-"""Nanoseconds per libsvm iteration and training example assumed when turning the budget into an iteration cap
-(measured 1.7-4.8 on the reference CPU; a slower or busier machine overruns the budget by its own factor)."""
+"""... plus nanoseconds per iteration and training example (measured 1.7-4.8 on the reference CPU; a slower or
+busier machine overruns the budget by its own factor)."""
 
 WORKING_SLACK = 0.05
 """The interior-point fallback starts on libsvm's support vectors and the examples with margin < 1 + this."""
 
 
 def smo_budget(n: int) -> float:
-    """Seconds libsvm may take before the interior-point method takes over."""
-    return max(SMO_SECONDS, SMO_SECONDS_PER_GFLOP * n**3 / 3e9)
+    """Seconds libsvm may take before the interior-point method takes over (without ``time_limit``): at most
+    about the interior-point method's own time (capped at ``SMO_SECONDS``), at least a few of its iterations."""
+    gflop = n**3 / 3e9
+    return max(SMO_MIN_SECONDS, min(SMO_SECONDS, IPM_SECONDS_PER_GFLOP * gflop), SMO_SECONDS_PER_GFLOP * gflop)
+
+
+def smo_iterations(seconds: float, n: int) -> int:
+    """libsvm's iteration cap for a budget of ``seconds`` at n examples (the cost model above)."""
+    return max(1, int(seconds / ((SMO_NS_PER_ITER + SMO_NS_PER_ITER_EXAMPLE * n) * 1e-9)))
 
 
 def fit_dual(
@@ -76,7 +102,8 @@ def fit_dual(
     iterations; ``backend`` names the route ("torch", "sklearn+polish" or "sklearn+torch").
 
     Raises:
-        NotSeparableError: libsvm's alphas reached the box bound, or the interior-point certificate.
+        NotSeparableError: libsvm's alphas reached the box bound and certify it (``finish_hard_margin``), or the
+            interior-point certificate.
         SolverError: time or iteration limit.
     """
     start = time.perf_counter()
@@ -86,14 +113,15 @@ def fit_dual(
         result = torch_backend.fit_dual(K, y_pm, fit_intercept, tol, max_iter, time_limit, **ipm)
         return _relabel(result, 0, "torch")
     n = y_pm.size
-    budget = smo_budget(n) if time_limit is None else min(time_limit, smo_budget(n))
-    smo_iter = max(1, int(budget / (SMO_NS_PER_ITER_EXAMPLE * 1e-9 * n)))
+    budget = smo_budget(n) if time_limit is None else min(SMO_TIME_SHARE * time_limit, smo_budget(n))
     try:
-        smo = sklearn_backend.fit_dual(K, y_pm, fit_intercept, SMO_TOL, smo_iter, None, check_unconverged=False)
-    except NotSeparableError:
+        smo = sklearn_backend.fit_dual(
+            K, y_pm, fit_intercept, SMO_TOL, smo_iterations(budget, n), None, check_unconverged=False
+        )
+    except NotSeparableError:  # alphas at the box bound with a float64 certificate
         raise
-    except SolverError:  # the no-bias emulation saturated: the IPM decides
-        smo = None
+    except SolverError:  # the no-bias emulation saturated, or alphas at the bound without a certificate
+        smo = None  # the interior-point method decides
     if smo is not None and not smo.converged:  # stopped at the iteration cap (unchecked): as a time-out
         smo = None
     left = None if time_limit is None else max(time_limit - (time.perf_counter() - start), 1e-3)

@@ -1,11 +1,12 @@
 """cuML backend: RAPIDS cuML's GPU SMO, ``cuml.svm.SVC(kernel="precomputed")`` (cuML >= 26.02).
 
 The same hard-margin set-up and checks as ``sklearn_backend``: C = ``C_REL`` / mean K_ii, the exact no-bias
-emulation through two virtual examples (``no_bias_problem``), alphas at the box bound mean not separable, b
-recomputed in float64, and the estimator's float64 margin check afterwards. cuML checks neither symmetry nor
-positive semi-definiteness of a precomputed kernel (the estimator does), and its ``nochange_steps`` rule may
-stop an SMO early on problems with large alphas: the margin check catches that. The alphas are |dual
-coefficients|; cuML does not report its iterations (``n_iter`` = 0).
+emulation through two virtual examples (``no_bias_problem``), alphas at the box bound judged by
+``finish_hard_margin`` (not separable only with a float64 certificate), b recomputed in float64, and the
+estimator's float64 margin check afterwards. cuML checks neither symmetry nor positive semi-definiteness of a
+precomputed kernel (the estimator does), and its ``nochange_steps`` rule may stop an SMO early on problems with
+large alphas: the margin check catches that. The alphas are |dual coefficients|; cuML does not report its
+iterations (``n_iter`` = 0).
 
 Time limit: the fit runs in a separate Python process (``_smo_worker``; CUDA does not survive a fork), with K
 passed through a temporary file; it pays cuML's import and CUDA start-up (a few seconds).
@@ -64,8 +65,9 @@ def fit_dual(
 
     Raises:
         ConfigurationError: cuML >= 26.02 or a CUDA GPU is missing.
-        NotSeparableError: an alpha reached the box bound C.
-        SolverError: time limit hit, or the no-bias emulation saturated.
+        NotSeparableError: alphas reached the box bound C and certify non-separability (``finish_hard_margin``).
+        SolverError: time limit hit, the no-bias emulation saturated, or alphas at the box bound without a
+            certificate.
     """
     check_available()
     n = K.shape[0]

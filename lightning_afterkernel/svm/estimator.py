@@ -221,13 +221,17 @@ class HardMarginSVM(_KernelSVM):
     Backends (one module each in ``lightning_afterkernel.svm``):
 
     - ``"auto"`` (default): a true hard margin by the fastest route. On a CUDA device the interior-point
-      method; on the CPU libsvm followed by an exact polish (``auto_backend``). Margins >= 1 - 1e-9.
+      method; on the CPU libsvm followed by an exact polish, or the interior-point method when libsvm does not
+      finish within about the interior-point method's own time (``auto_backend``). Margins >= 1 - 1e-9.
     - ``"torch"``: a float64 primal-dual interior-point method on any torch device (``torch_backend``):
       9-30 iterations of one Cholesky each, margins >= 1 - 1e-9, non-separable data detected in seconds.
-      A GPU method: n = 2,000 in ~2 s and n = 12,000 in minutes on 2 CPU cores.
+      A GPU method: n = 2,000 in ~2 s and n = 12,000 in minutes on 2 CPU cores. (When ||w||^2 of the hard
+      margin exceeds ~1e5, float64 resolves the margins of "auto" and "torch" only to ~7e-15 ||w||^2
+      max_i K_ii / mean K_ii, e.g. 1e-7 at ||w||^2 = 1.5e7.)
     - ``"sklearn"``: libsvm's SMO with a huge box bound (``sklearn_backend``; without a bias through an
       exact emulation with two virtual examples). Fast on easy kernels; float32 kernel cache, so margins
-      may fall ~1e-2 short of 1.
+      may fall ~1e-2 short of 1. Alphas at the box bound raise ``NotSeparableError`` only when they certify
+      it in float64; otherwise (a margin too small for libsvm) ``SolverError``, pointing to "auto"/"torch".
     - ``"cuml"``: cuML's GPU SMO on the precomputed kernel (``cuml_backend``; needs cuML >= 26.02 and CUDA).
     - ``"thundersvm"``: thundersvm's linear kernel on explicit features Phi with K = Phi Phi^T from an
       eigendecomposition (``thundersvm_backend``; needs the ``thundersvm-cpu`` package). Never its

@@ -50,7 +50,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import SVC
 
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
-from lightning_afterkernel.svm._checks import DualResult, training_margins
+from lightning_afterkernel.svm._checks import MAX_NORM_SQ, DualResult, separation_bound, training_margins
 
 DEFAULT_TOL = 1e-3
 """libsvm's stopping tolerance (KKT violation) when ``tol=None``."""
@@ -66,6 +66,11 @@ ABSORBER_REL = 1e9
 
 AT_BOUND_RTOL = 1e-6
 """alpha_i >= C (1 - AT_BOUND_RTOL) counts as at the box bound."""
+
+MAX_MARGIN_CERTIFIED = MAX_NORM_SQ**-0.5
+"""Alphas at the box bound mean "not separable" only when ``separation_bound`` on them is at most this (the
+pre-check's and the interior-point method's limit, a geometric margin of ~3e-5 of the mean feature norm);
+otherwise libsvm (float32 kernel cache) may have hit the bound on data separable with a small margin."""
 
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 """How the time-limited child process starts (see the module docstring)."""
@@ -238,13 +243,14 @@ def fit_dual(
         tol: libsvm's stopping tolerance on the KKT violation.
         max_iter: libsvm iteration limit (None: no limit).
         time_limit: seconds before the fit is abandoned (None: no limit, runs in this process).
-        check_unconverged: apply the checks of ``finish_hard_margin`` (alphas at the box bound mean "not
-            separable") also to a run stopped at ``max_iter``; False returns its alphas unchecked, with
-            ``converged=False``, for a caller that hands such a run to another solver.
+        check_unconverged: apply the checks of ``finish_hard_margin`` (alphas at the box bound) also to a run
+            stopped at ``max_iter``; False returns its alphas unchecked, with ``converged=False``, for a caller
+            that hands such a run to another solver.
 
     Raises:
-        NotSeparableError: an alpha reached the box bound C.
-        SolverError: time limit hit, or the no-bias emulation saturated.
+        NotSeparableError: alphas reached the box bound C and certify non-separability (``finish_hard_margin``).
+        SolverError: time limit hit, the no-bias emulation saturated, or alphas at the box bound without a
+            certificate.
     """
     C, capacity = hard_margin_bounds(K)
     try:
@@ -279,11 +285,15 @@ def finish_hard_margin(
     """Checks shared by the SMO backends, on the real examples' alphas of a hard-margin solve.
 
     With a bias, b is recomputed in float64 (``best_intercept``); without, the emulation must not have
-    saturated (|y^T a| < capacity / 2, else SolverError). Any alpha at the box bound C means not separable.
+    saturated (|y^T a| < capacity / 2, else SolverError). An alpha at the box bound C means that the data is not
+    separable, or separable only with a tiny margin (an exact hard margin has 1^T a = ||w||^2, so its alphas stay
+    below C unless ||w||^2 >= C, but libsvm's float32 kernel cache also drives the alphas of separable data with
+    a margin of ~1e-4 to C). It is called not separable only when ``separation_bound`` on these alphas, in
+    float64, is at most ``MAX_MARGIN_CERTIFIED``; otherwise the verdict is left open (SolverError).
 
     Raises:
-        NotSeparableError: an alpha reached the box bound C.
-        SolverError: the no-bias emulation saturated.
+        NotSeparableError: alphas at the box bound C that certify non-separability.
+        SolverError: the no-bias emulation saturated, or alphas at the box bound without that certificate.
     """
     if fit_intercept:
         intercept = best_intercept(K, y_pm, alpha)
@@ -299,11 +309,22 @@ def finish_hard_margin(
     at_bound = alpha >= C * (1.0 - AT_BOUND_RTOL)
     if at_bound.any():
         best = float(training_margins(K, y_pm, alpha, intercept).min())
-        raise NotSeparableError(
-            f"the training data is not separable by this kernel (alphas at the box bound C): "
-            f"{int(at_bound.sum())} alphas reached C = {C:.3g}; best minimum training margin {best:.3g}. "
-            "A hard-margin SVM does not exist for these labels; check for mislabelled or duplicated examples.",
-            best_margin=best,
+        bound = separation_bound(K, y_pm, alpha, fit_intercept)
+        if bound <= MAX_MARGIN_CERTIFIED:
+            raise NotSeparableError(
+                f"the training data is not separable by this kernel: {int(at_bound.sum())} alphas reached the box "
+                f"bound C = {C:.3g}, and in float64 their combination bounds the geometric margin of every "
+                f"separator by {bound:.2g} times the mean feature norm (best minimum training margin reached "
+                f"{best:.3g}). A hard-margin SVM does not exist for these labels; check for mislabelled or "
+                "duplicated examples, or use SoftMarginSVM.",
+                best_margin=best,
+            )
+        raise SolverError(
+            f"libsvm's alphas reached the box bound C = {C:.3g} ({int(at_bound.sum())} of them; best minimum "
+            f"training margin {best:.3g}): the data is either not separable by this kernel or separable only with "
+            f"a very small margin, which libsvm, with its float32 kernel cache, cannot tell apart. The float64 "
+            f"bound from its alphas (geometric margin <= {bound:.2g} times the mean feature norm) does not settle "
+            f"it either. Use backend='auto' or 'torch', whose exact interior-point method decides, or SoftMarginSVM."
         )
     return DualResult(alpha=alpha, intercept=intercept, n_iter=n_iter, converged=converged)
 

@@ -97,8 +97,9 @@ def fit_dual(
 
     Raises:
         ConfigurationError: thundersvm is not installed.
-        NotSeparableError: an alpha reached the box bound C.
-        SolverError: time limit hit, or the no-bias emulation saturated.
+        NotSeparableError: alphas reached the box bound C and certify non-separability (``finish_hard_margin``).
+        SolverError: time limit hit, the no-bias emulation saturated, or alphas at the box bound without a
+            certificate.
     """
     check_available()
     n = K.shape[0]

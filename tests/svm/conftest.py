@@ -58,6 +58,19 @@ def no_bias_hard_margin_w(X: np.ndarray, y_pm: np.ndarray) -> np.ndarray:
     return -r[:-1] / r[-1]
 
 
+def make_near_duplicate_pair(eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear features (n = 100, d = 150) where example 1 is example 0 moved by eps of its norm, with the opposite
+    label: separable, with a hard margin that needs ||w||^2 ~ 1e8 (eps = 2e-4) to 7e8 (eps = 1e-4) on the
+    normalised kernel, below the refusal limit MAX_NORM_SQ = 1e9."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((100, 150))
+    y = rng.integers(0, 2, 100)
+    noise = rng.standard_normal(150) / np.sqrt(150) * np.linalg.norm(X[0])
+    X[1] = X[0] + eps * noise
+    y[1] = 1 - y[0]
+    return X, y
+
+
 @pytest.fixture(scope="module")
 def separable() -> Problem:
     return make_separable(300)
@@ -73,3 +86,9 @@ def make_problem():
 def exact_no_bias_w():
     """The exact no-bias hard-margin weight vector for linear kernels (``no_bias_hard_margin_w``)."""
     return no_bias_hard_margin_w
+
+
+@pytest.fixture(scope="session")
+def near_duplicate_pair():
+    """The ``make_near_duplicate_pair`` factory: separable data whose hard margin needs ||w||^2 ~ 1e8."""
+    return make_near_duplicate_pair

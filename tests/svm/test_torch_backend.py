@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from sklearn.svm import SVC
 
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
 from lightning_afterkernel.svm import HardMarginSVM, auto_backend, torch_backend
@@ -54,12 +55,12 @@ def _overlapping(n: int, d: int = 50, seed: int = 0) -> tuple[np.ndarray, np.nda
     return X @ X.T, y
 
 
-def _rbf_hard(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _rbf_hard(n: int, seed: int = 0, gamma: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Separable but hard: an RBF kernel with a wide bandwidth and 10% flipped labels (many support vectors)."""
     rng = np.random.default_rng(seed)
     X = rng.random((n, 50))
     sq = (X**2).sum(axis=1)
-    K = np.exp(-0.05 * (sq[:, None] + sq[None, :] - 2.0 * X @ X.T))
+    K = np.exp(-gamma * (sq[:, None] + sq[None, :] - 2.0 * X @ X.T))
     y = (X @ rng.standard_normal(50) > 0).astype(int)
     flip = rng.random(n) < 0.1
     y[flip] = 1 - y[flip]
@@ -288,3 +289,129 @@ def test_sparse_product_equals_the_dense_product(m):
     expected = Kt @ dense
     got = torch_backend.sparse_product(Kt, idx, c)
     assert torch.allclose(got, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+
+
+def _certified_gap(K: np.ndarray, y: np.ndarray, alpha: np.ndarray, b: float, fit_intercept: bool) -> float:
+    """Relative duality gap (P - D) / P of (alpha, b), computed here from scratch: D = 1^T a - ||w||^2 / 2 is a
+    lower bound on the optimum when a >= 0 (and y^T a = 0), P = ||w||^2 / (2 m_min^2) the objective of the
+    feasible primal point (w, b) / m_min. Checks a >= 0 and y^T a ~ 0 on the way."""
+    assert (alpha >= 0).all()
+    if fit_intercept:
+        assert abs(y @ alpha) <= 1e-9 * alpha.sum()
+    f = K @ (alpha * y)
+    w_sq = (alpha * y) @ f
+    m_min = (y * (f + b)).min()
+    assert m_min > 0
+    primal = 0.5 * w_sq / m_min**2
+    return (primal - (alpha.sum() - 0.5 * w_sq)) / primal
+
+
+@pytest.mark.parametrize("fit_intercept", [False, True])
+@pytest.mark.parametrize("eps", [3e-4, 1e-4])
+def test_large_alphas_from_a_near_duplicate_pair(exact_no_bias_w, near_duplicate_pair, eps, fit_intercept):
+    """1^T alpha = ||w||^2 ~ 1e8-7e8: float64 resolves the margins only to ~1e-8-1e-7, above the old fixed stopping
+    tolerance 1e-9, and the iteration used to step onto a_i = 0 (ZeroDivisionError or a false "far from PSD")."""
+    X, y = near_duplicate_pair(eps)
+    est = HardMarginSVM(backend="torch", fit_intercept=fit_intercept).fit(X @ X.T, y)
+    y_pm, Xn = 2.0 * y - 1.0, X / np.sqrt(est.scale_)
+    assert est.min_margin_ >= 1.0 - 1e-6 and est.duality_gap_ < 1e-6
+    # Reference: least-distance programming (NNLS) on the explicit features; with a bias on [x, 100], whose weight
+    # w_101 = b / 100 adds (b / 100)^2 ~ 4 to ||w||^2 ~ 1e8 (it is exact as the constant grows, less accurate).
+    Z = Xn if not fit_intercept else np.hstack([Xn, np.full((100, 1), 100.0)])
+    w = exact_no_bias_w(Z, y_pm)
+    w_sq, b_ref = (w @ w, 0.0) if not fit_intercept else (w[:-1] @ w[:-1], 100.0 * w[-1])
+    assert w_sq > 5e7
+    assert 2.0 * est.dual_objective_ == pytest.approx(w_sq, rel=1e-6)
+    assert est.intercept_ == pytest.approx(b_ref, rel=1e-5, abs=1e-9)
+    assert _certified_gap(Xn @ Xn.T, y_pm, est.alpha_, est.intercept_, fit_intercept) < 1e-6
+
+
+@pytest.mark.parametrize("fit_intercept", [False, True])
+def test_hard_rbf_kernel_with_large_alphas(exact_no_bias_w, fit_intercept):
+    """The notes' hard separable RBF kernel (gamma 0.002, 10% flipped labels; 1^T alpha ~ 1.6e6) used to fail with
+    a bias ("could not factor K + D ... far from positive semi-definite", from NaN iterates)."""
+    K, y = _rbf_hard(400, gamma=0.002)
+    y_pm = 2.0 * y - 1.0
+    est = HardMarginSVM(backend="torch", fit_intercept=fit_intercept).fit(K, y)
+    assert est.alpha_.sum() > 1e6 and est.min_margin_ >= 1.0 - 1e-8
+    assert _certified_gap(K / est.scale_, y_pm, est.alpha_, est.intercept_, fit_intercept) < 1e-7
+    if fit_intercept:  # reference: libsvm with C above every alpha, exact up to its float32 kernel cache
+        ref = SVC(kernel="precomputed", C=1e10, tol=1e-6).fit(K / est.scale_, y)
+        a_ref = np.zeros(400)
+        a_ref[ref.support_] = np.abs(ref.dual_coef_[0])
+        dual_ref = a_ref.sum() - 0.5 * (a_ref * y_pm) @ ((K / est.scale_) @ (a_ref * y_pm))
+        assert dual_ref <= est.dual_objective_ and est.dual_objective_ == pytest.approx(dual_ref, rel=1e-4)
+    else:  # reference: least-distance programming (NNLS) on explicit features of K
+        lam, V = np.linalg.eigh(K / est.scale_)
+        w = exact_no_bias_w(V * np.sqrt(np.clip(lam, 0.0, None)), y_pm)
+        assert 2.0 * est.dual_objective_ == pytest.approx(w @ w, rel=1e-7)
+
+
+def test_a_stalled_iteration_ends_in_a_verified_point_or_a_solver_error(monkeypatch, near_duplicate_pair):
+    """With the old, unreachable residual tolerance (1e-9 whatever the rounding), the iteration goes on until it can
+    not: its last point is returned when it verifies, otherwise SolverError says why; never an arithmetic error."""
+    monkeypatch.setattr(torch_backend, "ROUNDING", 0.0)
+    K, y = _rbf_hard(400, gamma=0.002)
+    y_pm = 2.0 * y - 1.0
+    Kn = _normalized(K)
+    result = torch_backend.fit_dual(Kn, y_pm, True, 1e-9, None, None)  # used to end in NaN iterates
+    assert result.n_iter > 30  # it ran past the point where the reachable tolerance stops it
+    assert _certified_gap(Kn, y_pm, result.alpha, result.intercept, True) < 1e-7
+    X, y = near_duplicate_pair(3e-4)
+    with pytest.raises(SolverError, match=r"stalled after \d+ iterations .* not a verified hard margin"):
+        torch_backend.fit_dual(_normalized(X @ X.T), 2.0 * y - 1.0, True, 1e-9, None, None)  # ZeroDivisionError
+    with pytest.raises(SolverError, match="complementarity"):  # the guard itself
+        torch_backend._mehrotra_direction(
+            torch.eye(3, dtype=torch.float64),
+            torch.ones(3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.float64),
+            torch.ones(3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.float64),
+            0.0,
+            False,
+            1.0,
+        )
+
+
+@pytest.mark.parametrize("kind", ["linear", "rbf"])
+def test_the_kernel_scale_does_not_matter_without_normalisation(exact_no_bias_w, kind):
+    """normalize=False used to fail on large scales (linear x1e9: no convergence in 200 iterations; RBF x1e12: "far
+    from positive semi-definite"). Now every scale takes the iterations of the normalised problem and gives its
+    classifier."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((80, 10))
+    y = (X @ rng.standard_normal(10) > 0).astype(int)
+    sq = (X**2).sum(axis=1)
+    K = X @ X.T if kind == "linear" else np.exp(-0.1 * (sq[:, None] + sq[None, :] - 2.0 * X @ X.T))
+    ref = HardMarginSVM(backend="torch", rank_tol=None).fit(K, y)
+    for c in (1e-6, 1.0, 1e8, 1e9, 1e12):
+        est = HardMarginSVM(backend="torch", normalize=False, rank_tol=None).fit(c * K, y)
+        assert est.n_iter_ == ref.n_iter_
+        np.testing.assert_allclose(est.decision_function(c * K), ref.decision_function(K), rtol=1e-9, atol=1e-9)
+        assert est.dual_objective_ * c == pytest.approx(ref.dual_objective_ / ref.scale_, rel=1e-9)
+    if kind == "linear":  # and the classifier is the exact one
+        w = exact_no_bias_w(X, 2.0 * y - 1.0)
+        np.testing.assert_allclose(ref.decision_function(K), X @ w, rtol=1e-7, atol=1e-7)
+
+
+def test_duplicated_support_vectors_do_not_inflate_the_support(monkeypatch, exact_no_bias_w):
+    """30 examples duplicated with the same label make K_SS singular: the polish used to give up and the interior
+    point came back with alphas ~1e-13 on every example (n_support_ 141-180 of 180 instead of ~110-136)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((150, 200))
+    y = (X[:, :5].sum(axis=1) > 0).astype(int)
+    X, y = np.vstack([X, X[:30]]), np.concatenate([y, y[:30]])
+    w = exact_no_bias_w(X[:150], 2.0 * y[:150] - 1.0)  # the duplicates change nothing
+    margins = (2.0 * y - 1.0) * (X @ w)
+    on_margin = np.abs(margins - 1.0) <= 1e-6
+    distinct = np.unique(np.flatnonzero(on_margin) % 150).size
+    for crossover in (True, False):
+        if not crossover:  # the fallback: the interior point with the alphas clearly off the support set to 0
+            monkeypatch.setattr(torch_backend, "_polish", lambda *args: None)
+        for backend in ("torch", "auto"):
+            est = HardMarginSVM(backend=backend, shrinking=crossover).fit(X @ X.T, y)
+            assert on_margin[est.support_].all()  # every support vector is on the margin
+            assert distinct <= est.n_support_ <= on_margin.sum()
+            assert est.alpha_[est.support_].min() > 1e-6 * est.alpha_.max()
+            tol = 1e-9 if crossover else 1e-6  # the interior point is optimal to tol = 1e-9 in the objective
+            np.testing.assert_allclose(est.decision_function(X @ X.T), X @ w, rtol=tol, atol=tol)
