@@ -30,7 +30,8 @@ def reproduce_parser() -> argparse.ArgumentParser:
         description=(
             "Run (or resume) the paper grid {mnist, cifar10} x {vgg, mlp} x {noaug, aug} plus the learning-rate "
             "study; each cell and seed is one fit with AfterKernelCallback, summarised in <out>/<cell>/seed<k>/"
-            "cell.json. Complete cells are skipped; unfinished ones resume from their last epoch checkpoint."
+            "cell.json. Complete cells are skipped; unfinished ones resume from their last epoch checkpoint. One "
+            "--out folder holds one scale: a folder with runs of another scale is refused."
         ),
         epilog=f"scales:\n{_scales_help()}\ncells: {cells}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -54,7 +55,7 @@ def report_parser() -> argparse.ArgumentParser:
         prog="python -m lightning_afterkernel report",
         description=(
             "Write the reproduction report (markdown tables, PNG figures, claim-by-claim verdicts) from the cell "
-            "files of a `reproduce` run."
+            "files of a `reproduce` run (all of one scale)."
         ),
     )
     p.add_argument("runs", nargs="?", default="runs/paper", help="the reproduce output folder (default: runs/paper)")

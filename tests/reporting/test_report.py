@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
+import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from lightning_afterkernel.errors import ConfigurationError
-from lightning_afterkernel.reporting.grid import CELL_FORMAT, SCALES, load_complete, select_cells
-from lightning_afterkernel.reporting.report import Stat, judge_claims, load_runs, write_report
+from lightning_afterkernel.reporting import grid
+from lightning_afterkernel.reporting.grid import CELL_FORMAT, SCALES, load_complete, run_grid, select_cells, summarise
+from lightning_afterkernel.reporting.report import (
+    Stat,
+    error_table,
+    judge_claims,
+    kernel_table,
+    load_runs,
+    write_report,
+)
 
 FAMILIES = ("globalness", "shift", "rotation", "zoom")
 
@@ -173,3 +185,139 @@ def test_cell_selection_adds_the_learning_rate_reference():
     assert len(select_cells(SCALES["cpu"], None)) == 12
     with pytest.raises(ConfigurationError, match="mnist-mlp-noaug"):
         select_cells(SCALES["tiny"], ["mnist-mlp"])
+
+
+def claims(root: Path) -> dict:
+    return {c.key: c for c in judge_claims(load_runs(root))}
+
+
+def test_hard_and_soft_margin_errors_are_never_averaged(tmp_path):
+    # the CK at the end: seeds 0 and 2 have a hard margin, seed 1 has none (as results/paper's mnist-mlp-lr0.1)
+    for seed, (hard, soft) in enumerate([(0.054, None), (None, 0.076), (0.056, None)]):
+        data = cell("mnist-mlp-noaug", seed)
+        data["kernels"]["ck"]["end"] = kernel(hard, {}, soft=soft)
+        write(tmp_path, data)
+    row = error_table(load_runs(tmp_path))[2]
+    assert row.endswith("| 30.0 ± 0.0 (s) | 5.5 ± 0.1 [2/3]; 7.6 (s) [1/3] |")  # not a mixed mean of 6.2
+    (evidence,) = [e for e in claims(tmp_path)["5"].evidence if e.startswith("mnist-mlp-noaug (end)")]
+    # claim 5 compares hard-margin errors over the seeds that have them, and says which seed it left out and why
+    assert "NTK 8.0%, CK 5.5%," in evidence
+    assert "seeds 0, 2 only: seed 1 CK has no hard margin (soft-margin error 7.6%)" in evidence
+
+
+def test_a_failed_evaluation_stays_visible(tmp_path):
+    ok = {"epoch": 0, "kernel": "ntk", "svm_test_acc": 0.9, "svm_soft_test_acc": math.nan, "svm_separable": 1}
+    failed = dict.fromkeys(("svm_test_acc", "svm_soft_test_acc", "svm_separable", "network_test_acc"), math.nan)
+    failed.update(epoch=2, kernel="ntk", error="KernelError: non-finite kernel")
+    summary = summarise([ok, failed], few_epochs=1)["ntk"]
+    assert summary["end"]["svm_separable"] is None  # not bool(NaN), which is True
+    assert summary["initial"]["svm_separable"] is True and summary["initial"]["error"] is None
+    assert summary["end"]["svm_test_error"] is None and summary["end"]["error"] == "KernelError: non-finite kernel"
+
+    write(tmp_path, cell("mnist-mlp-noaug", 0))
+    new = cell("mnist-mlp-noaug", 1)  # a cell file written by this version: the error is in the summary
+    new["kernels"]["ntk"]["end"].update(
+        error="KernelError: non-finite kernel",
+        svm_test_error=None,
+        svm_soft_test_error=None,
+        svm_separable=None,
+        invariance=dict.fromkeys(FAMILIES),
+    )
+    write(tmp_path, new)
+    old = cell("mnist-mlp-noaug", 2)  # an older one: svm_separable true, the error only in its row
+    old["kernels"]["ntk"]["end"].update(svm_test_error=None, svm_soft_test_error=None, svm_separable=True)
+    old["rows"] = [{"kernel": "ntk", "epoch": 0, "error": "ModelError: NaN output"}]
+    write(tmp_path, old)
+    text = write_report(tmp_path, tmp_path / "r.md").read_text()
+    assert "| mnist-mlp-noaug | 3 | 10.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 8.0 [1/3]; failed [2/3] |" in text
+    assert "- mnist-mlp-noaug seed 1, NTK end: KernelError: non-finite kernel" in text
+    assert "- mnist-mlp-noaug seed 2, NTK end: ModelError: NaN output" in text
+    assert "| 0.500 ± 0.000 | 0.600 ± 0.000 [2/3] |" in text  # the failed seed's invariance scores are counted out
+
+
+def test_run_grid_refuses_a_folder_holding_another_scale(tmp_path):
+    started = {
+        "format": CELL_FORMAT,
+        "complete": False,  # an interrupted cpu-scale run of another cell
+        "cell": "cifar10-vgg-noaug",
+        "seed": 0,
+        "scale": "cpu",
+        "config": {"scale": asdict(SCALES["cpu"])},
+    }
+    write(tmp_path, started)
+    with pytest.raises(ConfigurationError, match=r"another scale \(scale 'cpu': 1 run.*another --out"):
+        run_grid(tmp_path, "tiny", seeds=1, data_root=None, cells=["mnist-mlp-noaug"], accelerator="cpu")
+    assert not (tmp_path / "mnist-mlp-noaug").exists()  # refused before anything ran
+
+    other = tmp_path / "redefined"  # the same scale name, defined differently by another version
+    data = cell("mnist-vgg-noaug")
+    data["config"]["scale"]["n_train"] = 64
+    write(other, data)
+    with pytest.raises(ConfigurationError, match="defined by another version"):
+        run_grid(other, "tiny", seeds=1, data_root=None, cells=["mnist-mlp-noaug"], accelerator="cpu")
+
+
+def test_report_refuses_cells_of_different_scales(tmp_path):
+    write(tmp_path, cell("mnist-mlp-noaug"))
+    other = cell("mnist-vgg-noaug")
+    other["scale"], other["config"]["scale"] = "cpu", asdict(SCALES["cpu"])
+    write(tmp_path, other)
+    with pytest.raises(ConfigurationError, match="different scales.*'cpu'.*'tiny'|different scales.*'tiny'.*'cpu'"):
+        write_report(tmp_path, tmp_path / "r.md")
+
+
+def test_a_partial_grid_says_what_was_not_run_and_noise_is_no_agreement(tmp_path):
+    noise = tmp_path / "noise"
+    write(noise, cell("mnist-mlp-noaug", glob=(0.404, 0.405)))
+    write(noise, cell("mnist-mlp-lr0.1", ntk=(0.2, 0.1, 0.077), lr=0.1))  # 0.3 points lower than 8.0%
+    c = claims(noise)
+    assert c["2"].verdict == "inconclusive" and "within noise" in c["2"].evidence[0]
+    assert c["LR"].verdict == "inconclusive"
+    assert c["2"].coverage == "1 of 4 pairs measured; not run: CIFAR-10, VGG"
+
+    spread = tmp_path / "spread"  # a 0.05 rise, but the seeds disagree by 0.2: within 2 standard errors
+    write(spread, cell("mnist-mlp-noaug", 0, glob=(0.5, 0.45)))
+    write(spread, cell("mnist-mlp-noaug", 1, glob=(0.5, 0.65)))
+    assert claims(spread)["2"].verdict == "inconclusive"
+
+    clear = tmp_path / "clear"
+    write(clear, cell("mnist-mlp-noaug", glob=(0.404, 0.5)))
+    write(clear, cell("cifar10-mlp-noaug", glob=(0.404, 0.5)))
+    c = claims(clear)["2"]
+    assert c.verdict_text == "agrees (2 of 4 pairs measured; not run: VGG)"
+    text = write_report(clear, tmp_path / "r.md").read_text()
+    assert "| **agrees** (2 of 4 pairs measured; not run: VGG) |" in text
+    assert "### Claim 2: agrees (2 of 4 pairs measured; not run: VGG)" in text
+
+
+def test_claim_5_counts_the_shared_initial_kernel_once_per_pair(tmp_path):
+    paper_like(tmp_path)  # noaug, aug and lr0.1 cells of each pair share their initial kernels
+    c = claims(tmp_path)["5"]
+    assert c.rule.endswith("Here: 4 of 16.")  # 4 initial comparisons (one per pair) + 12 ends
+    assert sum("(initial, shared by" in e for e in c.evidence) == 4
+    write(tmp_path, cell("mnist-vgg-aug", 0, ntk=(0.25, 0.1, 0.08)))  # an initial kernel that is not shared
+    c = claims(tmp_path)["5"]
+    assert c.rule.endswith("Here: 4 of 17.")
+    assert any(e.startswith("mnist-vgg-aug (initial):") for e in c.evidence)
+
+
+def test_run_time_counts_every_attempt_or_says_it_does_not(tmp_path):
+    data = cell("mnist-mlp-noaug", 0)
+    data["timings"] = {"total_s": 30.0, "resumed": True, "attempts": 2}  # summed over both attempts
+    write(tmp_path, data)
+    older = cell("mnist-mlp-noaug", 1)
+    older["timings"] = {"total_s": 12.0, "resumed": True}  # an older file: only the last attempt counted
+    write(tmp_path, older)
+    table = kernel_table(load_runs(tmp_path))
+    assert "run time (s)" in table[0]
+    assert table[2].endswith("| ≥ 21 ± 9 |")
+
+
+def test_the_full_scale_is_described_as_it_is():
+    module = ast.parse(inspect.getsource(grid))
+    (at,) = [i for i, node in enumerate(module.body) if isinstance(node, ast.AnnAssign) and node.target.id == "SCALES"]
+    doc = " ".join(module.body[at + 1].value.value.split())
+    full = SCALES["full"]
+    assert full.train_subset is None and full.test_subset is None and (full.n_train, full.n_test) == (10000, 1984)
+    assert "the paper's setting (" not in doc
+    assert "10,000 of MNIST's 11,982 training and 1,984 of CIFAR-10's 2,000 test images" in doc
