@@ -8,15 +8,39 @@ the dataset automatically.
 
 from __future__ import annotations
 
+import importlib
+
+from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_afterkernel.data import BinaryPairDataModule
 from lightning_afterkernel.models import BinaryClassifier
 
 
+def _is_checkpoint(callback: object) -> bool:
+    """Whether a config's callback entry (a ``class_path`` namespace, or an instance) is a Lightning Checkpoint."""
+    class_path = getattr(callback, "class_path", None)
+    if class_path is None:
+        return isinstance(callback, Checkpoint)
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, Checkpoint)
+
+
 class AfterKernelCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # The configs keep a ModelCheckpoint (for `--ckpt_path last`); `--trainer.enable_checkpointing false` turns
+        # it off, where Lightning would refuse a checkpoint callback beside enable_checkpointing=False.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None and trainer.get("enable_checkpointing") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not _is_checkpoint(c)]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> AfterKernelCLI:

@@ -150,3 +150,15 @@ def test_ckpt_path_last_resumes_a_config_run_in_a_new_wandb_folder(tmp_path):
     ]
     saved = yaml.safe_load((after._dir / "afterkernel_results.json").read_text())["results"]
     assert sorted({r["epoch"] for r in saved}) == [0, 1, 2, 3]
+
+
+def test_enable_checkpointing_false_drops_the_configs_checkpoint_callback(tmp_path):
+    """Lightning refuses a ModelCheckpoint beside enable_checkpointing=False; the configs keep one (for
+    `--ckpt_path last`), so the CLI drops it rather than making the flag unusable with every config."""
+    cli = main(
+        ["fit", "--config", str(shrunk_quickstart(tmp_path)), "--trainer.logger=false"]
+        + ["--trainer.enable_checkpointing=false", "--trainer.limit_train_batches=2"]
+    )
+    assert cli.trainer.checkpoint_callbacks == []
+    assert after_kernel_callback(cli).done_epochs == [0, 1]
+    assert not (tmp_path / "run" / "checkpoints").exists()

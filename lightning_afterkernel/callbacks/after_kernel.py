@@ -833,7 +833,9 @@ class AfterKernelCallback(pl.Callback):
             for device in devices:
                 try:
                     train_grams[name] = k_train.to(device, torch.float64)
-                    svm = self._fit_svm(name, epoch, train_grams[name], y_tr, k_test, y_te)
+                    # the CPU retry keeps the SVM on the CPU too, whatever svm={"device": ...} asks for
+                    retry = "cpu" if device.type == "cpu" and len(devices) > 1 else None
+                    svm = self._fit_svm(name, epoch, train_grams[name], y_tr, k_test, y_te, device=retry)
                     t0 = time.perf_counter()
                     metrics = self._kernel_metrics(name, epoch, train_grams[name], y_tr)
                     break
@@ -958,11 +960,20 @@ class AfterKernelCallback(pl.Callback):
         return {f"invariance_{family}": scores[family] for family in families}
 
     def _fit_svm(
-        self, name: str, epoch: int | float, k_train: Tensor, y_train: Tensor, k_test: Tensor, y_test: Tensor
+        self,
+        name: str,
+        epoch: int | float,
+        k_train: Tensor,
+        y_train: Tensor,
+        k_test: Tensor,
+        y_test: Tensor,
+        device: str | None = None,
     ) -> dict[str, Any]:
+        """The hard-margin SVM's results (or the soft-margin fallback's); ``device`` overrides ``svm["device"]``."""
         t0 = time.perf_counter()
+        options = self.svm_kwargs if device is None else {**self.svm_kwargs, "device": device}
         try:
-            svm = HardMarginSVM(**self.svm_kwargs).fit(k_train, y_train)
+            svm = HardMarginSVM(**options).fit(k_train, y_train)
         except SolverError as err:  # NotSeparableError included: recorded, training goes on
             row = {
                 "svm_test_acc": math.nan,

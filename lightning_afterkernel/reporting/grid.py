@@ -158,6 +158,11 @@ class TrainLossTracker(pl.Callback):
     def state_key(self) -> str:
         return "TrainLossTracker"
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning does not save should_stop: a run resumed after it reached its target must not train on.
+        if self.target is not None and self.losses and self.losses[-1] <= self.target:
+            trainer.should_stop = True
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sum, self._count = 0.0, 0
 

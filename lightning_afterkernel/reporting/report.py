@@ -507,6 +507,7 @@ def claim_ck(runs: dict[str, list[dict[str, Any]]], large_lr: float | None = Non
 
 def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
     evidence, better, worse, inv_up, inv_down, total, inv_total, measured = [], 0, 0, 0, 0, 0, 0, []
+    mixed = 0  # pairs whose errors are of different kinds (hard vs soft margin): not compared
     for name, ref in _lr_cells(runs):
         big_all, small_all = svm_errors(runs[name], "ntk", "end"), svm_errors(runs[ref], "ntk", "end")
         p = paired(small_all, big_all, (f"lr {PAPER_LR}", "large lr"))
@@ -515,9 +516,13 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         total += 1
         measured.append(_pair_name(runs[name]))
         small, big = p.a, p.b
-        sign = change(small, big, ERROR_MARGIN)
+        comparable = p.kinds[0] == p.kinds[1]
+        sign = change(small, big, ERROR_MARGIN) if comparable else 0
+        mixed += not comparable
         better += sign < 0
         worse += sign > 0
+        kinds = [" (soft margin)" if kind == "soft" else "" for kind in p.kinds]
+        word = _direction_word(sign, "higher", "lower") if comparable else "not compared: hard vs soft margin"
         parts = []
         for fam in SMALL_TRANSFORMS:
             b = stat(runs[name], "kernels", "ntk", "end", "invariance", fam)
@@ -535,7 +540,7 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         reached = sum(bool(d.get("reached_target_loss")) for d in runs[name])
         evidence.append(
             f"{ref} (lr {PAPER_LR}) vs {name} (lr {lr:g}): after-kernel SVM error "
-            f"{small.fmt(100, 1)}% vs {big.fmt(100, 1)}% ({_direction_word(sign, 'higher', 'lower')}{p.note()})"
+            f"{small.fmt(100, 1)}%{kinds[0]} vs {big.fmt(100, 1)}%{kinds[1]} ({word}{p.note()})"
             f"; final train loss {loss_s.fmt(1, 4)} vs {loss_b.fmt(1, 4)} after {epochs.fmt(1, 1)} epochs "
             f"(target reached in {reached}/{len(runs[name])} seeds); invariances " + "; ".join(parts)
         )
@@ -545,7 +550,10 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         "test error), more invariant to small shifts, rotations and zooms.",
         "agrees if the large-lr after-kernel SVM error is lower than the lr 0.01 one by more than "
         f"max({100 * ERROR_MARGIN:g} points, 2 standard errors) for every dataset-architecture pair, partly if for "
-        f"some. Here: {better} of {total} lower, {worse} higher, {total - better - worse} within noise; invariance "
+        f"some; a pair whose two errors are of different kinds (hard vs soft margin) is not compared. Here: {better} "
+        f"of {total} lower, {worse} higher, {total - better - worse - mixed} within noise"
+        + (f", {mixed} not compared" if mixed else "")
+        + "; invariance "
         f"higher in {inv_up} of {inv_total}, lower in {inv_down} (beyond max({SCORE_MARGIN}, 2 standard errors)).",
         _verdict(better, worse, total),
         evidence,

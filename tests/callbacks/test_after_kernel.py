@@ -221,13 +221,15 @@ def test_a_gpu_trainer_computes_the_kernels_on_the_card(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_an_analysis_that_runs_out_of_gpu_memory_is_done_on_the_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("svm", [{}, {"device": "cuda"}])
+def test_an_analysis_that_runs_out_of_gpu_memory_is_done_on_the_cpu(tmp_path, monkeypatch, svm):
     """The SVM and metrics run on the card; when it has no room for them (simulated) they are redone on the CPU,
-    with a warning, and give the same rows: training does not crash for the callback's memory use."""
+    with a warning, and give the same rows: training does not crash for the callback's memory use. The retry
+    keeps the SVM on the CPU even when svm={"device": "cuda"} asks for the card."""
     real_fit = HardMarginSVM.fit
 
     def no_room_on_the_card(self, K, y):
-        if isinstance(K, torch.Tensor) and K.is_cuda:
+        if (isinstance(K, torch.Tensor) and K.is_cuda) or str(self.device).startswith("cuda"):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_fit(self, K, y)
 
@@ -236,7 +238,7 @@ def test_an_analysis_that_runs_out_of_gpu_memory_is_done_on_the_cpu(tmp_path, mo
         if full:
             monkeypatch.setattr(HardMarginSVM, "fit", no_room_on_the_card)
         pl.seed_everything(0)
-        cb = small_callback(epochs=[0], at_end=False, n_invariance=0)
+        cb = small_callback(epochs=[0], at_end=False, n_invariance=0, svm=svm)
         trainer = make_trainer(tmp_path / str(full), [cb], max_epochs=1, accelerator="gpu")
         if full:
             with pytest.warns(UserWarning, match="ran out of GPU memory .*doing them on the CPU"):

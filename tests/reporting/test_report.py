@@ -321,3 +321,16 @@ def test_the_full_scale_is_described_as_it_is():
     assert full.train_subset is None and full.test_subset is None and (full.n_train, full.n_test) == (10000, 1984)
     assert "the paper's setting (" not in doc
     assert "10,000 of MNIST's 11,982 training and 1,984 of CIFAR-10's 2,000 test images" in doc
+
+
+def test_the_learning_rate_claim_never_compares_a_hard_with_a_soft_margin_error(tmp_path):
+    for seed in (0, 1):
+        write(tmp_path, cell("mnist-mlp-noaug", seed, ntk=(0.2, 0.1, 0.05)))
+        large = cell("mnist-mlp-lr0.1", seed, lr=0.1)
+        large["kernels"]["ntk"]["end"] = kernel(None, {f: 0.6 for f in FAMILIES}, soft=0.02)  # no hard margin
+        write(tmp_path, large)
+    claim = claims(tmp_path)["LR"]
+    assert claim.verdict != "agrees"  # 2.0% soft-margin vs 5.0% hard-margin error is no evidence
+    (evidence,) = claim.evidence
+    assert "5.0 ± 0.0% vs 2.0 ± 0.0% (soft margin) (not compared: hard vs soft margin)" in evidence
+    assert "0 of 1 lower, 0 higher, 0 within noise, 1 not compared" in claim.rule

@@ -14,6 +14,7 @@ CELL = "mnist-mlp-aug"  # with augmentation: the resumed run must also continue 
 SLEEP_S = 1.0
 TIMING_KEYS = ("kernel_time_s", "svm_time_s", "analysis_time_s")
 BaseTracker = grid.TrainLossTracker
+SCALES_TINY_LR_CAP = grid.SCALES["tiny"].lr_max_epochs
 
 
 class Interrupted(RuntimeError):
@@ -95,3 +96,35 @@ def test_a_checkpoint_cut_short_falls_back_to_the_previous_one(tmp_path):
     assert grid._resume_checkpoint(folder) == folder / "epoch=0-step=8.ckpt"
     torch.save({"epoch": 0}, folder / "last.ckpt")
     assert grid._resume_checkpoint(folder) == folder / "last.ckpt"
+
+
+def test_a_cell_that_reached_its_target_loss_does_not_train_on_when_resumed(tmp_path, monkeypatch):
+    """The learning-rate cell stops once its training loss reaches the reference's; Lightning does not save
+    should_stop, so a run interrupted after its last checkpoint (here: in the final bookkeeping) must stop again."""
+    cell = "mnist-mlp-lr0.1"
+
+    def run_lr(out) -> dict:
+        grid.run_grid(out, "tiny", seeds=1, data_root=None, cells=[cell], accelerator="cpu")
+        return json.loads((out / cell / "seed0" / grid.CELL_FILENAME).read_text())
+
+    straight = run_lr(tmp_path / "straight")
+    assert straight["reached_target_loss"] and straight["epochs_trained"] < SCALES_TINY_LR_CAP
+
+    out = tmp_path / "interrupted"
+    reference = "mnist-mlp-noaug"
+    (out / reference).parent.mkdir(parents=True)
+    (out / reference).symlink_to(tmp_path / "straight" / reference, target_is_directory=True)
+
+    def crash(*args, **kwargs):
+        raise Interrupted("killed after training, before cell.json")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(grid, "network_test_error", crash)
+        with pytest.raises(Interrupted):
+            run_lr(out)
+    resumed = run_lr(out)
+    assert resumed["timings"]["resumed"] is True
+    assert resumed["epochs_trained"] == straight["epochs_trained"]
+    assert sorted({(r["epoch"], r["step"]) for r in resumed["rows"]}) == sorted(
+        {(r["epoch"], r["step"]) for r in straight["rows"]}
+    )
