@@ -1099,10 +1099,7 @@ class AfterKernelCallback(pl.Callback):
         }
         path = self._dir / KERNELS_DIRNAME / f"epoch_{epoch:g}_{name}.pt"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            self._atomic_torch_save(payload, path)
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; the kernels are not saved.")
 
