@@ -212,6 +212,12 @@ class Paired:
     seeds: list[int]
     left_out: dict[int, str]  # seed -> why it is not compared
 
+    @property
+    def marks(self) -> tuple[str, str]:
+        """`` (soft margin)`` after each side compared by soft-margin errors, else ``""``."""
+        a, b = (" (soft margin)" if kind == "soft" else "" for kind in self.kinds)
+        return a, b
+
     def note(self) -> str:
         if not self.left_out:
             return ""
@@ -483,8 +489,7 @@ def claim_ck(runs: dict[str, list[dict[str, Any]]], large_lr: float | None = Non
         close += near
         align = stat([d for d in seeds if d["seed"] in p.seeds], "alignment_ntk_ck", stage)
         evidence.append(
-            f"{label}: SVM error NTK {_pct(ntk.mean)}{' (soft margin)' if p.kinds[0] == 'soft' else ''}, "
-            f"CK {_pct(ck.mean)}{' (soft margin)' if p.kinds[1] == 'soft' else ''}"
+            f"{label}: SVM error NTK {_pct(ntk.mean)}{p.marks[0]}, CK {_pct(ck.mean)}{p.marks[1]}"
             f", NTK-CK alignment {align.fmt()} ({'close' if near else 'not close'}{p.note()})"
         )
     verdict = "not measured" if total == 0 else ("agrees" if 0 < close < total else "disagrees")
@@ -521,7 +526,6 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         mixed += not comparable
         better += sign < 0
         worse += sign > 0
-        kinds = [" (soft margin)" if kind == "soft" else "" for kind in p.kinds]
         word = _direction_word(sign, "higher", "lower") if comparable else "not compared: hard vs soft margin"
         parts = []
         for fam in SMALL_TRANSFORMS:
@@ -540,7 +544,7 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         reached = sum(bool(d.get("reached_target_loss")) for d in runs[name])
         evidence.append(
             f"{ref} (lr {PAPER_LR}) vs {name} (lr {lr:g}): after-kernel SVM error "
-            f"{small.fmt(100, 1)}%{kinds[0]} vs {big.fmt(100, 1)}%{kinds[1]} ({word}{p.note()})"
+            f"{small.fmt(100, 1)}%{p.marks[0]} vs {big.fmt(100, 1)}%{p.marks[1]} ({word}{p.note()})"
             f"; final train loss {loss_s.fmt(1, 4)} vs {loss_b.fmt(1, 4)} after {epochs.fmt(1, 1)} epochs "
             f"(target reached in {reached}/{len(runs[name])} seeds); invariances " + "; ".join(parts)
         )
