@@ -11,6 +11,14 @@ against plain autograd, and the error at larger n.
 
     python benchmarks/gpu_diagnose.py .gpu_data cuda 2000,6000     # on a GPU (gpu_checks.sh step "diagnose")
     python benchmarks/gpu_diagnose.py ../shared/data cpu 400       # the same on CPU
+    python benchmarks/gpu_diagnose.py .gpu_data cuda --blocks       # only the last part (factors or products, blocks)
+
+The last part asks whether the error left (2.6e-6 at n = 300, 3e-5 on the full split; 8.5e-8 with batch_size=1)
+is in the float32 factors or in their products (the same factors multiplied in float64), and sweeps the
+parameters per block of the products on the card (cuBLAS sums each entry in one running sum over all of them):
+errors against the float64 engine and median times, at n = 300 and 2,000 and on the full split (K_train and
+K_test), for both models; with the VGG's full split also by cuDNN's convolutions with the zero-patch correction,
+and both routes on random CIFAR-shaped images (for the choice of ``_structured.GEMM_CONVOLUTIONS``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import entk  # noqa: E402
 
 from lightning_afterkernel.data import BinaryPairDataModule  # noqa: E402
+from lightning_afterkernel.kernels import _gram, empirical, empirical_ntk, empirical_ntk_train_test, reference_ntk  # noqa: E402
 from lightning_afterkernel.kernels import _structured as st  # noqa: E402
-from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, reference_ntk  # noqa: E402
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -45,13 +54,112 @@ def gemm_convolutions(on: bool):
         st.GEMM_CONVOLUTIONS = before
 
 
+@contextmanager
+def float64_products():
+    """The engine's factor products in float64, from its float32 factors (rounded back to float32)."""
+    before = _gram._factor_product
+
+    def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(a.double() @ b.double().mT)
+
+    _gram._factor_product = product
+    try:
+        yield
+    finally:
+        _gram._factor_product = before
+
+
+def factors_or_products(xtr: torch.Tensor, dev: str, sizes: tuple[int, ...]) -> None:
+    """Whether the float32 VGG kernel's error is in its factors (the capture's rounding, e.g. ReLU gates that
+    flip) or in their products (cuBLAS's running sums over 95,267 parameters): every layer materialised, so every
+    product goes through _gram._factor_product, once in float32 and once in float64."""
+    model = entk.make_model("vgg", "mnist").to(dev)
+    for n in sizes:
+        x = xtr[:n]
+        k64 = empirical_ntk(model, x, dtype=torch.float64)
+        one = empirical_ntk(model, x, implementation="materialised")
+        with float64_products():
+            exact = empirical_ntk(model, x, implementation="materialised")
+        structured = empirical_ntk(model, x, implementation="structured")
+        print(
+            f"vgg n={n}: materialised, float32 products {err(one, k64)}; the same factors, float64 products "
+            f"{err(exact, k64)}; structured {err(structured, k64)}",
+            flush=True,
+        )
+
+
+def routes_on_random(dev: str, n: int) -> None:
+    """Both convolution routes and the tutorial on random CIFAR-shaped images (no all-zero patches: the correction
+    changes nothing), where max-pool near-ties make every change of rounding a coin toss."""
+    model = entk.make_model("vgg", "cifar10").to(dev)
+    x = entk.inputs("cifar10", n, dev)
+    k64 = reference_ntk(model, x)
+    cells = []
+    for on in (True, False):
+        with gemm_convolutions(on):
+            cells.append(f"{'im2col' if on else 'cuDNN + correction'} {err(empirical_ntk(model, x), k64)}")
+    with empirical._tf32(torch.device(dev), allow=False):  # IEEE float32, as the engine (cuDNN defaults to TF32)
+        cells.append(f"tutorial {err(entk.tutorial_ntk(model, x, x), k64)}")
+    print(f"vgg cifar10 random n={n}: " + ", ".join(cells), flush=True)
+
+
+def blocks(xtr: torch.Tensor, xte: torch.Tensor, dev: str) -> None:
+    """Error and time of the float32 engine by :data:`_gram.GPU_K_BLOCK`, on real MNIST."""
+    before = _gram.GPU_K_BLOCK
+    sizes, sweep = ((300, 2000), (None, 16384, 8192, 4096, 2048, 1024, 512))
+    if dev == "cpu":  # the blocks change nothing there: toy sizes, to check the code runs
+        xtr, xte, sizes, sweep = xtr[:300], xte[:60], (300,), (None, 2048)
+    try:
+        for arch in ("vgg", "mlp"):
+            model = entk.make_model(arch, "mnist").to(dev)
+            for n in sizes:
+                k64 = empirical_ntk(model, xtr[:n], dtype=torch.float64)
+                floor = err(empirical_ntk(model, xtr[:n], batch_size=1), k64) if n == 300 else "-"
+                for block in sweep:
+                    _gram.GPU_K_BLOCK = block
+                    empirical_ntk(model, xtr[:n])  # warm-up
+                    seconds, k32 = entk.median_time(partial(empirical_ntk, model, xtr[:n]), 3, dev)
+                    print(
+                        f"{arch} n={n} GPU_K_BLOCK={block}: {err(k32, k64)} ({seconds:.3f} s; batch_size=1: {floor})",
+                        flush=True,
+                    )
+            t64, s64 = empirical_ntk_train_test(model, xtr, xte, dtype=torch.float64)
+            if arch == "vgg":  # the other convolution route, for the choice of _structured.GEMM_CONVOLUTIONS
+                with gemm_convolutions(False):
+                    seconds, (t32, s32) = entk.median_time(partial(empirical_ntk_train_test, model, xtr, xte), 3, dev)
+                print(
+                    f"vgg full split {len(xtr)}+{len(xte)}, cuDNN + zero-patch correction: K_train "
+                    f"{err(t32, t64)} K_test {err(s32, s64)} ({seconds:.2f} s)",
+                    flush=True,
+                )
+                del t32, s32
+            for block in sweep if dev == "cpu" else (None, 8192, 2048, 512):
+                _gram.GPU_K_BLOCK = block
+                seconds, (t32, s32) = entk.median_time(partial(empirical_ntk_train_test, model, xtr, xte), 3, dev)
+                print(
+                    f"{arch} full split {len(xtr)}+{len(xte)} GPU_K_BLOCK={block}: K_train {err(t32, t64)} "
+                    f"K_test {err(s32, s64)} ({seconds:.2f} s)",
+                    flush=True,
+                )
+                del t32, s32
+            del t64, s64
+    finally:
+        _gram.GPU_K_BLOCK = before
+
+
 def main() -> None:
     root = sys.argv[1] if len(sys.argv) > 1 else ".gpu_data"
     dev = sys.argv[2] if len(sys.argv) > 2 else "cuda"
-    sizes = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2000, 6000]
+    sweep = "--blocks" in sys.argv
+    sizes = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and not sweep else [2000, 6000]
     dm = BinaryPairDataModule(root=root, download=False)
     dm.setup("fit")
     xtr, xte = dm.tensors("train")[0].to(dev), dm.tensors("test")[0].to(dev)
+    if sweep:
+        routes_on_random(dev, 60 if dev == "cpu" else 300)
+        factors_or_products(xtr, dev, (300,) if dev == "cpu" else (300, 2000, 6000))
+        blocks(xtr, xte, dev)
+        return
     model = entk.make_model("vgg", "mnist").to(dev)
     card = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     print(card, torch.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
@@ -147,6 +255,9 @@ def main() -> None:
             print(f"real n={n}: engine fp32 ({name}) vs engine fp64 {err(k32, k64)} ({seconds:.2f} s)", flush=True)
             del k32
         del k64
+    routes_on_random(dev, 60 if dev == "cpu" else 300)
+    factors_or_products(xtr, dev, (300,) if dev == "cpu" else (300, 2000, 6000))
+    blocks(xtr, xte, dev)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ SMALL_PRODUCT = 16
 :data:`K_BLOCK` parameters (:func:`_factor_product`)."""
 K_BLOCK = 2048
 """Parameters per block in those products."""
+GPU_K_BLOCK: int | None = None
+"""On GPUs, parameters per block in every float32 product of factors, whatever its shape (None: one product, as
+cuBLAS sums it). Off until measured on a card: on an H200 the paper's VGG at float32 was 2.6e-6 from float64 at
+n = 300 and 3e-5 on the full MNIST split (the tutorial's contraction 3e-5 too), and 8.5e-8 with ``batch_size=1``;
+if cuBLAS's running sums over the 95,267 parameters are the cause, blocks fix it as they do MKL's thin products
+on CPU, but the structured form (no sum over more than 3,725 terms) was as far off. ``benchmarks/gpu_diagnose.py``
+tells the two apart (the same float32 factors multiplied in float64) and sweeps this."""
 CPU_BUDGET_FRACTION = 0.25
 GPU_BUDGET_FRACTION = 0.5
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -42,7 +49,7 @@ def gram(f1: Factors, f2: Factors, out: Tensor) -> Tensor:
     for start in range(0, out.shape[1], block):  # all T = 1 layers on one block while it is in the cache
         cols = slice(start, start + block)
         for l1, r1, l2, r2 in vectors:
-            out[:, cols].addcmul_(l1[:, 0] @ l2[cols, 0].mT, r1[:, 0] @ r2[cols, 0].mT)
+            out[:, cols].addcmul_(_product(l1[:, 0], l2[cols, 0]), _product(r1[:, 0], r2[cols, 0]))
     for l1, r1, l2, r2 in patches:
         t = l1.shape[1]
         b1, b2 = len(l1), len(l2)
@@ -56,26 +63,39 @@ def gram(f1: Factors, f2: Factors, out: Tensor) -> Tensor:
     return out
 
 
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    """``a b^T`` in a new tensor, summed as :func:`_factor_product` sums it."""
+    out = a.new_empty(len(a), len(b))
+    _factor_product(a, b, out)
+    return out
+
+
 def _factor_product(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = a b^T``, as accurate for a few rows on either side as for many. On CPU, MKL multiplies such thin
-    float32 matrices (fewer than ~12 rows on a side) with one running sum per entry over all P parameters: on
-    factors of 95,267 parameters the product was 4e-6 to 4e-5 from float64 where a 512 x 512 one was 6e-7 (and,
-    in the concurrent strips' 6 x 6 corner of a 12-example kernel, 4e-6). Summing blocks of K_BLOCK parameters
-    gave 1e-7 to 7e-7 for every shape (2048; 8192 gave up to 2e-6). Those products take 1.02-1.1x the time with
-    the thin side first (a few test examples against many), up to 1.5-1.8x with it second (e.g. 2,000 x 8 or
-    256 x 1: milliseconds). Float64 (whose thin products are exact enough) and GPUs (not measured there) keep
-    one product."""
-    if (
-        min(len(a), len(b)) >= SMALL_PRODUCT
-        or a.shape[1] <= K_BLOCK
-        or a.dtype != torch.float32
-        or a.device.type != "cpu"
-    ):
+    """``out = a b^T``, as accurate for a few rows on either side as for many, and on a GPU as on a CPU.
+
+    On CPU, MKL multiplies thin float32 matrices (fewer than ~12 rows on a side) with one running sum per entry
+    over all P parameters: on factors of 95,267 parameters the product was 4e-6 to 4e-5 from float64 where a
+    512 x 512 one was 6e-7 (and, in the concurrent strips' 6 x 6 corner of a 12-example kernel, 4e-6). Summing
+    blocks of K_BLOCK parameters gave 1e-7 to 7e-7 for every shape (2048; 8192 gave up to 2e-6). Those products
+    take 1.02-1.1x the time with the thin side first (a few test examples against many), up to 1.5-1.8x with it
+    second (e.g. 2,000 x 8 or 256 x 1: milliseconds). On GPUs: :data:`GPU_K_BLOCK`. Float64 keeps one product:
+    its running sums are exact enough."""
+    block = _k_block(a, b)
+    if block is None or a.shape[1] <= block:
         torch.mm(a, b.mT, out=out)
         return
-    torch.mm(a[:, :K_BLOCK], b[:, :K_BLOCK].mT, out=out)
-    for start in range(K_BLOCK, a.shape[1], K_BLOCK):
-        out.addmm_(a[:, start : start + K_BLOCK], b[:, start : start + K_BLOCK].mT)
+    torch.mm(a[:, :block], b[:, :block].mT, out=out)
+    for start in range(block, a.shape[1], block):
+        out.addmm_(a[:, start : start + block], b[:, start : start + block].mT)
+
+
+def _k_block(a: Tensor, b: Tensor) -> int | None:
+    """Parameters per block for ``a b^T`` (None: one product)."""
+    if a.dtype != torch.float32:
+        return None
+    if a.device.type != "cpu":
+        return GPU_K_BLOCK
+    return K_BLOCK if min(len(a), len(b)) < SMALL_PRODUCT else None
 
 
 def paired(f1: Factors, f2: Factors) -> Tensor:
