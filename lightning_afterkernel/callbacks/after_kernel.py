@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -29,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_afterkernel._io import atomic_torch_save, atomic_write_json, finite_or_none
 from lightning_afterkernel.callbacks import _figures
 from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError, SolverError
 from lightning_afterkernel.invariance import PAPER_FAMILIES, invariance_scores
@@ -97,17 +97,6 @@ def _check_kernels(kernels: Sequence[str]) -> list[str]:
     return out
 
 
-def _finite_or_none(value: Any) -> Any:
-    """Strict JSON: NaN/inf become null (e.g. the soft-margin accuracy of a separable kernel)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
 @contextlib.contextmanager
 def _global_rng_untouched(device: torch.device | None = None) -> Iterator[None]:
     """Run a block (a dataset's random transforms, an evaluation) without advancing torch's (CPU, and ``device``'s
@@ -137,7 +126,7 @@ def _fit_val_loader(trainer: pl.Trainer) -> Any:
 
 
 def _nan_for_none(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row read back from the results file: its nulls are the NaN metrics :func:`_finite_or_none` wrote."""
+    """A result row read back from the results file: its nulls are the NaN metrics that ``finite_or_none`` wrote."""
     return {k: math.nan if v is None else v for k, v in row.items()}
 
 
@@ -151,16 +140,6 @@ def _plain(value: Any) -> Any:
         items = [_plain(v) for v in value]
         return items if isinstance(value, list) else tuple(items)
     return repr(value)
-
-
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(_finite_or_none(payload), fh, indent=2, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class _KernelProgress:
@@ -1099,7 +1078,7 @@ class AfterKernelCallback(pl.Callback):
         }
         path = self._dir / KERNELS_DIRNAME / f"epoch_{epoch:g}_{name}.pt"
         try:
-            self._atomic_torch_save(payload, path)
+            atomic_torch_save(payload, path)
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; the kernels are not saved.")
 
@@ -1124,23 +1103,16 @@ class AfterKernelCallback(pl.Callback):
         assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
         return self._dir / INITIAL_KERNELS_FILENAME
 
-    @staticmethod
-    def _atomic_torch_save(payload: Any, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-
     def _save_initial_kernels(self, pl_module: pl.LightningModule | None = None) -> None:
         """The epoch-0 train kernels, and (at step 0) the epoch-0 weights beside them so that a lost or corrupt
         kernel file can be recomputed on resume."""
         path = self._initial_kernels_path()
         try:
-            self._atomic_torch_save(self._initial_kernels, path)
+            atomic_torch_save(self._initial_kernels, path)
             self._initial_file = str(path)
             if pl_module is not None:
                 weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-                self._atomic_torch_save(weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
+                atomic_torch_save(weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
                 self._initial_weights_file = str(path.with_name(INITIAL_WEIGHTS_FILENAME))
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will lack them.")
@@ -1216,7 +1188,7 @@ class AfterKernelCallback(pl.Callback):
         to weights the interruption lost and are dropped (scheduled epochs are computed again on the way)."""
         assert self._dir is not None
         path = self._dir / RESULTS_FILENAME
-        expected = json.loads(json.dumps(_finite_or_none(self.results)))
+        expected = json.loads(json.dumps(finite_or_none(self.results)))
         adopted: list[dict[str, Any]] = []
         source = path  # a run resumed into a new folder (a new logger version or W&B run) reads the old file
         if self._results_file and not path.exists() and Path(self._results_file).exists():
@@ -1276,7 +1248,7 @@ class AfterKernelCallback(pl.Callback):
         assert self._dir is not None, "set in setup(stage='fit'), before anything is computed"
         path = self._dir / RESULTS_FILENAME
         try:
-            _atomic_write_json(path, payload)
+            atomic_write_json(path, payload)
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; results stay in the logs.")
 

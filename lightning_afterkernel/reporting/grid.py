@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lightning_afterkernel._io import atomic_write_json
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.callbacks.after_kernel import INVARIANCE_FAMILIES
 from lightning_afterkernel.data import BinaryPairDataModule
@@ -329,7 +330,7 @@ def run_one(
     ckpt_dir = rdir / "checkpoints"
     last = _resume_checkpoint(ckpt_dir)
     if last is None:  # a fresh start: mark the folder as this scale's before anything else is written
-        _write_json(rdir / CELL_FILENAME, _started(cell, seed, scale))
+        atomic_write_json(rdir / CELL_FILENAME, _started(cell, seed, scale))
     dm = BinaryPairDataModule(
         dataset=cell.dataset,
         root=data_root,
@@ -425,7 +426,7 @@ def run_one(
         },
         "rows": rows,
     }
-    _write_json(rdir / CELL_FILENAME, payload)
+    atomic_write_json(rdir / CELL_FILENAME, payload)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # keep the committed outputs small: the cell file is the result
     for pt in (rdir / "afterkernel").glob("*.pt"):
         pt.unlink()
@@ -458,26 +459,6 @@ def _resume_checkpoint(ckpt_dir: Path) -> Path | None:
             continue
         return path
     return None
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
-    tmp.replace(path)
-
-
-def _finite(value: Any) -> Any:
-    """Strict JSON: NaN/inf become null, tensors plain lists."""
-    if isinstance(value, torch.Tensor):
-        return _finite(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def run_grid(

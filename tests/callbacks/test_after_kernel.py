@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_afterkernel._io import finite_or_none
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.callbacks import after_kernel as after_kernel_module
 from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
@@ -930,9 +931,7 @@ def test_the_at_end_row_on_the_checkpoints_weights_survives_a_longer_resume(tmp_
     )
     assert longer.done_epochs == [0, 1, 2, 4]
     kept = [r for r in longer.results if r["epoch"] == 2]
-    assert json.dumps(after_kernel_module._finite_or_none(kept)) == json.dumps(
-        after_kernel_module._finite_or_none(at_end)
-    )
+    assert json.dumps(finite_or_none(kept)) == json.dumps(finite_or_none(at_end))
     saved = json.loads((tmp_path / "ak" / "afterkernel_results.json").read_text())["results"]
     assert sorted({r["epoch"] for r in saved}) == [0, 1, 2, 4]
 
