@@ -33,7 +33,7 @@ def finite_or_none(value: Any) -> Any:
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
+def replacing(path: Path) -> Iterator[Path]:
     """A temporary path to write; on success it replaces ``path``, on failure it is removed and ``path`` is
     left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def _replacing(path: Path) -> Iterator[Path]:
 
 def atomic_write_json(path: Path, payload: Any) -> None:
     """``payload`` as indented strict JSON (:func:`finite_or_none`), flushed to disk before it replaces ``path``."""
-    with _replacing(path) as tmp, open(tmp, "w") as fh:
+    with replacing(path) as tmp, open(tmp, "w") as fh:
         json.dump(finite_or_none(payload), fh, indent=2, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
@@ -55,5 +55,5 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def atomic_torch_save(payload: Any, path: Path) -> None:
     """``torch.save(payload)`` to ``path``, whole or not at all."""
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         torch.save(payload, tmp)

@@ -8,13 +8,14 @@ figure is drawn. Each function writes one PNG atomically (temporary file, then `
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_afterkernel._io import replacing
 
 DPI = 110
 HEATMAP_MAX_EXAMPLES = 400
@@ -46,10 +47,8 @@ def _figure(ncols: int, width: float, height: float, **margins: float) -> tuple[
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     return path
 
 
