@@ -142,8 +142,10 @@ def invariance_curves(
     kernels: Sequence[str],
     labels_text: Mapping[str, str],
     n: int,
+    images: str = "test",
 ) -> Path:
-    """Invariance scores (mean kernel-space cosine between x and T x) against epochs; one panel per kernel."""
+    """Invariance scores (mean kernel-space cosine between x and T x) on ``n`` ``images`` ("test" or "train")
+    images, against epochs; one panel per kernel."""
     fig, axes = _figure(len(kernels), 4.4, 3.8)
     for ax, name in zip(axes, kernels, strict=True):
         rows = sorted((r for r in results if r["kernel"] == name), key=lambda r: r["epoch"])
@@ -153,7 +155,7 @@ def invariance_curves(
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", color=_FAMILY_COLOURS.get(family), label=family)
-        ax.set_title(f"{labels_text.get(name, name)} invariance ({n} train images)")
+        ax.set_title(f"{labels_text.get(name, name)} invariance ({n} {images} images)")
         _epoch_axis(ax, results)
         ax.set_ylabel("mean cosine of x and T(x) in kernel space")
         ax.grid(True, alpha=0.3)

@@ -58,6 +58,7 @@ FIGURES_DIRNAME = "figures"
 KERNEL_FILE_FORMAT = 1
 """Version of the dict in ``kernels/epoch_<e>_<kernel>.pt`` (see :class:`AfterKernelCallback`)."""
 INVARIANCE_FAMILIES = tuple(PAPER_FAMILIES)
+INVARIANCE_IMAGES = ("test", "train")
 """The paper's four invariance scores: globalness, shift, rotation, zoom."""
 KERNEL_METRICS = (
     "svm_test_acc",
@@ -210,7 +211,7 @@ class AfterKernelCallback(pl.Callback):
     - ``afterkernel/<kernel>/invariance/<family>`` for ``globalness``, ``shift``, ``rotation``, ``zoom``: the
       paper's mean kernel-space cosine between x and T x
       (:func:`~lightning_afterkernel.invariance.invariance_scores`) on the first ``n_invariance`` images of the
-      train subset,
+      test subset (``invariance_images="test"``, the author's code) or of the train subset,
 
     plus ``afterkernel/alignment_ntk_ck`` and ``afterkernel/cka_ntk_ck`` (NTK vs CK on the train subset) and
     ``afterkernel/network_test_acc`` (the network itself on the same test subset). ``ntk`` at epoch 0
@@ -249,11 +250,15 @@ class AfterKernelCallback(pl.Callback):
             features than training examples), fit :class:`~lightning_afterkernel.svm.SoftMarginSVM`
             with this C on the normalised kernel and report its test accuracy as
             ``svm_soft_test_acc``; ``None`` disables the fallback.
-        n_invariance: number of training images the invariance scores are averaged over: the first
-            ``min(n_invariance, n_train)`` of the (random, seeded) train subset, so no extra data is drawn. 0
-            turns the scores off. They need image batches (n, C, H, W); the globalness score needs an even
-            height and width (otherwise it is skipped with a message). Cost: 7 per-image kernel diagonals each
-            (the image and its six transforms), no n x n matrix.
+        n_invariance: number of images the invariance scores are averaged over: the first
+            ``min(n_invariance, n_test)`` of the (random, seeded) test subset, or of the train subset (see
+            ``invariance_images``), so no extra data is drawn. 0 turns the scores off. They need image batches
+            (n, C, H, W); the globalness score needs an even height and width (otherwise it is skipped with a
+            message). Cost: 7 per-image kernel diagonals each (the image and its six transforms), no n x n matrix.
+        invariance_images: ``"test"`` (the default, as the author's code, which scores the first test images) or
+            ``"train"`` (the images the SVM trains on, which the network has fitted). A run resumed from a
+            checkpoint keeps the choice its scores were computed with (checkpoints from before this option:
+            ``"train"``); another one raises.
         kernel_batch_size: examples per forward/backward chunk in the kernel computation (None: from the
             memory budget).
         implementation: the NTK engine's implementation (see
@@ -322,6 +327,7 @@ class AfterKernelCallback(pl.Callback):
         dirpath: str | None = None,
         verbose: bool = True,
         n_invariance: int = 500,
+        invariance_images: Literal["test", "train"] = "test",
         figures: bool = True,
         save_kernels: bool = False,
         on_error: Literal["raise", "warn"] = "raise",
@@ -354,8 +360,13 @@ class AfterKernelCallback(pl.Callback):
             raise ConfigurationError(f"soft_margin_c={soft_margin_c!r} must be a positive C, or None to disable.")
         if isinstance(n_invariance, bool) or not isinstance(n_invariance, int) or n_invariance < 0:
             raise ConfigurationError(
-                f"n_invariance={n_invariance!r} must be a non-negative integer: the number of training images the "
+                f"n_invariance={n_invariance!r} must be a non-negative integer: the number of images the "
                 "invariance scores are averaged over (0 turns them off)."
+            )
+        if invariance_images not in INVARIANCE_IMAGES:
+            raise ConfigurationError(
+                f"invariance_images={invariance_images!r} must be 'test' (score the first images of the test subset, "
+                "as the paper's code does) or 'train' (those of the train subset)."
             )
         if on_error not in ("raise", "warn"):
             raise ConfigurationError(
@@ -374,6 +385,7 @@ class AfterKernelCallback(pl.Callback):
         self._prefix = "afterkernel" if name is None else f"afterkernel/{name}"
         self.soft_margin_c = soft_margin_c
         self.n_invariance = n_invariance
+        self.invariance_images = invariance_images
         self.figures = figures
         self.save_kernels = save_kernels
         self.on_error = on_error
@@ -550,6 +562,7 @@ class AfterKernelCallback(pl.Callback):
             "initial_kernels_file": self._initial_file if self._initial_kernels else None,
             "initial_weights_file": self._initial_weights_file,
             "results_file": str(self._dir / RESULTS_FILENAME) if self._dir is not None else None,
+            "invariance_images": self.invariance_images,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -561,6 +574,15 @@ class AfterKernelCallback(pl.Callback):
         self._initial_weights_file = state_dict.get("initial_weights_file", beside)
         self._results_file = state_dict.get("results_file")
         self._data = None  # re-drawn at the next on_train_start from the saved indices
+        saved = state_dict.get("invariance_images", "train")  # checkpoints from before the option scored train images
+        scored = any(key.startswith("invariance_") for row in self.results for key in row)
+        if scored and saved != self.invariance_images:
+            raise ConfigurationError(
+                f"AfterKernelCallback: the checkpoint's invariance scores were computed on "
+                f"{'training' if saved == 'train' else saved} images, and this "
+                f"callback has invariance_images={self.invariance_images!r}: its curves would mix the two. Resume "
+                f"with invariance_images={saved!r}, or start a new run."
+            )
 
     # ---------------------------------------------------------------- data
     def _source(self, trainer: pl.Trainer, split: str) -> tuple[Tensor, Tensor] | Any:
@@ -894,12 +916,16 @@ class AfterKernelCallback(pl.Callback):
         )
         return out
 
+    def _n_invariance(self) -> int:
+        """Images the invariance scores are averaged over."""
+        return min(self.n_invariance, self.n_test if self.invariance_images == "test" else self.n_train)
+
     def _invariance_families(self) -> tuple[str, ...]:
         """The paper's families the kernel train images allow (decided once; a message for what is skipped)."""
         if self._families is not None:
             return self._families
         assert self._data is not None
-        x = self._data["train"][0]
+        x = self._data[self.invariance_images][0]
         if self.n_invariance == 0:
             self._families = ()
         elif x.ndim != 4 or not x.is_floating_point():
@@ -923,7 +949,7 @@ class AfterKernelCallback(pl.Callback):
         self, trainer: pl.Trainer, model: pl.LightningModule, name: str, epoch: int | float, families: Sequence[str]
     ) -> dict[str, float]:
         assert self._data is not None
-        x = self._data["train"][0][: self.n_invariance]
+        x = self._data[self.invariance_images][0][: self.n_invariance]
         options: dict[str, Any] = dict(batch_size=self.kernel_batch_size, dtype=self.dtype, device=model.device)
         label = KERNEL_LABELS[name]
         try:
@@ -1044,7 +1070,8 @@ class AfterKernelCallback(pl.Callback):
                     families,
                     kernels,
                     KERNEL_LABELS,
-                    min(self.n_invariance, self.n_train),
+                    self._n_invariance(),
+                    self.invariance_images,
                 )
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write the figures to {folder}: {err}")
@@ -1239,7 +1266,8 @@ class AfterKernelCallback(pl.Callback):
             "n_train": self.n_train,
             "n_test": self.n_test,
             "seed": self.seed,
-            "n_invariance": min(self.n_invariance, self.n_train) if self._invariance_families() else 0,
+            "n_invariance": self._n_invariance() if self._invariance_families() else 0,
+            "invariance_images": self.invariance_images,
             "invariance_families": list(self._invariance_families()),
             "kernels": self._active_kernels,
             "model": type(trainer.lightning_module).__name__,
@@ -1312,8 +1340,8 @@ class AfterKernelCallback(pl.Callback):
             "||K - K0|| / ||K0|| from the epoch-0 kernel K0"
         )
         if families:
-            n_inv = min(self.n_invariance, self.n_train)
-            note += f"; invariance: mean kernel-space cosine between x and T(x) over {n_inv} training images"
+            images = f"{self._n_invariance()} {'test' if self.invariance_images == 'test' else 'training'} images"
+            note += f"; invariance: mean kernel-space cosine between x and T(x) over {images}"
         table.append(note + ".")
         return "\n".join(table)
 

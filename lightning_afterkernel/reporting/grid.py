@@ -64,6 +64,7 @@ class Scale:
     large_lr: float  # the learning-rate study's larger learning rate
     lr_max_epochs: int  # cap of the large-lr run (stops earlier once it reaches the target training loss)
     seeds: int  # default number of seeds
+    invariance_images: str = "test"  # whose images: the first of the kernel test subset (the author's code) or train
 
 
 SCALES: dict[str, Scale] = {
@@ -142,8 +143,9 @@ def load_complete(path: Path) -> dict[str, Any] | None:
 
 
 def scale_key(scale: dict[str, Any]) -> dict[str, Any]:
-    """What makes two runs comparable: the scale's definition, less its default seed count."""
-    return {k: v for k, v in scale.items() if k != "seeds"}
+    """What makes two runs comparable: the scale's definition, less its default seed count. Cell files from before
+    ``invariance_images`` scored training images."""
+    return {"invariance_images": "train"} | {k: v for k, v in scale.items() if k != "seeds"}
 
 
 class TrainLossTracker(pl.Callback):
@@ -351,6 +353,7 @@ def run_one(
         n_test=scale.n_test,
         seed=0,
         n_invariance=scale.n_invariance,
+        invariance_images=scale.invariance_images,
         dirpath=str(rdir / "afterkernel"),
         figures=False,
         progress=False,

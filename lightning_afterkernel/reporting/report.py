@@ -267,6 +267,11 @@ class Claim:
         return f"{self.verdict} ({self.coverage})" if self.coverage else self.verdict
 
 
+def _invariance_images(scale_cfg: dict[str, Any]) -> str:
+    """Whose images a scale's invariance scores are on (cell files from before the choice: training images)."""
+    return "test" if scale_key(scale_cfg)["invariance_images"] == "test" else "training"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -757,7 +762,8 @@ def render(runs: dict[str, list[dict[str, Any]]], figure_paths: list[Path], md_d
         f"cell files under `{source}`; do not edit by hand. Scale: **{scale}** "
         f"(train images {scale_cfg['train_subset'] or 'all'}, test images {scale_cfg['test_subset'] or 'all'}, "
         f"kernel SVM on {scale_cfg['n_train']} train / {scale_cfg['n_test']} test images, invariance scores on "
-        f"{scale_cfg['n_invariance']} images, {scale_cfg['max_epochs']} epochs at lr {PAPER_LR}, 'a few epochs' = "
+        f"{scale_cfg['n_invariance']} {_invariance_images(scale_cfg)} images, {scale_cfg['max_epochs']} epochs at "
+        f"lr {PAPER_LR}, 'a few epochs' = "
         f"{scale_cfg['few_epochs']}). Device: {', '.join(devices)}. Values are mean ± standard error over seeds "
         "(no ± with one seed); [n/N] = over the n of the cell's N seeds that have the value (the others failed or "
         "lack it).",

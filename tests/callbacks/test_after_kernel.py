@@ -147,6 +147,7 @@ def small_callback(**kwargs) -> AfterKernelCallback:
         ({"memory_budget": "a lot"}, "memory_budget='a lot'"),
         ({"name": "my run/1"}, "name='my run/1' must be None or a short name"),
         ({"name": ""}, "name='' must be"),
+        ({"invariance_images": "val"}, "invariance_images='val' must be 'test'"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -444,6 +445,21 @@ def test_resume_restores_results_and_initial_kernel(tmp_path):
     assert torch.equal(resumed._initial_kernels["ntk"], cb._initial_kernels["ntk"])
     late = [r for r in resumed.results if r["epoch"] == 3]
     assert all(0 < r["alignment_to_initial"] < 1 for r in late)
+
+
+def test_resume_refuses_to_mix_invariance_scores_of_other_images():
+    """A checkpoint's rows keep the images their invariance scores were computed on (checkpoints from before the
+    option: training images); a callback set to other images refuses them, naming the setting that resumes."""
+    rows = [{"epoch": 0, "kernel": "ntk", "invariance_shift": 0.9}]
+    old = {"results": rows, "indices": {}}  # no "invariance_images": training images
+    with pytest.raises(ConfigurationError, match=r"training images.*Resume with invariance_images='train'"):
+        small_callback().load_state_dict(old)
+    resumed = small_callback(invariance_images="train")
+    resumed.load_state_dict(old)
+    assert resumed.results == rows
+    small_callback().load_state_dict({**old, "invariance_images": "test"})
+    small_callback().load_state_dict({"results": [{"epoch": 0, "kernel": "ntk"}], "indices": {}})  # no scores yet
+    assert small_callback(invariance_images="train").state_dict()["invariance_images"] == "train"
 
 
 def test_resume_catches_up_an_epoch_the_checkpoint_missed(tmp_path):

@@ -125,10 +125,13 @@ def wide_mlp() -> MLPClassifier:
 
 
 # ---------------------------------------------------------------- metrics against direct computations
-def test_every_new_metric_equals_a_direct_computation(tmp_path):
+@pytest.mark.parametrize("images", ["test", "train", None])
+def test_every_new_metric_equals_a_direct_computation(tmp_path, images):
+    """Every analysis against the function that computes it; the invariance scores on the first images of the
+    test subset (the default, None, as the author's code) or of the train subset."""
     pl.seed_everything(0)
     logger = MemoryLogger()
-    cb = callback(tmp_path)
+    cb = callback(tmp_path) if images is None else callback(tmp_path, invariance_images=images)
     model = wide_mlp()
     initial = copy.deepcopy(model)
     dm = ToyData()
@@ -136,6 +139,7 @@ def test_every_new_metric_equals_a_direct_computation(tmp_path):
     assert cb.done_epochs == [0, 2]
 
     x_tr, y_tr = dm.x_train[cb._indices["train"]], dm.y_train[cb._indices["train"]]
+    x_inv = x_tr if images == "train" else dm.x_test[cb._indices["test"]]
     functions = {"ntk": empirical_ntk, "ck": conjugate_kernel}
     k0 = {name: fn(initial, x_tr).double() for name, fn in functions.items()}
     for epoch, net in ((0, initial), (2, model)):
@@ -151,7 +155,7 @@ def test_every_new_metric_equals_a_direct_computation(tmp_path):
                 "alignment_ntk_ck": kernel_alignment(grams["ntk"], grams["ck"]),
                 "cka_ntk_ck": centered_kernel_alignment(grams["ntk"], grams["ck"]),
             }
-            scores = invariance_scores(net, x_tr[:12], kernel=name)
+            scores = invariance_scores(net, x_inv[:12], kernel=name)
             expected.update({f"invariance_{f}": scores[f] for f in FAMILIES})
             for key, value in expected.items():
                 assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (epoch, name, key)
@@ -162,12 +166,14 @@ def test_every_new_metric_equals_a_direct_computation(tmp_path):
     assert all(late[k]["distance_to_initial"] > 0.01 and late[k]["cka_to_initial"] < 1 for k in late)  # it moved
     table = cb.summary_table()
     assert "NTK kernel-target alignment" in table and "CK globalness" in table and "NTK zoom" in table
+    assert f"over 12 {'training' if images == 'train' else 'test'} images" in table
     saved = json.loads((tmp_path / "out" / "afterkernel_results.json").read_text())
     assert saved["n_invariance"] == 12 and saved["invariance_families"] == list(FAMILIES)
+    assert saved["invariance_images"] == (images or "test")
     assert all(r["invariance_shift"] is not None for r in saved["results"])
 
 
-def test_n_invariance_zero_turns_scores_off_and_large_values_use_the_whole_train_subset(tmp_path):
+def test_n_invariance_zero_turns_scores_off_and_large_values_use_the_whole_subset(tmp_path):
     logger = MemoryLogger()
     off = callback(tmp_path, n_invariance=0, at_end=False, kernels=["ntk"])
     make_trainer(tmp_path, [off], logger=logger).fit(wide_mlp(), datamodule=ToyData())
@@ -175,21 +181,24 @@ def test_n_invariance_zero_turns_scores_off_and_large_values_use_the_whole_train
     assert not any("invariance" in k for k in logger.keys())
 
     pl.seed_everything(0)
-    big = callback(tmp_path / "big", n_invariance=10_000, at_end=False, kernels=["ck"])
-    model = wide_mlp()
-    initial = copy.deepcopy(model)
-    dm = ToyData()
-    make_trainer(tmp_path, [big], logger=logger).fit(model, datamodule=dm)
-    x_tr = dm.x_train[big._indices["train"]]
-    expected = invariance_scores(initial, x_tr, kernel="ck")  # all 32 images of the train subset
-    assert big.results[0]["invariance_rotation"] == pytest.approx(expected["rotation"], rel=1e-5)
-    assert json.loads((tmp_path / "big" / "out" / "afterkernel_results.json").read_text())["n_invariance"] == 32
+    for images, n in (("test", 16), ("train", 32)):
+        folder = tmp_path / images
+        big = callback(folder, n_invariance=10_000, at_end=False, kernels=["ck"], invariance_images=images)
+        model = wide_mlp()
+        initial = copy.deepcopy(model)
+        dm = ToyData()
+        make_trainer(folder, [big], logger=logger).fit(model, datamodule=dm)
+        x = (dm.x_test if images == "test" else dm.x_train)[big._indices[images]]
+        assert len(x) == n
+        expected = invariance_scores(initial, x, kernel="ck")  # every image of the subset
+        assert big.results[0]["invariance_rotation"] == pytest.approx(expected["rotation"], rel=1e-5)
+        assert json.loads((folder / "out" / "afterkernel_results.json").read_text())["n_invariance"] == n
 
 
 def test_an_undefined_metric_is_nan_with_a_warning_and_training_goes_on(tmp_path):
     """A blank image has zero features under zero biases: its CK cosine is undefined; the NTK's is not."""
     dm = ToyData()
-    cb = callback(tmp_path, n_train=64, n_invariance=64, at_end=False)
+    cb = callback(tmp_path, n_train=64, n_invariance=64, at_end=False, invariance_images="train")
     dm.x_train[5] = 0.0
     with pytest.warns(UserWarning, match="CK invariance scores at epoch 0 are NaN"):
         make_trainer(tmp_path, [cb]).fit(wide_mlp(), datamodule=dm)

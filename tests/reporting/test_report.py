@@ -257,6 +257,22 @@ def test_run_grid_refuses_a_folder_holding_another_scale(tmp_path):
         run_grid(other, "tiny", seeds=1, data_root=None, cells=["mnist-mlp-noaug"], accelerator="cpu")
 
 
+def test_cells_scored_on_training_images_are_another_protocol_and_say_so(tmp_path):
+    """Cell files from before invariance_images scored training images: the report says so, and a grid that
+    would add test-image scores to their folder refuses to mix the two."""
+    old = cell("mnist-mlp-noaug")
+    del old["config"]["scale"]["invariance_images"]
+    write(tmp_path, old)
+    text = write_report(tmp_path, tmp_path / "r.md").read_text()
+    assert f"invariance scores on {SCALES['tiny'].n_invariance} training images" in text
+    with pytest.raises(ConfigurationError, match="defined by another version"):
+        run_grid(tmp_path, "tiny", seeds=1, data_root=None, cells=["mnist-vgg-noaug"], accelerator="cpu")
+    new = tmp_path / "new"
+    write(new, cell("mnist-mlp-noaug"))
+    text = write_report(new, new / "r.md").read_text()
+    assert f"invariance scores on {SCALES['tiny'].n_invariance} test images" in text
+
+
 def test_report_refuses_cells_of_different_scales(tmp_path):
     write(tmp_path, cell("mnist-mlp-noaug"))
     other = cell("mnist-vgg-noaug")
