@@ -58,8 +58,10 @@ FIGURES_DIRNAME = "figures"
 KERNEL_FILE_FORMAT = 1
 """Version of the dict in ``kernels/epoch_<e>_<kernel>.pt`` (see :class:`AfterKernelCallback`)."""
 INVARIANCE_FAMILIES = tuple(PAPER_FAMILIES)
-INVARIANCE_IMAGES = ("test", "train")
 """The paper's four invariance scores: globalness, shift, rotation, zoom."""
+INVARIANCE_IMAGES = ("test", "train")
+"""Whose images the invariance scores are on: the kernel test subset's (the default, as the author's code) or the
+train subset's."""
 KERNEL_METRICS = (
     "svm_test_acc",
     "svm_min_margin",
@@ -921,7 +923,7 @@ class AfterKernelCallback(pl.Callback):
         return min(self.n_invariance, self.n_test if self.invariance_images == "test" else self.n_train)
 
     def _invariance_families(self) -> tuple[str, ...]:
-        """The paper's families the kernel train images allow (decided once; a message for what is skipped)."""
+        """The paper's families the invariance images allow (decided once; a message for what is skipped)."""
         if self._families is not None:
             return self._families
         assert self._data is not None
