@@ -72,7 +72,7 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale("cpu", 2000, 1000, 1000, 500, 200, 5, 1, 0.1, 10, 3),
     "full": Scale("full", None, None, 10000, 1984, 1000, 10, 1, 0.1, 40, 3),
 }
-"""``tiny``: seconds per cell, for tests. ``cpu``: the whole grid in about an hour on 2 CPU cores.
+"""``tiny``: seconds per cell, for tests. ``cpu``: the whole grid in about 20 minutes on 2 CPU cores.
 ``full``, for a GPU: the networks train and are tested on the whole splits (MNIST 11,982 / 1,984, CIFAR-10
 10,000 / 2,000 images) for 10 epochs, but the kernel SVMs train on 10,000 and test on 1,984 images in both datasets.
 That is all of CIFAR-10's training and MNIST's test split, yet 10,000 of MNIST's 11,982 training and 1,984 of

@@ -310,6 +310,19 @@ def _verdict(hits: int, contrary: int, total: int) -> str:
     return "disagrees" if contrary > 0 else "inconclusive"
 
 
+def _both_parts(*verdicts: str) -> str:
+    """The verdict on a claim of several parts from each part's: agrees if every measured part agrees, partly if
+    some part agrees at least partly, disagrees if none does and some goes the other way."""
+    measured = [v for v in verdicts if v != "not measured"]
+    if not measured:
+        return "not measured"
+    if all(v == "agrees" for v in measured):
+        return "agrees"
+    if any(v in ("agrees", "partly agrees") for v in measured):
+        return "partly agrees"
+    return "disagrees" if "disagrees" in measured else "inconclusive"
+
+
 def _base_cells(runs: dict[str, list[dict[str, Any]]], aug: str = "noaug") -> list[tuple[str, str, str]]:
     return [(d, a, f"{d}-{a}-{aug}") for d in DATASETS for a in ARCHITECTURES if f"{d}-{a}-{aug}" in runs]
 
@@ -557,14 +570,17 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         "LR",
         "Training with a larger learning rate (to the same training loss) gives a better after kernel (lower SVM "
         "test error), more invariant to small shifts, rotations and zooms.",
-        "agrees if the large-lr after-kernel SVM error is lower than the lr 0.01 one by more than "
-        f"max({100 * ERROR_MARGIN:g} points, 2 standard errors) for every dataset-architecture pair, partly if for "
-        f"some; a pair whose two errors are of different kinds (hard vs soft margin) is not compared. Here: {better} "
+        "two parts, each judged like the other claims: the large-lr after-kernel SVM error is lower than the lr 0.01 "
+        f"one by more than max({100 * ERROR_MARGIN:g} points, 2 standard errors) for every dataset-architecture pair "
+        "(a pair whose two errors are of different kinds, hard vs soft margin, is not compared), and its shift, "
+        f"rotation and zoom invariances are higher by more than max({SCORE_MARGIN}, 2 standard errors); agrees if "
+        "both parts hold everywhere, partly if either holds somewhere, disagrees if neither does and some change "
+        f"goes the other way. Here: {better} "
         f"of {total} lower, {worse} higher, {total - better - worse - mixed} within noise"
         + (f", {mixed} not compared" if mixed else "")
         + "; invariance "
         f"higher in {inv_up} of {inv_total}, lower in {inv_down} (beyond max({SCORE_MARGIN}, 2 standard errors)).",
-        _verdict(better, worse, total),
+        _both_parts(_verdict(better, worse, total), _verdict(inv_up, inv_down, inv_total)),
         evidence,
         _coverage(measured, _pairs()),
     )

@@ -339,6 +339,26 @@ def test_the_full_scale_is_described_as_it_is():
     assert "10,000 of MNIST's 11,982 training and 1,984 of CIFAR-10's 2,000 test images" in doc
 
 
+@pytest.mark.parametrize(
+    ("end_error", "inv_end", "verdict"),
+    [
+        (0.08, 0.4, "disagrees"),  # errors within noise, invariance lower: the claim's second part goes against it
+        (0.05, 0.4, "partly agrees"),  # a better kernel, but less invariant
+        (0.05, 0.7, "agrees"),
+        (0.08, 0.6, "inconclusive"),  # both within noise
+    ],
+)
+def test_the_learning_rate_claim_judges_both_its_parts(tmp_path, end_error, inv_end, verdict):
+    """A larger learning rate gives a better after kernel AND one more invariant to small transforms: each part is
+    judged, and neither alone decides."""
+    for seed in (0, 1):
+        write(tmp_path, cell("mnist-mlp-noaug", seed))  # lr 0.01: 8.0% error, invariance 0.6
+        write(tmp_path, cell("mnist-mlp-lr0.1", seed, ntk=(0.2, 0.1, end_error), inv_end=inv_end, lr=0.1))
+    claim = claims(tmp_path)["LR"]
+    assert claim.verdict == verdict, claim.rule
+    assert "two parts" in claim.rule
+
+
 def test_the_learning_rate_claim_never_compares_a_hard_with_a_soft_margin_error(tmp_path):
     for seed in (0, 1):
         write(tmp_path, cell("mnist-mlp-noaug", seed, ntk=(0.2, 0.1, 0.05)))
