@@ -1,24 +1,19 @@
-"""The float32 after kernel's error on real MNIST on a GPU, broken down (a diagnosis, kept for the next GPU session).
+"""The float32 after kernel's error on real MNIST on a GPU, broken down (a diagnosis, kept for later GPU sessions).
 
-On an H200 the float32 engine's full-split VGG kernel differed from its float64 kernel by 2.9e-2 while the
-tutorial's differed by 3e-5, and on random inputs both were at 6.6e-6. The cause found on CPU (convolution
-algorithms that return noise over all-zero patches, opening ReLU gates at the zero-bias initialisation) is fixed
-in the capture (`kernels/_layouts.py`: convolutions as im2col times the weight off oneDNN CPUs, or, with
-`_structured.GEMM_CONVOLUTIONS` off, cuDNN's with the outputs over all-zero patches set to the bias); this script
-shows whether anything is left: errors against the float64 reference by implementation, batch size, memory
-budget, mode, data and cuDNN settings, both fixes side by side with their times, the captured layer factors
-against plain autograd, and the error at larger n.
+On an H200 the float32 engine's full-split VGG kernel once differed from its float64 kernel by 2.9e-2 while the
+tutorial's differed by 3e-5. The cause (convolution algorithms that return noise over all-zero patches, opening
+ReLU gates at the zero-bias initialisation) is fixed in the capture (`kernels/_layouts.py`): on CUDA cuDNN's
+convolutions with the outputs over all-zero patches set to the bias (`_structured.LIBRARY_CONVOLUTION_DEVICES`),
+elsewhere off oneDNN CPUs im2col times the weight. This script shows what is left: errors against the float64
+reference by implementation, batch size, memory budget, data and cuDNN settings, both routes side by side with
+their times (at n = 2,000 and 6,000 and on the full split), the captured layer factors against plain autograd,
+both routes and the tutorial on random CIFAR-shaped images, and whether the error is in the float32 factors or
+in their products (the same factors multiplied in float64; on the H200: in the factors).
 
     python benchmarks/gpu_diagnose.py .gpu_data cuda 2000,6000     # on a GPU (gpu_checks.sh step "diagnose")
-    python benchmarks/gpu_diagnose.py ../shared/data cpu 400       # the same on CPU
-    python benchmarks/gpu_diagnose.py .gpu_data cuda --blocks       # only the last part (factors or products, blocks)
-
-The last part asks whether the error left (2.6e-6 at n = 300, 3e-5 on the full split; 8.5e-8 with batch_size=1)
-is in the float32 factors or in their products (the same factors multiplied in float64), and sweeps the
-parameters per block of the products on the card (cuBLAS sums each entry in one running sum over all of them):
-errors against the float64 engine and median times, at n = 300 and 2,000 and on the full split (K_train and
-K_test), for both models; with the VGG's full split also by cuDNN's convolutions with the zero-patch correction,
-and both routes on random CIFAR-shaped images (for the choice of ``_structured.GEMM_CONVOLUTIONS``).
+    python benchmarks/gpu_diagnose.py ../shared/data cpu 400       # the same on CPU (toy sizes for the last parts)
+    python benchmarks/gpu_diagnose.py .gpu_data cuda --last         # only the last parts (random images, factors or
+                                                                   # products, the full split by route)
 """
 
 from __future__ import annotations
@@ -45,13 +40,14 @@ def err(a: torch.Tensor, b: torch.Tensor) -> str:
 
 @contextmanager
 def gemm_convolutions(on: bool):
-    """The capture's im2col convolutions on or off (off: cuDNN's, exact over all-zero patches only)."""
-    before = st.GEMM_CONVOLUTIONS
-    st.GEMM_CONVOLUTIONS = on
+    """The capture's im2col convolutions on or off on every device (off: the library's, exact over all-zero
+    patches only)."""
+    before = st.GEMM_CONVOLUTIONS, st.LIBRARY_CONVOLUTION_DEVICES
+    st.GEMM_CONVOLUTIONS, st.LIBRARY_CONVOLUTION_DEVICES = on, frozenset()
     try:
         yield
     finally:
-        st.GEMM_CONVOLUTIONS = before
+        st.GEMM_CONVOLUTIONS, st.LIBRARY_CONVOLUTION_DEVICES = before
 
 
 @contextmanager
@@ -103,62 +99,34 @@ def routes_on_random(dev: str, n: int) -> None:
     print(f"vgg cifar10 random n={n}: " + ", ".join(cells), flush=True)
 
 
-def blocks(xtr: torch.Tensor, xte: torch.Tensor, dev: str) -> None:
-    """Error and time of the float32 engine by :data:`_gram.GPU_K_BLOCK`, on real MNIST."""
-    before = _gram.GPU_K_BLOCK
-    sizes, sweep = ((300, 2000), (None, 16384, 8192, 4096, 2048, 1024, 512))
-    if dev == "cpu":  # the blocks change nothing there: toy sizes, to check the code runs
-        xtr, xte, sizes, sweep = xtr[:300], xte[:60], (300,), (None, 2048)
-    try:
-        for arch in ("vgg", "mlp"):
-            model = entk.make_model(arch, "mnist").to(dev)
-            for n in sizes:
-                k64 = empirical_ntk(model, xtr[:n], dtype=torch.float64)
-                floor = err(empirical_ntk(model, xtr[:n], batch_size=1), k64) if n == 300 else "-"
-                for block in sweep:
-                    _gram.GPU_K_BLOCK = block
-                    empirical_ntk(model, xtr[:n])  # warm-up
-                    seconds, k32 = entk.median_time(partial(empirical_ntk, model, xtr[:n]), 3, dev)
-                    print(
-                        f"{arch} n={n} GPU_K_BLOCK={block}: {err(k32, k64)} ({seconds:.3f} s; batch_size=1: {floor})",
-                        flush=True,
-                    )
-            t64, s64 = empirical_ntk_train_test(model, xtr, xte, dtype=torch.float64)
-            if arch == "vgg":  # the other convolution route, for the choice of _structured.GEMM_CONVOLUTIONS
-                with gemm_convolutions(False):
-                    seconds, (t32, s32) = entk.median_time(partial(empirical_ntk_train_test, model, xtr, xte), 3, dev)
-                print(
-                    f"vgg full split {len(xtr)}+{len(xte)}, cuDNN + zero-patch correction: K_train "
-                    f"{err(t32, t64)} K_test {err(s32, s64)} ({seconds:.2f} s)",
-                    flush=True,
-                )
-                del t32, s32
-            for block in sweep if dev == "cpu" else (None, 8192, 2048, 512):
-                _gram.GPU_K_BLOCK = block
-                seconds, (t32, s32) = entk.median_time(partial(empirical_ntk_train_test, model, xtr, xte), 3, dev)
-                print(
-                    f"{arch} full split {len(xtr)}+{len(xte)} GPU_K_BLOCK={block}: K_train {err(t32, t64)} "
-                    f"K_test {err(s32, s64)} ({seconds:.2f} s)",
-                    flush=True,
-                )
-                del t32, s32
-            del t64, s64
-    finally:
-        _gram.GPU_K_BLOCK = before
+def routes_on_full_split(xtr: torch.Tensor, xte: torch.Tensor, dev: str) -> None:
+    """The VGG's K_train and K_test of the full split by convolution route: errors and median times."""
+    if dev == "cpu":  # toy sizes, to check the code runs
+        xtr, xte = xtr[:300], xte[:60]
+    model = entk.make_model("vgg", "mnist").to(dev)
+    t64, s64 = empirical_ntk_train_test(model, xtr, xte, dtype=torch.float64)
+    for on in (False, True):
+        with gemm_convolutions(on):
+            seconds, (t32, s32) = entk.median_time(partial(empirical_ntk_train_test, model, xtr, xte), 3, dev)
+        route = "im2col convolutions" if on else "library convolutions + zero-patch correction"
+        print(
+            f"vgg full split {len(xtr)}+{len(xte)}, {route}: K_train {err(t32, t64)} K_test {err(s32, s64)} "
+            f"({seconds:.2f} s)",
+            flush=True,
+        )
+        del t32, s32
 
 
 def main() -> None:
     root = sys.argv[1] if len(sys.argv) > 1 else ".gpu_data"
     dev = sys.argv[2] if len(sys.argv) > 2 else "cuda"
-    sweep = "--blocks" in sys.argv
-    sizes = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and not sweep else [2000, 6000]
+    last = "--last" in sys.argv
+    sizes = [int(v) for v in sys.argv[3].split(",")] if len(sys.argv) > 3 and not last else [2000, 6000]
     dm = BinaryPairDataModule(root=root, download=False)
     dm.setup("fit")
     xtr, xte = dm.tensors("train")[0].to(dev), dm.tensors("test")[0].to(dev)
-    if sweep:
-        routes_on_random(dev, 60 if dev == "cpu" else 300)
-        factors_or_products(xtr, dev, (300,) if dev == "cpu" else (300, 2000, 6000))
-        blocks(xtr, xte, dev)
+    if last:
+        last_parts(xtr, xte, dev)
         return
     model = entk.make_model("vgg", "mnist").to(dev)
     card = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
@@ -255,9 +223,13 @@ def main() -> None:
             print(f"real n={n}: engine fp32 ({name}) vs engine fp64 {err(k32, k64)} ({seconds:.2f} s)", flush=True)
             del k32
         del k64
+    last_parts(xtr, xte, dev)
+
+
+def last_parts(xtr: torch.Tensor, xte: torch.Tensor, dev: str) -> None:
     routes_on_random(dev, 60 if dev == "cpu" else 300)
     factors_or_products(xtr, dev, (300,) if dev == "cpu" else (300, 2000, 6000))
-    blocks(xtr, xte, dev)
+    routes_on_full_split(xtr, xte, dev)
 
 
 if __name__ == "__main__":

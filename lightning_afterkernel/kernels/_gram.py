@@ -24,13 +24,6 @@ SMALL_PRODUCT = 16
 :data:`K_BLOCK` parameters (:func:`_factor_product`)."""
 K_BLOCK = 2048
 """Parameters per block in those products."""
-GPU_K_BLOCK: int | None = None
-"""On GPUs, parameters per block in every float32 product of factors, whatever its shape (None: one product, as
-cuBLAS sums it). Off until measured on a card: on an H200 the paper's VGG at float32 was 2.6e-6 from float64 at
-n = 300 and 3e-5 on the full MNIST split (the tutorial's contraction 3e-5 too), and 8.5e-8 with ``batch_size=1``;
-if cuBLAS's running sums over the 95,267 parameters are the cause, blocks fix it as they do MKL's thin products
-on CPU, but the structured form (no sum over more than 3,725 terms) was as far off. ``benchmarks/gpu_diagnose.py``
-tells the two apart (the same float32 factors multiplied in float64) and sweeps this."""
 CPU_BUDGET_FRACTION = 0.25
 GPU_BUDGET_FRACTION = 0.5
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -71,15 +64,16 @@ def _product(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _factor_product(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """``out = a b^T``, as accurate for a few rows on either side as for many, and on a GPU as on a CPU.
+    """``out = a b^T``, as accurate for a few rows on either side as for many.
 
     On CPU, MKL multiplies thin float32 matrices (fewer than ~12 rows on a side) with one running sum per entry
     over all P parameters: on factors of 95,267 parameters the product was 4e-6 to 4e-5 from float64 where a
     512 x 512 one was 6e-7 (and, in the concurrent strips' 6 x 6 corner of a 12-example kernel, 4e-6). Summing
     blocks of K_BLOCK parameters gave 1e-7 to 7e-7 for every shape (2048; 8192 gave up to 2e-6). Those products
     take 1.02-1.1x the time with the thin side first (a few test examples against many), up to 1.5-1.8x with it
-    second (e.g. 2,000 x 8 or 256 x 1: milliseconds). On GPUs: :data:`GPU_K_BLOCK`. Float64 keeps one product:
-    its running sums are exact enough."""
+    second (e.g. 2,000 x 8 or 256 x 1: milliseconds). GPUs and float64 keep one product: on an H200 the paper's
+    VGG kernel came out as close to float64 with the products summed in blocks of 512 to 16,384 parameters, or
+    in float64, as with cuBLAS's one product (its float32 error is in the factors)."""
     block = _k_block(a, b)
     if block is None or a.shape[1] <= block:
         torch.mm(a, b.mT, out=out)
@@ -91,11 +85,8 @@ def _factor_product(a: Tensor, b: Tensor, out: Tensor) -> None:
 
 def _k_block(a: Tensor, b: Tensor) -> int | None:
     """Parameters per block for ``a b^T`` (None: one product)."""
-    if a.dtype != torch.float32:
-        return None
-    if a.device.type != "cpu":
-        return GPU_K_BLOCK
-    return K_BLOCK if min(len(a), len(b)) < SMALL_PRODUCT else None
+    thin = min(len(a), len(b)) < SMALL_PRODUCT
+    return K_BLOCK if thin and a.dtype == torch.float32 and a.device.type == "cpu" else None
 
 
 def paired(f1: Factors, f2: Factors) -> Tensor:

@@ -327,12 +327,15 @@ class _Calls:
 
 
 @needs_nnpack_forward
-@pytest.mark.parametrize("gemm", [True, False])
+@pytest.mark.parametrize("route", ["im2col", "correction", "library device"])
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
-def test_a_real_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_flat_images(monkeypatch, gemm):
+def test_a_real_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_flat_images(monkeypatch, route):
     """With oneDNN off, PyTorch's CPU convolutions are NNPACK's, by FFT or Winograd tiles: the kind of algorithm
     that put the float32 VGG kernel 2.9e-2 from float64 on an H200. The capture's im2col convolutions make it as
-    exact as with oneDNN; without them or the correction over all-zero patches the kernel is far off."""
+    exact as with oneDNN; without them or the correction over all-zero patches the kernel is far off. A device
+    type in LIBRARY_CONVOLUTION_DEVICES (CUDA) keeps its own convolutions with the correction (here the CPU
+    stands in for one)."""
+    gemm = route == "im2col"
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
@@ -340,10 +343,14 @@ def test_a_real_tiled_convolution_algorithm_leaves_the_after_kernel_exact_on_fla
     x = _flat_background(24, 28, seed=5)
     expected = reference_ntk(model, x)
     bound = max(2e-7, 3 * relative(reference_ntk(model, x, dtype=torch.float32), expected))  # oneDNN's tutorial
-    monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", gemm)
+    monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", route != "correction")
+    if route == "library device":
+        monkeypatch.setattr(_structured, "LIBRARY_CONVOLUTION_DEVICES", frozenset({"cpu"}))
     with torch.backends.mkldnn.flags(enabled=False):
         assert _layouts.inexact_convolutions(torch.device("cpu"))
-        kernel = empirical_ntk(model, x)
+        with _Calls(_layouts, "_conv2d_gemm") as calls:
+            kernel = empirical_ntk(model, x)
+        assert bool(calls) == gemm
         monkeypatch.setattr(_layouts, "_conv2d", lambda func, args, kwargs: func(*args, **kwargs))
         monkeypatch.setattr(_structured, "GEMM_CONVOLUTIONS", False)
         uncorrected = empirical_ntk(model, x)
@@ -401,9 +408,9 @@ def test_cpu_convolutions_return_the_bias_exactly_over_zero_patches():
 def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float64(device):
     """The failure seen on an H200 (2.9e-2 on real MNIST) as a test: zero biases, flat backgrounds, and on a GPU
     one capture chunk of 2,048 images (the engine's chunks there were 4,096; cuDNN picks algorithms by shape),
-    checked on the first 40 against the float64 reference computed on the CPU. On a GPU the capture's
-    convolutions are im2col matmuls, rounded entry by entry (TF32 would be ~1e-3 away, cuDNN's tiles with the
-    zero-patch correction alone ~6e-5; the engine's float32 floor on an H200 was 2.6e-6 on 300 real images)."""
+    checked on the first 40 against the float64 reference computed on the CPU. On a GPU the capture keeps
+    cuDNN's convolutions with the zero-patch correction (TF32 would be ~1e-3 away; the engine's float32 floor on
+    an H200 was 2.6e-6 on 300 real images, by either convolution route)."""
     from lightning_afterkernel.models import VGGClassifier
 
     torch.manual_seed(0)
@@ -419,10 +426,9 @@ def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float6
     with _Calls(_layouts, "_conv2d_gemm") as calls:
         kernel = empirical_ntk(model, x, batch_size=n)
     assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * tutorial)
-    if device == "cuda":  # the zero-patch correction alone would be ~6e-5 away
-        assert calls and all(calls) and relative(kernel[:m, :m], expected) < max(1e-5, 3 * on_cpu)
-    else:
-        assert not calls
+    assert not calls  # oneDNN's direct convolutions on CPU, cuDNN's with the correction on a GPU
+    if device == "cuda":
+        assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * on_cpu)
 
 
 NNPACK_CASES = [  # (input shape, out channels, padding, bias): input sizes where NNPACK takes FFT tiles
