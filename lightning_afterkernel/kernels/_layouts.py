@@ -16,20 +16,24 @@ PyTorch convolves by NNPACK's FFT and Winograd tiles: on real MNIST (the paper's
 by 300 training images) the float32 kernel was 3.5e-2 from float64, the tutorial's too.
 
 So wherever convolutions may not be direct (:func:`inexact_convolutions`: any device but a CPU with oneDNN, whose
-convolutions are direct and return the bias exactly over all-zero patches, as a test checks), ``F.conv2d`` (so
-``nn.Conv2d``) runs inside the capture as im2col patches (``F.unfold``) times the weight, one batched matmul
-(:func:`_conv2d_gemm`; TF32 only when the caller allows it, like the engine's other matmuls): a plain sum of
-products per output, rounded entry by entry. In that CPU experiment the kernel came out 8.8e-8 from float64, as with
-oneDNN (8.8e-8; the tutorial on oneDNN 6.4e-8); on the H200 the full split's came out 3.0e-5, as the tutorial's
-exact-float32 one (the capture 1.4x slower than with cuDNN's convolutions, 1.17 s for the whole split). Its
-autograd is that of ``unfold`` and ``matmul``, so the output gradients G and the input gradients are exact
-compositions too. It costs the patches' memory, at most
-:data:`GEMM_PATCH_BYTES` at a time (the batch is cut into parts), frozen layers included. Only the structured
-capture's ``F.conv2d`` is re-done: the ``vmap`` path and other convolutions (1-D, 3-D, transposed) are PyTorch's.
-Under autocast, and for calls it does not take, the convolution stays PyTorch's, and its outputs whose patch is all
-zeros (found by one max-pooling of the input's magnitudes with the convolution's geometry) are set to the bias
-exactly, as an added constant, so that the gradients stay the convolution's (:func:`_conv2d`): in the CPU experiment
-that alone gave 6.1e-5 (the rest is gates flipped by the tiles' coarser rounding elsewhere).
+convolutions are direct and return the bias exactly over all-zero patches, as a test checks), the capture fixes
+``F.conv2d`` (so ``nn.Conv2d``) in one of two ways (:class:`CaptureMode`):
+
+- As im2col patches (``F.unfold``) times the weight, one batched matmul (:func:`_conv2d_gemm`; TF32 only when the
+  caller allows it, like the engine's other matmuls): a plain sum of products per output, rounded entry by entry.
+  In that CPU experiment the kernel came out 8.8e-8 from float64, as with oneDNN (8.8e-8; the tutorial on oneDNN
+  6.4e-8). Its autograd is that of ``unfold`` and ``matmul``, so the output gradients G and the input gradients
+  are exact compositions too. It costs the patches' memory, at most :data:`GEMM_PATCH_BYTES` at a time (the batch
+  is cut into parts), frozen layers included. Only the structured capture's ``F.conv2d`` is re-done: the ``vmap``
+  path and other convolutions (1-D, 3-D, transposed) are PyTorch's.
+- With PyTorch's convolution kept, and its outputs whose patch is all zeros (found by one max-pooling of the
+  input's magnitudes with the convolution's geometry) set to the bias exactly, as an added constant, so that the
+  gradients stay the convolution's (:func:`_conv2d`). This is the route on the device types in
+  ``_structured.LIBRARY_CONVOLUTION_DEVICES`` (CUDA), under autocast, and for calls the first route does not
+  take. In the CPU experiment, with NNPACK's tiles, it gave 6.1e-5 (the rest is gates flipped by the tiles'
+  coarser rounding elsewhere). On an H200 cuDNN's with it gave the full split 3.0e-5 from float64, as im2col and
+  as the tutorial's exact-float32 kernel, in 0.87 s instead of 1.17-1.30 s, and matched the tutorial on random
+  images, where im2col lost a max-pool near-tie.
 
 *Max-pooling channels-last on CPU.* PyTorch's CPU max-pooling in NCHW runs a scalar loop per output element; in
 channels-last it is vectorised over the channels. On the paper's VGG (2-core AMD EPYC, one thread) a 2 x 2 pool
