@@ -258,9 +258,9 @@ class AfterKernelCallback(pl.Callback):
             (n, C, H, W); the globalness score needs an even height and width (otherwise it is skipped with a
             message). Cost: 7 per-image kernel diagonals each (the image and its six transforms), no n x n matrix.
         invariance_images: ``"test"`` (the default, as the author's code, which scores the first test images) or
-            ``"train"`` (the images the SVM trains on, which the network has fitted). A run resumed from a
-            checkpoint keeps the choice its scores were computed with (checkpoints from before this option:
-            ``"train"``); another one raises.
+            ``"train"`` (the images the SVM trains on, which the network has fitted). A resumed fit must use the
+            choice its checkpoint's (and results file's) scores were computed with (from before this option:
+            ``"train"``); another one raises :class:`ConfigurationError` before anything is computed.
         kernel_batch_size: examples per forward/backward chunk in the kernel computation (None: from the
             memory budget).
         implementation: the NTK engine's implementation (see
@@ -420,6 +420,7 @@ class AfterKernelCallback(pl.Callback):
         self._initial_file: str | None = None
         self._initial_weights_file: str | None = None
         self._results_file: str | None = None  # the results file of the run a restored checkpoint comes from
+        self._saved_images = self.invariance_images  # the images a restored checkpoint's scores are on
         self._families: tuple[str, ...] | None = None  # invariance families the data allows, set at first use
         self._initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
         self._spectra: dict[str, Tensor] = {}  # eigenvalues of this evaluation's train kernels
@@ -505,9 +506,14 @@ class AfterKernelCallback(pl.Callback):
         batches_run = trainer.fit_loop.epoch_loop.batch_progress.current
         at_boundary = epochs_run.started == epochs_run.completed or batches_run.completed == 0
         if trainer.global_step > 0:
-            adopted = self._check_results_file(trainer) if trainer.is_global_zero else []
+            conflict = self._images_conflict(self._saved_images, self.results, "the checkpoint")
+            if conflict:  # before anything is computed (every rank holds the same state, so every rank raises)
+                raise ConfigurationError(conflict)
+            adopted, conflict = self._check_results_file(trainer) if trainer.is_global_zero else ([], None)
             # Every rank must agree on what is done (see _done): rank 0 read the file, so it tells the others.
-            adopted = trainer.strategy.broadcast(adopted, src=0)
+            adopted, conflict = trainer.strategy.broadcast((adopted, conflict), src=0)
+            if conflict:
+                raise ConfigurationError(conflict)
             if not trainer.is_global_zero:
                 self.results.extend(adopted)
             if trainer.is_global_zero:
@@ -576,15 +582,20 @@ class AfterKernelCallback(pl.Callback):
         self._initial_weights_file = state_dict.get("initial_weights_file", beside)
         self._results_file = state_dict.get("results_file")
         self._data = None  # re-drawn at the next on_train_start from the saved indices
-        saved = state_dict.get("invariance_images", "train")  # checkpoints from before the option scored train images
-        scored = any(key.startswith("invariance_") for row in self.results for key in row)
-        if scored and saved != self.invariance_images:
-            raise ConfigurationError(
-                f"AfterKernelCallback: the checkpoint's invariance scores were computed on "
-                f"{'training' if saved == 'train' else saved} images, and this "
-                f"callback has invariance_images={self.invariance_images!r}: its curves would mix the two. Resume "
-                f"with invariance_images={saved!r}, or start a new run."
-            )
+        # checked when a fit resumes (on_train_start), not here: validate/test load the state too
+        self._saved_images = state_dict.get("invariance_images", "train")  # older checkpoints: training images
+
+    def _images_conflict(self, saved: str, rows: Sequence[dict[str, Any]], where: str) -> str | None:
+        """Why ``rows`` (invariance scores on ``saved`` images) cannot join this callback's results, or None."""
+        scored = any(key.startswith("invariance_") for row in rows for key in row)
+        if self.n_invariance == 0 or not scored or saved == self.invariance_images:
+            return None
+        return (
+            f"AfterKernelCallback: the invariance scores in {where} were computed on "
+            f"{'training' if saved == 'train' else saved} images, and this callback has "
+            f"invariance_images={self.invariance_images!r}: its curves would mix the two. Resume with "
+            f"invariance_images={saved!r}, or start a new run."
+        )
 
     # ---------------------------------------------------------------- data
     def _source(self, trainer: pl.Trainer, split: str) -> tuple[Tensor, Tensor] | Any:
@@ -1209,12 +1220,14 @@ class AfterKernelCallback(pl.Callback):
             pl_module.load_state_dict(trained)  # copies into the same tensors: bit-exact, the optimiser unaffected
         self._save_initial_kernels()
 
-    def _check_results_file(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+    def _check_results_file(self, trainer: pl.Trainer) -> tuple[list[dict[str, Any]], str | None]:
         """Rank 0 on resume: the results file must hold the checkpoint's rows; a corrupt, partial or stale one is
         rewritten from them. Rows the file holds beyond them were computed after the checkpoint was saved: those
         on the checkpoint's own weights (its step; e.g. the ``at_end`` evaluation, which runs after the last
         checkpoint) are kept and returned (the caller adds them to ``results`` on every rank); the others belong
-        to weights the interruption lost and are dropped (scheduled epochs are computed again on the way)."""
+        to weights the interruption lost and are dropped (scheduled epochs are computed again on the way). The
+        second value says why the kept rows cannot join (their invariance scores are on other images); then
+        nothing is taken in or rewritten, and the caller raises."""
         assert self._dir is not None
         path = self._dir / RESULTS_FILENAME
         expected = json.loads(json.dumps(finite_or_none(self.results)))
@@ -1223,8 +1236,11 @@ class AfterKernelCallback(pl.Callback):
         if self._results_file and not path.exists() and Path(self._results_file).exists():
             source = Path(self._results_file)
             rank_zero_info(f"AfterKernelCallback: resumed into a new folder; the results of {source} go on in {path}.")
+        file_images = "train"  # results files from before the option scored training images
         try:
-            saved = json.loads(source.read_text())["results"]
+            payload = json.loads(source.read_text())
+            saved = payload["results"]
+            file_images = payload.get("invariance_images", "train")
         except FileNotFoundError:
             saved, problem = None, "is missing"
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -1237,10 +1253,13 @@ class AfterKernelCallback(pl.Callback):
                 if len(saved) == len(expected):
                     if source != path:
                         self._save(trainer)
-                    return adopted
+                    return adopted, None
                 later = [r for r in saved[len(expected) :] if isinstance(r, dict)]
                 step = trainer.global_step
                 adopted = [_nan_for_none(r) for r in later if r.get("step") == step and r.get("kernel")]
+                conflict = self._images_conflict(str(file_images), adopted, str(source))
+                if conflict:
+                    return [], conflict
                 lost = sorted({r.get("epoch") for r in later if r.get("step") != step}, key=str)
                 if adopted:
                     kept = sorted({r["epoch"] for r in adopted}, key=str)
@@ -1261,7 +1280,7 @@ class AfterKernelCallback(pl.Callback):
             rewrite = "rewriting it" if source == path else f"writing {path}"
             rank_zero_warn(f"AfterKernelCallback: {source} {problem}; {rewrite} from the checkpoint's results.")
         self._save(trainer)
-        return adopted
+        return adopted, None
 
     def _save(self, trainer: pl.Trainer) -> None:
         payload = {

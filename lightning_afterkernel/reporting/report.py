@@ -574,8 +574,8 @@ def claim_learning_rate(runs: dict[str, list[dict[str, Any]]]) -> Claim:
         f"one by more than max({100 * ERROR_MARGIN:g} points, 2 standard errors) for every dataset-architecture pair "
         "(a pair whose two errors are of different kinds, hard vs soft margin, is not compared), and its shift, "
         f"rotation and zoom invariances are higher by more than max({SCORE_MARGIN}, 2 standard errors); agrees if "
-        "both parts hold everywhere, partly if either holds somewhere, disagrees if neither does and some change "
-        f"goes the other way. Here: {better} "
+        "every measured part holds everywhere, partly if one holds somewhere, disagrees if neither does and some "
+        f"change goes the other way. Here: {better} "
         f"of {total} lower, {worse} higher, {total - better - worse - mixed} within noise"
         + (f", {mixed} not compared" if mixed else "")
         + "; invariance "

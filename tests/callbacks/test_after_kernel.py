@@ -447,19 +447,37 @@ def test_resume_restores_results_and_initial_kernel(tmp_path):
     assert all(0 < r["alignment_to_initial"] < 1 for r in late)
 
 
-def test_resume_refuses_to_mix_invariance_scores_of_other_images():
-    """A checkpoint's rows keep the images their invariance scores were computed on (checkpoints from before the
-    option: training images); a callback set to other images refuses them, naming the setting that resumes."""
-    rows = [{"epoch": 0, "kernel": "ntk", "invariance_shift": 0.9}]
-    old = {"results": rows, "indices": {}}  # no "invariance_images": training images
+@pytest.mark.parametrize("rows_in", ["checkpoint", "results file"])
+def test_a_resumed_fit_refuses_invariance_scores_of_other_images(tmp_path, rows_in):
+    """Scores computed on training images (the only choice before invariance_images, so also any checkpoint or
+    results file without the key) and a resume set to test images: the fit stops before computing anything,
+    naming the setting that resumes, whether the scored rows are in the checkpoint or only in the results file
+    (the at_end row, computed after the last checkpoint). validate/test with the same checkpoint are not refused,
+    and with matching images the fit resumes."""
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    epochs = [0] if rows_in == "checkpoint" else []
+    first = small_callback(epochs=epochs, at_end=True, invariance_images="train", n_invariance=8)
+    make_trainer(tmp_path, [first, ckpt], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    state = torch.load(last, weights_only=False)
+    key = next(k for k in state["callbacks"] if "AfterKernelCallback" in k)
+    del state["callbacks"][key]["invariance_images"]  # as a checkpoint from before the option
+    torch.save(state, last)
+
+    resumed = small_callback(epochs=epochs, at_end=True, n_invariance=8)
+    trainer = make_trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], max_epochs=4)
     with pytest.raises(ConfigurationError, match=r"training images.*Resume with invariance_images='train'"):
-        small_callback().load_state_dict(old)
-    resumed = small_callback(invariance_images="train")
-    resumed.load_state_dict(old)
-    assert resumed.results == rows
-    small_callback().load_state_dict({**old, "invariance_images": "test"})
-    small_callback().load_state_dict({"results": [{"epoch": 0, "kernel": "ntk"}], "indices": {}})  # no scores yet
-    assert small_callback(invariance_images="train").state_dict()["invariance_images"] == "train"
+        trainer.fit(wide_mlp(), datamodule=ToyData(), ckpt_path=last)
+    assert all(r["epoch"] < 4 for r in resumed.results)  # nothing computed
+    make_trainer(tmp_path, [small_callback(n_invariance=8)]).validate(wide_mlp(), datamodule=ToyData(), ckpt_path=last)
+
+    again = small_callback(epochs=epochs, at_end=True, invariance_images="train", n_invariance=8)
+    make_trainer(tmp_path, [again, ModelCheckpoint(dirpath=tmp_path / "ckpt3")], max_epochs=4).fit(
+        wide_mlp(), datamodule=ToyData(), ckpt_path=last
+    )
+    assert again.done_epochs[0] == (0 if epochs else 2) and again.done_epochs[-1] == 4
+    assert small_callback(n_invariance=0)._images_conflict("train", first.results, "x") is None  # no new scores
 
 
 def test_resume_catches_up_an_epoch_the_checkpoint_missed(tmp_path):
