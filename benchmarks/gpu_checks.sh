@@ -17,9 +17,10 @@
 # torch, pytorch-lightning, torchvision, scikit-learn and scipy; the package is used from the working tree
 # (PYTHONPATH), nothing is installed. Then full_run_vgg/mlp.txt (the paper's full run through a Trainer with the
 # callback, benchmarks/full_run.py) and diagnose.txt (benchmarks/gpu_diagnose.py: the float32 VGG kernel's error
-# on real MNIST, broken down, and by the parameters per block of its products): 8 files, the most a device call
-# returns. Step limits add up to 910 s; on an H200 (2026-11-28) the steps but the last took 270 s in all. A
-# session with less device time runs a subset, e.g. STEPS="entk pytest_gpu diagnose" bash benchmarks/gpu_checks.sh.
+# on real MNIST, broken down: by route, factors or products, and on random images; 41 s on an H200): 8 files, the
+# most a device call returns. Step limits add up to 830 s; on an H200 (2026-11-28) the steps but the last took
+# 270 s in all. A session with less device time runs a subset, e.g. STEPS="entk pytest_gpu diagnose" bash
+# benchmarks/gpu_checks.sh (about 2.5 min of command time).
 set -u
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--stage" ]; then
@@ -74,5 +75,5 @@ step full_run_vgg 150 "$PY" benchmarks/full_run.py --model vgg --accelerator "${
 step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${GPU_TESTS[@]}"
 step full_run_mlp 100 "$PY" benchmarks/full_run.py --model mlp --accelerator "${DEVICE/cuda/gpu}" --data .gpu_data \
     --out /tmp/full_run_mlp "${RUN_ARGS[@]}"
-step diagnose 200 "$PY" benchmarks/gpu_diagnose.py .gpu_data "$DEVICE" "${DIAGNOSE_SIZES:-2000,6000}"
+step diagnose 120 "$PY" benchmarks/gpu_diagnose.py .gpu_data "$DEVICE" "${DIAGNOSE_SIZES:-2000,6000}"
 echo "== done: $(ls "$OUT" | tr '\n' ' ')"
