@@ -1,6 +1,7 @@
 """Kernels of a network (pure torch): empirical NTK, conjugate kernel, exact reference, metrics."""
 
 from lightning_afterkernel.kernels._gram import parse_memory_budget
+from lightning_afterkernel.kernels._model import eval_mode
 from lightning_afterkernel.kernels.conjugate import conjugate_kernel, conjugate_kernel_views, has_features_method
 from lightning_afterkernel.kernels.empirical import (
     IMPLEMENTATIONS,
@@ -28,6 +29,7 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_train_test",
     "empirical_ntk_views",
+    "eval_mode",
     "has_features_method",
     "kernel_alignment",
     "kernel_distance",
