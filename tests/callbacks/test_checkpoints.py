@@ -1,0 +1,73 @@
+"""Checkpoints written by earlier versions of the callback still resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_afterkernel.callbacks import AfterKernelCallback
+from lightning_afterkernel.models import MLPClassifier
+
+DATA = Path(__file__).with_name("data")
+OLD_CHECKPOINT = DATA / "af988fc_last.ckpt"
+
+
+def _maker():
+    """The script that wrote the old checkpoint: its data and model are the ones the checkpoint was trained on."""
+    spec = importlib.util.spec_from_file_location("make_old_checkpoint", DATA / "make_old_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _old_state() -> dict:
+    states = torch.load(OLD_CHECKPOINT, weights_only=False)["callbacks"]
+    (state,) = [s for key, s in states.items() if key.startswith("AfterKernelCallback")]
+    return state
+
+
+def test_a_checkpoint_of_main_at_af988fc_resumes_with_its_rows(tmp_path):
+    """The checkpoint's side files are gone (it names a deleted folder): its rows are kept as they were, the
+    results file is written anew, the later epochs are computed, and alignment_to_initial, which needs the epoch-0
+    kernels, is NaN with a warning."""
+    maker = _maker()
+    ckpt = tmp_path / "old.ckpt"
+    shutil.copyfile(OLD_CHECKPOINT, ckpt)
+    old_rows = _old_state()["results"]
+    assert sorted({r["epoch"] for r in old_rows}) == [0, 1]
+
+    pl.seed_everything(1)
+    callback = AfterKernelCallback(
+        epochs=[0, 1, 2], n_train=40, n_test=24, n_invariance=8, verbose=False, figures=False, dirpath=str(tmp_path)
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(MLPClassifier(input_shape=maker.SHAPE, width=8, lr=0.1), datamodule=maker.ToyData(), ckpt_path=ckpt)
+    messages = [str(w.message) for w in caught]
+    assert any("is missing; writing" in m or "is missing; rewriting" in m for m in messages), messages
+    assert any("alignment_to_initial" in m and "NaN" in m for m in messages), messages
+
+    assert callback.done_epochs == [0, 1, 2, 3]
+    assert json.dumps(callback.results[: len(old_rows)]) == json.dumps(old_rows)  # kept, not recomputed
+    new = [r for r in callback.results if r["epoch"] > 1]
+    assert [(r["epoch"], r["step"], r["kernel"]) for r in new] == [(e, 6 * e, k) for e in (2, 3) for k in ("ntk", "ck")]
+    assert all("error" not in r and math.isfinite(r["kta"]) and math.isfinite(r["network_test_acc"]) for r in new)
+    assert all(math.isnan(r["alignment_to_initial"]) for r in new)
+    saved = json.loads((tmp_path / "afterkernel_results.json").read_text())["results"]
+    assert [(r["epoch"], r["kernel"]) for r in saved] == [(r["epoch"], r["kernel"]) for r in callback.results]
