@@ -1,5 +1,5 @@
-"""Training-time augmentation for :class:`~lightning_afterkernel.data.BinaryPairDataModule`: one random affine
-map per image (rotation, whole-pixel shift, zoom) with torchvision.transforms.v2."""
+"""Training-time augmentation for the image data modules (``BinaryPairDataModule``, ``ImageClassDataModule``): one
+random affine map per image (rotation, whole-pixel shift, zoom) with torchvision.transforms.v2."""
 
 from __future__ import annotations
 

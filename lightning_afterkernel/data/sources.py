@@ -30,6 +30,11 @@ from lightning_afterkernel.errors import DataError
 
 DATASETS = ("mnist", "cifar10")
 IMAGE_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+"""The official class names, indexed by class id."""
 BUNDLED_MNIST = Path(__file__).resolve().parent / "bundled" / "mnist_3v8.npz"
 
 _MNIST_FILES = {
