@@ -34,7 +34,8 @@ their own ``forward`` (their forward hooks may change the output: the capture's 
 that owns a trainable parameter (a subclass that overrides ``forward`` included), global forward hooks, a
 supported module called more than once per forward, a parameter shared between modules, a module called on a
 tensor without the batch as its first dimension, or an in-place change of a recorded input makes :func:`plan`/
-:func:`capture` raise :class:`Unsupported`, and the caller takes the general path.
+:func:`capture` raise :class:`Unsupported`, and the caller takes the general path. What no such rule can see (a
+parameter read outside its module's own call) is caught by the audit of :mod:`._audit`.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ def plan(model: nn.Module, trainable: set[str]) -> list[Layer]:
         if not mine:
             continue
         if not isinstance(module, (nn.Linear, nn.Conv2d, *_BATCHNORMS)) or not own <= {"weight", "bias"}:
-            raise Unsupported(f"module {module_name or '<root>'} ({type(module).__name__}) has trainable parameters")
+            raise Unsupported(
+                f"module {module_name or '<root>'} ({type(module).__name__}) has trainable parameters "
+                f"({', '.join(sorted(keys[n] for n in mine))}) the structured engine does not handle (it takes "
+                "Linear, Conv2d and BatchNorm layers with their own weight and bias only)"
+            )
         base = next(cls for cls in (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm) if isinstance(module, cls))
         if type(module).forward is not base.forward:
             raise Unsupported(

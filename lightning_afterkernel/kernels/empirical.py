@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import _structured as st
+from lightning_afterkernel.kernels._audit import audit_capture
 from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
 from lightning_afterkernel.kernels._gram import paired as paired_rows
 from lightning_afterkernel.kernels._model import (
@@ -120,7 +121,15 @@ def empirical_ntk(
     - ``"vmap"``: ``torch.func.vmap(grad(f))`` per example, for any model (n P floats, n1 n2 P
       multiply-adds, and per-example forward/backward passes: the slowest).
     - ``"auto"`` (default): ``"structured"`` when the model allows it, else ``"vmap"`` with a warning
-      (another parametrised module type, a module called twice per forward, shared parameters).
+      (another parametrised module type, a module called twice per forward, shared parameters, or a parameter
+      the audit finds used outside its own module's call).
+
+    The structured and materialised implementations are audited before any kernel is computed: on the first
+    examples, in float64, the per-example gradients their captured factors imply must sum (with random weights)
+    to autograd's gradient for every trainable tensor (``kernels/_audit.py``). A tensor read anywhere the layer
+    hooks do not see (a cosine head's normalised weight, tied or transposed weights, weight standardisation, a
+    reused bias, a hook reading the weight) or examples that interact within a batch fail it, and the model takes
+    ``"vmap"`` with a warning naming the tensor (``"structured"``/``"materialised"`` raise ``ModelError``).
 
     When ``x2`` is None only tiles on and above the diagonal are computed; the result is exactly symmetric.
     Factors are computed once when they fit in ``memory_budget``; otherwise the rows are processed in
@@ -332,13 +341,14 @@ def _engine(
         layers = st.plan(model, set(trainable))
         with st.recording_calls(model) as called:
             probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2])
+        force = "materialised" if implementation == "materialised" else None
+        st.choose_forms(layers, probe, *workload, force=force)
+        audit_capture(model, trainable, fixed, layers, x1)
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
         _warn_fallback(why)
         return _Engine(model, trainable, fixed, None, batch_size, budget)
-    force = "materialised" if implementation == "materialised" else None
-    st.choose_forms(layers, probe, *workload, force=force)
     obstacle = st.concurrency_obstacle(model, called)
     return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget, eps=eps, obstacle=obstacle)
 

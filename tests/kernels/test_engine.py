@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import (
+    _audit,
     _gram,
     _structured,
     empirical,
@@ -218,14 +219,15 @@ def test_each_convolution_shape_keeps_the_memory_format_timed_faster(monkeypatch
     x = torch.randn(48, 2, 5, 5)
     kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
     trials = 2 * _structured.FORMAT_TRIALS
-    # the 2-example probe is not timed; then the formats alternate until each is timed FORMAT_TRIALS times
-    assert used[1 : 1 + trials] == [False, True] * _structured.FORMAT_TRIALS
-    assert used[1 + trials :] == [chosen] * (6 - trials)
+    # the 2-example probe and the audit are not timed; then the formats alternate until each is timed
+    # FORMAT_TRIALS times
+    assert used[2 : 2 + trials] == [False, True] * _structured.FORMAT_TRIALS
+    assert used[2 + trials :] == [chosen] * (6 - trials)
     assert list(_structured._CHANNELS_LAST.values()) == [chosen] and not _structured._FORMAT_TIMES
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-10  # rows from both formats
     used.clear()
     empirical_ntk(model, x[:16], implementation="materialised", batch_size=8, dtype=torch.float64)
-    assert used == [chosen] * 3  # the choice holds for later calls in the process
+    assert used == [chosen] * 4  # the choice holds for later calls in the process
 
 
 @pytest.mark.parametrize(
@@ -241,7 +243,7 @@ def test_the_choice_ignores_each_formats_first_timing_and_takes_the_minimum(monk
     used = _timed_formats(monkeypatch, seconds)
     model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
     empirical_ntk(model, torch.randn(64, 2, 5, 5), implementation="materialised", batch_size=8)
-    assert used[1:7] == [False, True] * 3 and used[7:] == [chosen] * 2
+    assert used[2:8] == [False, True] * 3 and used[8:] == [chosen] * 2
     assert list(_structured._CHANNELS_LAST.values()) == [chosen]
 
 
@@ -302,7 +304,7 @@ def test_the_environment_pins_the_memory_format(monkeypatch, value, channels_las
     model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
     x = torch.randn(40, 2, 5, 5)
     kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
-    assert used == [channels_last] * 6 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
+    assert used == [channels_last] * 7 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-10
     monkeypatch.setenv(_structured.CONV_FORMAT_VARIABLE, "nhwc")
     with pytest.raises(ConfigurationError, match="AFTERKERNEL_CONV_FORMAT='nhwc'.*contiguous, channels_last"):
@@ -313,7 +315,7 @@ def test_chunks_below_the_timing_minimum_are_not_timed(monkeypatch):
     used = _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
     model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
     empirical_ntk(model, torch.randn(20, 2, 5, 5), implementation="materialised", batch_size=4)
-    assert used == [False] * 6 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
+    assert used == [False] * 7 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -501,7 +503,7 @@ def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation, de
     options = dict(implementation=implementation, dtype=torch.float64)
     k_train, k_test = empirical_ntk_train_test(model, x_train, x_test, **options)
     if implementation != "vmap":
-        assert sum(seen) == 2 + 17  # the probe, then every example once
+        assert sum(seen) == 2 + 2 * _audit.AUDIT_EXAMPLES + 17  # probe, audit (autograd, capture), every example
     assert torch.equal(k_train, k_train.T)
     assert relative_error(k_train, expected_train) < 1e-10
     assert relative_error(k_test, expected_test) < 1e-10
