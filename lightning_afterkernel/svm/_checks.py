@@ -1,14 +1,14 @@
-"""Input validation and the result contract shared by every SVM backend.
+"""Input validation shared by the SVM estimators and backends.
 
 Kernels arrive as numpy arrays or torch tensors (any device, any real dtype) and leave as float64
 C-contiguous numpy arrays (train kernels: a new array owned by the caller of these checks). Labels arrive
-in {0, 1}, {-1, +1} or bool and leave as y in {-1.0, +1.0} plus the original ``classes`` (``classes[1]`` maps to +1).
+in {0, 1}, {-1, +1} or bool (two classes) or as any integers or strings (more), and leave with their sorted
+``classes``; each binary problem's y is in {-1.0, +1.0} (``binary_targets``; for two classes ``classes[1]`` is +1).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,30 +48,6 @@ makes the warning more sensitive, never less; kernels' top eigenvalue is well se
 
 PSD_RTOL = 1e-6
 """Warn when (a principal submatrix of) K has an eigenvalue below -PSD_RTOL * lambda_max."""
-
-
-@dataclass(frozen=True)
-class DualResult:
-    """What a backend's ``fit_dual`` returns.
-
-    Attributes:
-        alpha: (n,) float64 dual variables, alpha_i >= 0, in the scale of the kernel the backend got.
-        intercept: bias b (0.0 without an intercept).
-        n_iter: solver iterations.
-        converged: False when the solver stopped at its iteration limit before its own tolerance.
-        backend: the route taken, when a backend combines several (``auto``: e.g. "sklearn+polish").
-        info: backend diagnostics (e.g. the interior-point method's final system size), for reports.
-        margins: y_i (sum_j alpha_j y_j K_ij + b) in float64 on the kernel the backend got, when the backend
-            computed them for alpha and intercept exactly as returned (saves the estimator one n^2 product).
-    """
-
-    alpha: np.ndarray
-    intercept: float
-    n_iter: int
-    converged: bool = True
-    backend: str | None = None
-    info: dict[str, float] = field(default_factory=dict)
-    margins: np.ndarray | None = None
 
 
 def _count_nonfinite(a: np.ndarray, name: str) -> None:
@@ -255,10 +231,10 @@ def check_cross_kernel(K_cross: object, n_train: int) -> np.ndarray:
 
 
 def check_labels(y: object, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Map binary labels to y in {-1, +1}.
+    """Validate class labels; return (labels as a 1-D numpy array, classes: the sorted distinct labels).
 
-    Accepts {0, 1}, {-1, 1} (ints or floats) or bool. Returns (y_pm, classes) with
-    ``classes = [negative, positive]`` in the caller's encoding.
+    Two classes must be {0, 1}, {-1, 1} (ints or floats) or bool (``binary_targets`` maps ``classes[1]`` to +1);
+    three or more may be any integers (also as integral floats) or strings (one-vs-rest).
     """
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
@@ -267,19 +243,35 @@ def check_labels(y: object, n: int) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"y must be 1-D with one label per training example; got shape {y.shape}.")
     if y.shape[0] != n:
         raise DataError(f"y has {y.shape[0]} labels but K is {n} x {n}; pass one label per row of K.")
+    classes = np.unique(y) if y.dtype.kind in "biufUS" else np.empty(0)
+    if classes.size > 2:
+        bad = (~np.isfinite(classes) | (classes != np.round(classes))) if y.dtype.kind == "f" else None
+        if bad is not None and bad.any():
+            shown = ", ".join(repr(v) for v in classes[bad][:5].tolist())
+            raise DataError(
+                f"y holds {classes.size} distinct labels, some not integers ({shown}); class labels must be "
+                "integers (or strings). Map each class to an integer."
+            )
+        return y, classes
     if y.dtype.kind not in "biuf":
-        raise DataError(f"y must hold labels in {{0, 1}}, {{-1, 1}} or bool; got dtype {y.dtype}.")
-    classes = np.unique(y)
+        raise DataError(
+            f"y must hold labels in {{0, 1}}, {{-1, 1}} or bool for two classes (integers or strings for three or "
+            f"more); got dtype {y.dtype}."
+        )
     values = set(classes.tolist())
     if not (values <= {0, 1} or values <= {-1, 1}):
         shown = ", ".join(repr(v) for v in classes[:5].tolist())
         raise DataError(
-            f"y must hold binary labels in {{0, 1}}, {{-1, 1}} or bool; found {shown}"
-            f"{', ...' if classes.size > 5 else ''}. Map your two classes to 0 and 1."
+            f"y must hold binary labels in {{0, 1}}, {{-1, 1}} or bool; found {shown}. Map your two classes to 0 and 1."
         )
     if classes.size < 2:
         raise DataError(f"y holds a single class ({classes[0]!r}); a classifier needs examples of both classes.")
-    return np.where(y == classes[1], 1.0, -1.0), classes
+    return y, classes
+
+
+def binary_targets(y: np.ndarray, positive: object) -> np.ndarray:
+    """y_i in {-1.0, +1.0}: +1 where the label is ``positive``."""
+    return np.where(y == positive, 1.0, -1.0)
 
 
 def check_separable_precheck(K: np.ndarray, y: np.ndarray, fit_intercept: bool, block: int = 1024) -> None:

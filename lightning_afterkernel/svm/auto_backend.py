@@ -28,10 +28,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from lightning_afterkernel.errors import NotSeparableError, SolverError
 from lightning_afterkernel.svm import sklearn_backend, torch_backend
-from lightning_afterkernel.svm._checks import DualResult, training_margins
+from lightning_afterkernel.svm._checks import training_margins
+from lightning_afterkernel.svm.protocol import DualResult
+from lightning_afterkernel.svm.torch_backend import resolve_device
 
 DEFAULT_TOL = torch_backend.DEFAULT_TOL
 """The interior-point method's default tolerance (libsvm always runs at ``SMO_TOL``)."""
@@ -84,6 +87,14 @@ def smo_iterations(seconds: float, n: int) -> int:
     return max(1, int(seconds / ((SMO_NS_PER_ITER + SMO_NS_PER_ITER_EXAMPLE * n) * 1e-9)))
 
 
+def check_available() -> None:
+    """scikit-learn and torch are dependencies: always available."""
+
+
+def share_kernel(K: np.ndarray) -> None:
+    """Nothing to share between problems on one K (neither libsvm nor the interior-point method has any)."""
+
+
 def fit_dual(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -92,12 +103,14 @@ def fit_dual(
     max_iter: int | None,
     time_limit: float | None,
     *,
-    device: str | None = None,
+    shared: None = None,
+    device: torch.device | str | None = None,
     shrinking: bool = True,
 ) -> DualResult:
     """Solve the hard-margin dual exactly by the fastest route (see the module docstring).
 
-    ``tol``, ``max_iter``, ``shrinking`` and ``device`` go to the interior-point method; libsvm uses ``SMO_TOL``.
+    ``tol``, ``max_iter``, ``shrinking`` and ``device`` go to the interior-point method; libsvm uses ``SMO_TOL``;
+    ``shared``: ``share_kernel(K)`` (None: nothing to share).
     ``n_iter`` of the result counts libsvm's iterations plus the polish's solves or the interior-point
     iterations; ``backend`` names the route ("torch", "sklearn+polish" or "sklearn+torch").
 
@@ -107,7 +120,7 @@ def fit_dual(
         SolverError: time or iteration limit.
     """
     start = time.perf_counter()
-    dev = torch_backend.resolve_device(device)
+    dev = resolve_device(device)
     ipm = {"device": dev, "shrinking": shrinking}
     if dev.type == "cuda":
         result = torch_backend.fit_dual(K, y_pm, fit_intercept, tol, max_iter, time_limit, **ipm)

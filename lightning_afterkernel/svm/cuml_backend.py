@@ -18,7 +18,7 @@ import numpy as np
 
 from lightning_afterkernel.errors import ConfigurationError, SolverError
 from lightning_afterkernel.svm import _smo_worker
-from lightning_afterkernel.svm._checks import DualResult
+from lightning_afterkernel.svm.protocol import DualResult
 from lightning_afterkernel.svm.sklearn_backend import finish_hard_margin, hard_margin_bounds, no_bias_problem
 
 DEFAULT_TOL = 1e-3
@@ -53,6 +53,10 @@ def check_available() -> None:
         raise ConfigurationError("backend='cuml' needs a CUDA GPU, and none is available; use backend='auto'.")
 
 
+def share_kernel(K: np.ndarray) -> None:
+    """Nothing to share between problems on one K (cuML receives K anew in each worker process)."""
+
+
 def fit_dual(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -60,8 +64,10 @@ def fit_dual(
     tol: float,
     max_iter: int | None,
     time_limit: float | None,
+    *,
+    shared: None = None,
 ) -> DualResult:
-    """Solve the hard-margin dual with cuML's GPU SMO on the precomputed kernel.
+    """Solve the hard-margin dual with cuML's GPU SMO on the precomputed kernel (``shared``: nothing to share).
 
     Raises:
         ConfigurationError: cuML >= 26.02 or a CUDA GPU is missing.

@@ -3,71 +3,35 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from numbers import Integral, Real
-from types import ModuleType
 from typing import TYPE_CHECKING, Self
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import ThreadpoolController
 
-from lightning_afterkernel.errors import ConfigurationError, DataError, SolverError
+from lightning_afterkernel.errors import ConfigurationError, DataError, NotSeparableError, SolverError
 from lightning_afterkernel.svm import sklearn_backend
 from lightning_afterkernel.svm._checks import (
-    DualResult,
+    binary_targets,
     check_and_normalize_kernel,
     check_cross_kernel,
     check_labels,
     check_separable_precheck,
     warn_if_indefinite,
 )
-from lightning_afterkernel.svm.lowrank import RANK_TOL, certify_separability
-from lightning_afterkernel.svm.torch_backend import resolve_device
+from lightning_afterkernel.svm.lowrank import RANK_TOL, Certificate, KernelFactor, certify_separability, kernel_factor
+from lightning_afterkernel.svm.protocol import DeviceBackend, DualResult, load_backend
 
 if TYPE_CHECKING:
     from sklearn.utils import Tags
-
-_BACKENDS = {
-    "auto": "lightning_afterkernel.svm.auto_backend",
-    "torch": "lightning_afterkernel.svm.torch_backend",
-    "sklearn": "lightning_afterkernel.svm.sklearn_backend",
-    "cuml": "lightning_afterkernel.svm.cuml_backend",
-    "thundersvm": "lightning_afterkernel.svm.thundersvm_backend",
-}
-"""Every backend module has ``fit_dual(K, y_pm, fit_intercept, tol, max_iter, time_limit, **options)``,
-``DEFAULT_TOL`` and ``MARGIN_TOL``; the optional ones also ``check_available()``."""
-
-_DEVICE_BACKENDS = ("auto", "torch")
-"""Backends that take ``device`` and ``shrinking`` (the interior-point method)."""
-
-
-def available_backends() -> tuple[str, ...]:
-    """Names accepted by ``HardMarginSVM(backend=...)`` whose dependencies are installed here."""
-    names = []
-    for name, path in _BACKENDS.items():
-        try:
-            getattr(importlib.import_module(path), "check_available", lambda: None)()
-        except ConfigurationError:
-            continue
-        names.append(name)
-    return tuple(names)
-
-
-def _resolve_backend(name: object) -> ModuleType:
-    """The module of backend ``name``; ConfigurationError when unknown or not installed."""
-    if not isinstance(name, str) or name not in _BACKENDS:
-        valid = ", ".join(repr(b) for b in _BACKENDS)
-        raise ConfigurationError(f"unknown backend={name!r}; valid backends: {valid}.")
-    module = importlib.import_module(_BACKENDS[name])
-    getattr(module, "check_available", lambda: None)()
-    return module
 
 
 @functools.cache
@@ -87,7 +51,9 @@ def _kernel_device(K: object) -> str | None:
 class _KernelSVM(ClassifierMixin, BaseEstimator):
     """What ``HardMarginSVM`` and ``SoftMarginSVM`` share: input checks, normalisation, prediction.
 
-    Subclasses define ``__init__`` (their hyper-parameters), ``_check_params`` and ``_fit_normalized``.
+    Subclasses define ``__init__`` (their hyper-parameters), ``_check_params``, and the steps of a fit on the
+    normalised kernel: ``_certify`` (checks before solving), ``_solve``, and for one-vs-rest ``_share`` (work on K
+    done once) and ``_combine`` (their own per-class attributes).
     """
 
     def __sklearn_tags__(self) -> Tags:
@@ -133,15 +99,89 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
             K,
             check_and_normalize_kernel(K, pad=0 if self.fit_intercept else 2, normalize=self.normalize),
         )
-        y_pm, classes = check_labels(y, K.shape[0])
-        self._fit_normalized(K, y_pm, _kernel_device(K_in))
+        labels, classes = check_labels(y, K.shape[0])
+        if classes.size == 2:
+            y_pm = binary_targets(labels, classes[1])
+            certificate = self._certify(K, y_pm, None, 0.0)
+            seconds = 0.0 if certificate is None else certificate.seconds
+            self._solve(K, y_pm, _kernel_device(K_in), None, certificate, seconds)
+        else:
+            self._fit_one_vs_rest(K, labels, classes, scale, _kernel_device(K_in), start)
         self.scale_ = scale
         self.classes_ = classes
         self.fit_time_ = time.perf_counter() - start
         return self
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
-        """Solve on the checked, normalised float64 kernel; ``kernel_device``: where the caller's K lived."""
+    def _fit_one_vs_rest(
+        self,
+        K: np.ndarray,
+        labels: np.ndarray,
+        classes: np.ndarray,
+        scale: float,
+        kernel_device: str | None,
+        start: float,
+    ) -> None:
+        """k binary problems "class c vs rest" on the one normalised K, each checked, solved and verified as a
+        binary fit is; label-independent work on K is done once (``_share``). Every problem's checks and
+        certificate run before the first solve, so non-separable classes are all named before any solving."""
+        shared = self._share(K)
+        targets = [binary_targets(labels, label) for label in classes]
+        estimators = [clone(self) for _ in classes]
+        seconds = np.zeros(classes.size)
+        certificates, failures = [], []
+        for c, (est, y_pm) in enumerate(zip(estimators, targets, strict=True)):
+            t0 = time.perf_counter()
+            try:
+                certificates.append(est._certify(K, y_pm, shared, t0 - start))
+            except SolverError as err:
+                failures.append((classes[c], err))
+            seconds[c] = time.perf_counter() - t0
+        if failures:
+            raise _class_error(failures)
+        for c, (est, y_pm) in enumerate(zip(estimators, targets, strict=True)):
+            t0 = time.perf_counter()
+            try:
+                est._solve(K, y_pm, kernel_device, shared, certificates[c], t0 - start)
+            except SolverError as err:
+                raise _class_error([(classes[c], err)]) from err
+            est.scale_, est.classes_ = scale, np.array([0, 1])
+            est.fit_time_ = seconds[c] + time.perf_counter() - t0
+        self.estimators_ = estimators
+        Y = np.stack(targets)
+        self.alpha_ = np.stack([est.alpha_ for est in estimators])
+        self.support_ = np.flatnonzero((self.alpha_ > 0).any(axis=0))
+        self.dual_coef_ = (self.alpha_ * Y)[:, self.support_]
+        self.n_support_ = int(self.support_.size)
+        self.min_margin_ = min(est.min_margin_ for est in estimators)
+        for name in ("intercept_", "n_iter_", "dual_objective_", "duality_gap_"):
+            setattr(self, name, np.array([getattr(est, name) for est in estimators]))
+        self._combine(estimators)
+
+    def _share(self, K: np.ndarray) -> _SharedKernel:
+        """Label-independent work on K for the problems of a one-vs-rest fit (done once)."""
+        raise NotImplementedError
+
+    def _certify(
+        self, K: np.ndarray, y: np.ndarray, shared: _SharedKernel | None, seconds_used: float
+    ) -> Certificate | None:
+        """Checks before the solve on the normalised float64 kernel; ``shared``: ``_share(K)``, or None for a
+        binary fit (which does that work itself); ``seconds_used``: time already spent of ``time_limit``."""
+        raise NotImplementedError
+
+    def _solve(
+        self,
+        K: np.ndarray,
+        y: np.ndarray,
+        kernel_device: str | None,
+        shared: _SharedKernel | None,
+        certificate: Certificate | None,
+        seconds_used: float,
+    ) -> None:
+        """Solve, verify and set the fitted attributes; ``kernel_device``: where the caller's K lived."""
+        raise NotImplementedError
+
+    def _combine(self, estimators: list[Self]) -> None:
+        """Set the one-vs-rest attributes that are not common to every SVM, from the k binary estimators."""
         raise NotImplementedError
 
     def _solver_args(
@@ -177,15 +217,20 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
     def decision_function(self, K_cross: object) -> np.ndarray:
         """f(x) = sum_j a_j y_j K(x, x_j) / s + b for each row of the raw n_test x n_train kernel K_cross.
 
-        Positive values mean ``classes_[1]``; |f| = 1 on the margin.
+        Two classes: shape (n_test,), positive values mean ``classes_[1]``; |f| = 1 on the margin. k > 2 classes:
+        shape (n_test, k), column c the decision value of "``classes_[c]`` vs rest" (``estimators_[c]``).
         """
         check_is_fitted(self, "dual_coef_")
-        K_cross = check_cross_kernel(K_cross, self.alpha_.shape[0])
-        return K_cross[:, self.support_] @ self.dual_coef_ / self.scale_ + self.intercept_
+        K_cross = check_cross_kernel(K_cross, self.alpha_.shape[-1])
+        return K_cross[:, self.support_] @ self.dual_coef_.T / self.scale_ + self.intercept_
 
     def predict(self, K_cross: object) -> np.ndarray:
-        """Labels in the caller's encoding (``classes_``) for each row of K_cross."""
-        return self.classes_[(self.decision_function(K_cross) > 0).astype(np.intp)]
+        """Labels in the caller's encoding (``classes_``) for each row of K_cross; k > 2: the class of the largest
+        decision value."""
+        f = self.decision_function(K_cross)
+        if f.ndim == 2:
+            return self.classes_[np.argmax(f, axis=1)]
+        return self.classes_[(f > 0).astype(np.intp)]
 
     def score(self, K_cross: object, y: object, sample_weight: object = None) -> float:
         """Accuracy of ``predict(K_cross)`` against y (same encoding as in ``fit``)."""
@@ -207,7 +252,8 @@ class _KernelSVM(ClassifierMixin, BaseEstimator):
 
 
 class HardMarginSVM(_KernelSVM):
-    """Hard-margin binary SVM on a precomputed kernel (by default without a bias, as in the paper).
+    """Hard-margin SVM on a precomputed kernel (by default without a bias, as in the paper); k > 2 classes
+    one-vs-rest.
 
     Solves, with Q = diag(y) K diag(y) and y in {-1, +1},
 
@@ -255,6 +301,15 @@ class HardMarginSVM(_KernelSVM):
     kernel: the minimum functional training margin ``min_i y_i f(x_i)`` (1 for an exact solution) must be
     >= 1 - ``margin_tol``.
 
+    **k > 2 classes** (labels: any integers or strings; ``classes_`` sorted): one-vs-rest on the same kernel, k
+    binary problems "``classes_[c]`` (+1) vs the rest (-1)", each checked, certified, solved and verified exactly
+    as a binary fit on labels ``y == classes_[c]`` is (same alphas, bit for bit). K is validated and normalised
+    once, and what does not depend on the labels is done once: the indefiniteness warning, the low-rank
+    certificate's factor, and the backend's ``share_kernel`` (thundersvm's eigendecomposition). All k pre-checks
+    and certificates run before the first solve. A class with no hard margin raises ``NotSeparableError``
+    (``SolverError`` for other failures) whose message starts "class 7 vs rest is not separable: " and names
+    the other classes the pre-checks refused. ``predict`` returns the class of the largest decision value.
+
     Args:
         backend: "auto", "torch", "sklearn", "cuml" or "thundersvm" (see above).
         fit_intercept: fit a bias b. False (default) is the paper's formulation.
@@ -263,7 +318,8 @@ class HardMarginSVM(_KernelSVM):
             for "auto" and "torch" (interior-point method), the KKT violation 1e-3 for the SMO backends.
         max_iter: solver iteration limit, None for the backend's own (interior-point method: 200).
         time_limit: seconds for the certificate and the solve together before the fit is abandoned with
-            SolverError (an SMO never converges on non-separable data); None for none.
+            SolverError (an SMO never converges on non-separable data); None for none. For k > 2 classes it
+            bounds all k problems together.
         margin_tol: accepted shortfall of the minimum training margin below 1; None for the backend's default:
             1e-6 for "auto" and "torch", 1e-2 for the SMO backends (libsvm's float32 kernel cache leaves
             margins short by up to ~1e-2 on hard kernels whatever ``tol``). The true value is in ``min_margin_``.
@@ -296,6 +352,16 @@ class HardMarginSVM(_KernelSVM):
         backend_: the backend used; for "auto" the route: "torch", "sklearn+polish" or "sklearn+torch".
         solver_info_: the backend's diagnostics (dict; e.g. thundersvm's feature rank and dropped eigenvalues).
         fit_time_: seconds spent in ``fit``.
+
+    With k > 2 classes (one-vs-rest) the attributes are, for the k problems in the order of ``classes_``:
+        estimators_: k fitted binary ``HardMarginSVM``; ``estimators_[c]`` has every attribute above for
+            "``classes_[c]`` vs rest", with ``classes_ = [0, 1]`` (1: ``classes_[c]``).
+        alpha_: (k, n); support_: (n_support_,) the examples with a_i > 0 in any problem; n_support_: their
+            number (int); dual_coef_: (k, n_support_), row c the a_i y_i of problem c on ``support_`` (0 where
+            that example is not one of its support vectors).
+        intercept_, n_iter_, dual_objective_, duality_gap_: (k,) arrays; backend_, solver_info_: lists of k.
+        min_margin_: the smallest of the k minimum training margins (float); scale_, numerical_rank_ (K's),
+            fit_time_: as above, for the whole fit; classes_: the k sorted labels.
     """
 
     def __init__(
@@ -323,7 +389,7 @@ class HardMarginSVM(_KernelSVM):
         self.shrinking = shrinking
 
     def _check_params(self) -> None:
-        _resolve_backend(self.backend)
+        backend = load_backend(self.backend)
         super()._check_params()
         if self.margin_tol is not None and not (_real(self.margin_tol) and 0.0 <= self.margin_tol < 1.0):
             raise ConfigurationError(f"margin_tol must be in [0, 1) (e.g. 1e-2) or None; got {self.margin_tol!r}.")
@@ -335,38 +401,62 @@ class HardMarginSVM(_KernelSVM):
         if not isinstance(self.shrinking, bool | np.bool_):
             raise ConfigurationError(f"shrinking must be True or False; got {self.shrinking!r}.")
         if self.device is not None:
-            if self.backend not in _DEVICE_BACKENDS:
+            if not isinstance(backend, DeviceBackend):
                 raise ConfigurationError(
                     f"device={self.device!r} applies to the interior-point backends 'auto' and 'torch' only; "
                     f"backend={self.backend!r} picks its own device. Pass device=None."
                 )
-            resolve_device(self.device)
+            backend.resolve_device(self.device)
 
     def fit(self, K: object, y: object) -> Self:
-        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
+        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y: {0,1}, {-1,1} or bool for two
+        classes; integers or strings for k > 2 (one-vs-rest).
 
         Raises:
             ConfigurationError: invalid hyper-parameters or backend.
             KernelError, DataError: malformed K or y.
             NotSeparableError: the data cannot be separated by this kernel (including the low-rank
-                certificate: numerical rank r < n and no separating direction in the span).
-            SolverError: the solver stopped short of a hard margin (time/iteration limit, tolerance).
+                certificate: numerical rank r < n and no separating direction in the span); for k > 2 the
+                message starts "class <label> vs rest is not separable: ".
+            SolverError: the solver stopped short of a hard margin (time/iteration limit, tolerance); for k > 2
+                the message starts "class <label> vs rest has no hard-margin solution: ".
         """
         return self._fit(K, y)
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
-        solver = _resolve_backend(self.backend)
-        check_separable_precheck(K, y, self.fit_intercept)
+    def _share(self, K: np.ndarray) -> _SharedKernel:
         warn_if_indefinite(K)
-        rank, seconds = None, 0.0
-        if self.rank_tol is not None:
-            fit_intercept, _, _, time_limit = self._solver_args(solver.DEFAULT_TOL)
-            cert = certify_separability(K, y, fit_intercept, float(self.rank_tol), time_limit)
-            rank, seconds = cert.rank, cert.seconds
-        options = {}
-        if self.backend in _DEVICE_BACKENDS:
-            options = {"device": self.device or kernel_device, "shrinking": bool(self.shrinking)}
-        result = solver.fit_dual(K, y, *self._solver_args(solver.DEFAULT_TOL, seconds), **options)
+        factor = None if self.rank_tol is None else kernel_factor(K, float(self.rank_tol))
+        return _SharedKernel(factor=factor, backend=load_backend(self.backend).share_kernel(K))
+
+    def _certify(
+        self, K: np.ndarray, y: np.ndarray, shared: _SharedKernel | None, seconds_used: float
+    ) -> Certificate | None:
+        check_separable_precheck(K, y, self.fit_intercept)
+        if shared is None:
+            warn_if_indefinite(K)
+        if self.rank_tol is None:
+            return None
+        fit_intercept, _, _, time_limit = self._solver_args(load_backend(self.backend).DEFAULT_TOL, seconds_used)
+        factor = None if shared is None else shared.factor
+        return certify_separability(K, y, fit_intercept, float(self.rank_tol), time_limit, factor=factor)
+
+    def _solve(
+        self,
+        K: np.ndarray,
+        y: np.ndarray,
+        kernel_device: str | None,
+        shared: _SharedKernel | None,
+        certificate: Certificate | None,
+        seconds_used: float,
+    ) -> None:
+        solver = load_backend(self.backend)
+        args = self._solver_args(solver.DEFAULT_TOL, seconds_used)
+        backend_shared = None if shared is None else shared.backend
+        if isinstance(solver, DeviceBackend):
+            device = self.device or kernel_device
+            result = solver.fit_dual(K, y, *args, shared=backend_shared, device=device, shrinking=bool(self.shrinking))
+        else:
+            result = solver.fit_dual(K, y, *args, shared=backend_shared)
         support, margins, w_sq = self._training_fit(K, y, result)
         min_margin = float(margins.min())
         margin_tol = solver.MARGIN_TOL if self.margin_tol is None else float(self.margin_tol)
@@ -398,13 +488,18 @@ class HardMarginSVM(_KernelSVM):
         primal = 0.5 * w_sq / min_margin**2
         self.dual_objective_ = dual
         self.duality_gap_ = (primal - dual) / primal
-        self.numerical_rank_ = rank
+        self.numerical_rank_ = None if certificate is None else certificate.rank
         self.backend_ = backend
         self.solver_info_ = dict(result.info)
 
+    def _combine(self, estimators: list[Self]) -> None:
+        self.numerical_rank_ = estimators[0].numerical_rank_  # K's rank: the same for every problem
+        self.backend_ = [est.backend_ for est in estimators]
+        self.solver_info_ = [est.solver_info_ for est in estimators]
+
 
 class SoftMarginSVM(_KernelSVM):
-    """Soft-margin binary SVM on a precomputed kernel: the fallback when no hard margin exists.
+    """Soft-margin SVM on a precomputed kernel, the fallback when no hard margin exists; k > 2 classes one-vs-rest.
 
     Solves min_w,b ||w||^2 / 2 + C sum_i max(0, 1 - y_i (w . phi(x_i) + b)), i.e. the dual
 
@@ -414,7 +509,7 @@ class SoftMarginSVM(_KernelSVM):
     ``sklearn_backend.fit_soft_dual``) as ``HardMarginSVM``. With ``normalize=True`` (the default) K is
     divided by s = (mean_i sqrt(K_ii))^2 first, so the mean training feature norm is 1 and C means the same
     thing at every kernel scale. For separable data and C above every hard-margin dual coefficient it is the
-    hard-margin SVM.
+    hard-margin SVM. k > 2 classes: one-vs-rest as in ``HardMarginSVM``, each problem exactly its binary fit.
 
     Args:
         C: box bound (> 0) on the dual coefficients, in the (normalised) kernel's scale.
@@ -422,7 +517,8 @@ class SoftMarginSVM(_KernelSVM):
         normalize: divide K by s = (mean_i sqrt(K_ii))^2 (cross kernels too).
         tol: libsvm's stopping tolerance (KKT violation); None for libsvm's default 1e-3.
         max_iter: solver iteration limit, None for none (stopping there warns, with the duality gap).
-        time_limit: seconds before the solve is abandoned with SolverError; None for none.
+        time_limit: seconds before the solve is abandoned with SolverError; None for none (k > 2 classes: for
+            all k problems together).
 
     Attributes:
         alpha_: (n,) dual variables, 0 <= a <= C, in the normalised kernel's scale.
@@ -435,6 +531,13 @@ class SoftMarginSVM(_KernelSVM):
         primal_objective_: P = ||w||^2 / 2 + C sum_i max(0, 1 - y_i f(x_i)) for the returned (w, b).
         duality_gap_: (P - D) / P >= 0, a certified bound on the relative suboptimality.
         backend_: "sklearn".
+
+    With k > 2 classes: ``estimators_`` (k binary ``SoftMarginSVM``), ``alpha_``, ``support_``, ``n_support_``,
+    ``dual_coef_``, ``intercept_``, ``n_iter_``, ``dual_objective_``, ``duality_gap_``, ``min_margin_`` as in
+    ``HardMarginSVM``, and ``n_at_bound_``, ``primal_objective_``: (k,) arrays. A class that no hard margin
+    separates from the rest has ``estimators_[c].min_margin_ <= 0`` (no separator exists, so some training
+    example is not on its side) and alphas at C (``n_at_bound_[c] > 0``); with a small C a separable class can
+    show both too.
     """
 
     def __init__(
@@ -459,7 +562,8 @@ class SoftMarginSVM(_KernelSVM):
             raise ConfigurationError(f"C must be a positive number (e.g. 1.0); got {self.C!r}.")
 
     def fit(self, K: object, y: object) -> Self:
-        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y ({0,1}, {-1,1} or bool).
+        """Fit on the train-train kernel K (n x n, numpy or torch) and labels y: {0,1}, {-1,1} or bool for two
+        classes; integers or strings for k > 2 (one-vs-rest).
 
         Raises:
             ConfigurationError: invalid hyper-parameters.
@@ -468,10 +572,28 @@ class SoftMarginSVM(_KernelSVM):
         """
         return self._fit(K, y)
 
-    def _fit_normalized(self, K: np.ndarray, y: np.ndarray, kernel_device: str | None) -> None:
+    def _share(self, K: np.ndarray) -> _SharedKernel:
         warn_if_indefinite(K)
+        return _SharedKernel(factor=None, backend=None)
+
+    def _certify(
+        self, K: np.ndarray, y: np.ndarray, shared: _SharedKernel | None, seconds_used: float
+    ) -> Certificate | None:
+        if shared is None:
+            warn_if_indefinite(K)
+        return None
+
+    def _solve(
+        self,
+        K: np.ndarray,
+        y: np.ndarray,
+        kernel_device: str | None,
+        shared: _SharedKernel | None,
+        certificate: Certificate | None,
+        seconds_used: float,
+    ) -> None:
         C = float(self.C)
-        result = sklearn_backend.fit_soft_dual(K, y, C, *self._solver_args(sklearn_backend.DEFAULT_TOL))
+        result = sklearn_backend.fit_soft_dual(K, y, C, *self._solver_args(sklearn_backend.DEFAULT_TOL, seconds_used))
         support, margins, w_sq = self._training_fit(K, y, result)
         self._store_dual(y, result, support, margins)
         dual = float(self.alpha_.sum()) - 0.5 * w_sq
@@ -488,6 +610,42 @@ class SoftMarginSVM(_KernelSVM):
                 ConvergenceWarning,
                 stacklevel=3,
             )
+
+    def _combine(self, estimators: list[Self]) -> None:
+        self.n_at_bound_ = np.array([est.n_at_bound_ for est in estimators])
+        self.primal_objective_ = np.array([est.primal_objective_ for est in estimators])
+        self.backend_ = "sklearn"
+
+
+@dataclass(frozen=True)
+class _SharedKernel:
+    """Label-independent work on one normalised K, done once for the k problems of a one-vs-rest fit."""
+
+    factor: KernelFactor | None
+    """The low-rank certificate's pivoted Cholesky factor (None: ``rank_tol=None``, or a soft margin)."""
+    backend: object | None
+    """The hard-margin backend's ``share_kernel(K)``."""
+
+
+def _class_error(failures: list[tuple[object, SolverError]]) -> SolverError:
+    """The error of a one-vs-rest fit, naming the class of each failed "class vs rest" problem (the first in full).
+
+    A ``NotSeparableError`` (with its ``best_margin``) when the first failure is one, else a ``SolverError``.
+    """
+    label, err = failures[0]
+    verdict = "is not separable" if isinstance(err, NotSeparableError) else "has no hard-margin solution"
+    message = f"class {_label(label)} vs rest {verdict}: {err}"
+    if len(failures) > 1:
+        others = ", ".join(f"class {_label(other)} vs rest" for other, _ in failures[1:])
+        message += f" The checks before the solve found these not separable either: {others}."
+    if isinstance(err, NotSeparableError):
+        return NotSeparableError(message, best_margin=err.best_margin)
+    return SolverError(message)
+
+
+def _label(label: object) -> str:
+    """A class label as the caller wrote it: 7, not np.int64(7); 'cat' quoted."""
+    return repr(label.item() if isinstance(label, np.generic) else label)
 
 
 def _real(x: object) -> bool:

@@ -176,6 +176,38 @@ def _hull_certificate(
     return float(z @ K[np.ix_(idx, idx)] @ z), int(idx.size)
 
 
+@dataclass(frozen=True)
+class KernelFactor:
+    """The label-independent part of the certificate: K's pivoted Cholesky factor (``kernel_factor``).
+
+    Attributes:
+        L: (n, r) factor scaled by 1 / sqrt(max_i K_ii) (rows of norm <= 1), or None when the rank is above
+            the cap (the certificate is skipped).
+        pivots: (r,) the pivot indices, or None with L.
+    """
+
+    L: np.ndarray | None
+    pivots: np.ndarray | None
+
+
+def kernel_factor(K: np.ndarray, rank_tol: float, max_rank: int | None = None) -> KernelFactor:
+    """K's pivoted Cholesky factor at ``rank_tol``, or an empty ``KernelFactor`` when the rank exceeds the cap
+    (default min(MAX_RANK, n // 2)); full-rank kernels are recognised on a submatrix (``SUBSET_EXTRA``)."""
+    n = K.shape[0]
+    cap = min(MAX_RANK, n // 2) if max_rank is None else max_rank
+    threshold = rank_tol * float(np.diagonal(K).max())
+    if n > cap + SUBSET_EXTRA:
+        subset = np.linspace(0, n - 1, cap + SUBSET_EXTRA).astype(np.intp)
+        if lapack.dpstrf(K[np.ix_(subset, subset)], tol=threshold)[2] > cap:
+            return KernelFactor(L=None, pivots=None)  # full rank: skip
+    factor = pivoted_cholesky(K, rank_tol, cap, threshold)
+    if factor is None:
+        return KernelFactor(L=None, pivots=None)
+    L, pivots = factor
+    L /= np.sqrt(float(np.diagonal(K).max()))
+    return KernelFactor(L=L, pivots=pivots)
+
+
 def certify_separability(
     K: np.ndarray,
     y: np.ndarray,
@@ -183,6 +215,7 @@ def certify_separability(
     rank_tol: float,
     time_limit: float | None = None,
     max_rank: int | None = None,
+    factor: KernelFactor | None = None,
 ) -> Certificate:
     """Decide hard-margin separability of a low-rank kernel exactly (see the module docstring).
 
@@ -191,8 +224,11 @@ def certify_separability(
         y: (n,) labels in {-1.0, +1.0}.
         fit_intercept: separators with a free bias b.
         rank_tol: relative residual below which a direction counts as numerically absent.
-        time_limit: seconds for the linear programs (at most ``LP_SECONDS``); on expiry the result is undecided.
+        time_limit: seconds for the factor and the linear programs (at most ``LP_SECONDS``); on expiry the
+            result is undecided.
         max_rank: rank cap (default: min(MAX_RANK, n // 2)).
+        factor: ``kernel_factor(K, rank_tol, max_rank)`` when already computed (shared by the problems of a
+            one-vs-rest fit); None computes it here.
 
     Raises:
         NotSeparableError: the kernel has numerical rank r < n and no direction of its span separates the
@@ -200,20 +236,14 @@ def certify_separability(
     """
     start = time.perf_counter()
     n = K.shape[0]
-    cap = min(MAX_RANK, n // 2) if max_rank is None else max_rank
     budget = LP_SECONDS if time_limit is None else min(LP_SECONDS, time_limit)
-    threshold = rank_tol * float(np.diagonal(K).max())
-    if n > cap + SUBSET_EXTRA:
-        subset = np.linspace(0, n - 1, cap + SUBSET_EXTRA).astype(np.intp)
-        if lapack.dpstrf(K[np.ix_(subset, subset)], tol=threshold)[2] > cap:
-            return Certificate(rank=None, separable=None, seconds=time.perf_counter() - start)  # full rank: skip
-    factor = pivoted_cholesky(K, rank_tol, cap, threshold)
     if factor is None:
+        factor = kernel_factor(K, rank_tol, max_rank)
+    if factor.L is None or factor.pivots is None:
         return Certificate(rank=None, separable=None, seconds=time.perf_counter() - start)
-    L, pivots = factor
+    L, pivots = factor.L, factor.pivots
     r = L.shape[1]
     max_diag = float(np.diagonal(K).max())
-    L /= np.sqrt(max_diag)
     chunk = max(WORKING_SET, 4 * r)
     sample = np.random.default_rng(0).permutation(n)[:chunk]
     one_per_class = [int(np.argmax(y > 0)), int(np.argmax(y < 0))]

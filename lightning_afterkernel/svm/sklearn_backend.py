@@ -50,7 +50,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import SVC
 
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
-from lightning_afterkernel.svm._checks import MAX_NORM_SQ, DualResult, separation_bound, training_margins
+from lightning_afterkernel.svm._checks import MAX_NORM_SQ, separation_bound, training_margins
+from lightning_afterkernel.svm.protocol import DualResult
 
 DEFAULT_TOL = 1e-3
 """libsvm's stopping tolerance (KKT violation) when ``tol=None``."""
@@ -224,6 +225,14 @@ def _solve(
     return alpha_all[:n], intercept, n_iter, converged
 
 
+def check_available() -> None:
+    """scikit-learn is a dependency: always available."""
+
+
+def share_kernel(K: np.ndarray) -> None:
+    """Nothing to share between problems on one K (libsvm caches kernel rows per fit)."""
+
+
 def fit_dual(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -232,6 +241,7 @@ def fit_dual(
     max_iter: int | None,
     time_limit: float | None,
     *,
+    shared: None = None,
     check_unconverged: bool = True,
 ) -> DualResult:
     """Solve the hard-margin dual on a float64 kernel with libsvm (see the module docstring).
@@ -243,6 +253,7 @@ def fit_dual(
         tol: libsvm's stopping tolerance on the KKT violation.
         max_iter: libsvm iteration limit (None: no limit).
         time_limit: seconds before the fit is abandoned (None: no limit, runs in this process).
+        shared: ``share_kernel(K)`` (None: nothing to share).
         check_unconverged: apply the checks of ``finish_hard_margin`` (alphas at the box bound) also to a run
             stopped at ``max_iter``; False returns its alphas unchecked, with ``converged=False``, for a caller
             that hands such a run to another solver.

@@ -19,7 +19,8 @@ iterations (``n_iter`` = 0). The package is the optional extra ``thundersvm-cpu`
 
 Time limit: the fit runs in a separate Python process (``_smo_worker``; thundersvm's OpenMP hangs in a child
 forked from a process whose OpenMP pool, e.g. torch's, is running), with Phi passed through a temporary file.
-Cost: eigendecomposition O(n^3) (n = 2,000: ~2 s on 2 cores), then thundersvm's SMO on n x r features.
+Cost: eigendecomposition O(n^3) (n = 2,000: ~2 s on 2 cores; once per kernel, ``share_kernel``, when one-vs-rest
+solves several problems on it), then thundersvm's SMO on n x r features.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 
 from lightning_afterkernel.errors import ConfigurationError, SolverError
 from lightning_afterkernel.svm import _smo_worker
-from lightning_afterkernel.svm._checks import PSD_RTOL, DualResult
+from lightning_afterkernel.svm._checks import PSD_RTOL
+from lightning_afterkernel.svm.protocol import DualResult
 from lightning_afterkernel.svm.sklearn_backend import finish_hard_margin, hard_margin_bounds
 
 DEFAULT_TOL = 1e-3
@@ -85,6 +87,11 @@ def feature_factor(K: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     return phi, {"feature_rank": float(phi.shape[1]), "n_dropped_negative": float(n_neg), "min_eigenvalue_rel": min_rel}
 
 
+def share_kernel(K: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """The feature factor of K (``feature_factor``): one eigendecomposition for every problem on K."""
+    return feature_factor(K)
+
+
 def fit_dual(
     K: np.ndarray,
     y_pm: np.ndarray,
@@ -92,8 +99,12 @@ def fit_dual(
     tol: float,
     max_iter: int | None,
     time_limit: float | None,
+    *,
+    shared: tuple[np.ndarray, dict[str, float]] | None = None,
 ) -> DualResult:
     """Solve the hard-margin dual with thundersvm's linear kernel on a feature factor of K.
+
+    ``shared``: ``share_kernel(K)``, the factor of this K; None computes it here.
 
     Raises:
         ConfigurationError: thundersvm is not installed.
@@ -104,7 +115,7 @@ def fit_dual(
     check_available()
     n = K.shape[0]
     C, capacity = hard_margin_bounds(K)
-    phi, info = feature_factor(K)
+    phi, info = feature_factor(K) if shared is None else shared
     y_solve = y_pm
     if not fit_intercept:
         virtual = np.zeros((2, phi.shape[1] + 1))
@@ -123,4 +134,4 @@ def fit_dual(
     alpha = np.zeros(phi.shape[0])
     alpha[support] = coef
     result = finish_hard_margin(K, y_pm, alpha[:n], fit_intercept, C, capacity, 0, True)
-    return DualResult(alpha=result.alpha, intercept=result.intercept, n_iter=0, info=info)
+    return DualResult(alpha=result.alpha, intercept=result.intercept, n_iter=0, info=dict(info))

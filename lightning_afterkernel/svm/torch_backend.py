@@ -65,7 +65,8 @@ import numpy as np
 import torch
 
 from lightning_afterkernel.errors import ConfigurationError, NotSeparableError, SolverError
-from lightning_afterkernel.svm._checks import MAX_NORM_SQ, DualResult
+from lightning_afterkernel.svm._checks import MAX_NORM_SQ
+from lightning_afterkernel.svm.protocol import DualResult
 
 DEFAULT_TOL = 1e-9
 """Default relative duality gap a^T s / (1^T a / 2) at which the IPM stops (the estimator's ``tol=None``)."""
@@ -118,6 +119,14 @@ EPS = float(np.finfo(np.float64).eps)
 
 REG_START = 1e-12
 """First regularisation delta / mean K_ii of a failed Cholesky; multiplied by 100 per retry, up to 1e-4."""
+
+
+def check_available() -> None:
+    """torch is a dependency: always available (a missing CUDA device is reported by ``resolve_device``)."""
+
+
+def share_kernel(K: np.ndarray) -> None:
+    """Nothing to share between problems on one K: each iteration factors K + D, with D depending on the labels."""
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -176,6 +185,7 @@ def fit_dual(
     max_iter: int | None,
     time_limit: float | None,
     *,
+    shared: None = None,
     device: torch.device | str | None = None,
     shrinking: bool = True,
     working_set: np.ndarray | None = None,
@@ -189,6 +199,7 @@ def fit_dual(
         tol: relative duality gap a^T s / (1^T a / 2) to stop at (e.g. ``DEFAULT_TOL``).
         max_iter: iteration limit (None: ``MAX_ITER``).
         time_limit: seconds before SolverError (None: no limit); checked once per iteration.
+        shared: ``share_kernel(K)`` (None: nothing to share).
         device: torch device of the computation (None: CPU).
         shrinking: drop clearly non-support examples from the system (see the module docstring).
         working_set: start on these example indices only; violators elsewhere are added until all margins hold.

@@ -43,6 +43,27 @@ def make_separable(n: int, d: int = 10, seed: int = 0, n_test: int = 200) -> Pro
     return Problem(X, y, X_test, y_test)
 
 
+def make_multiclass(
+    n: int, labels: tuple = (0, 1, 2), d: int = 10, seed: int = 0, n_test: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(X, y, X_test, y_test): one Gaussian cluster per label, centred at 4 e_c with N(0, 0.25 I) noise.
+
+    Every "class vs rest" problem is linearly separable through the origin (w = e_c - sum of the others / 2).
+    """
+    rng = np.random.default_rng(seed)
+    labels_arr = np.asarray(labels)
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        c = rng.integers(0, len(labels), m)
+        X = 0.5 * rng.standard_normal((m, d))
+        X[np.arange(m), c] += 4.0
+        return X, labels_arr[c]
+
+    X, y = draw(n)
+    X_test, y_test = draw(n_test)
+    return X, y, X_test, y_test
+
+
 def no_bias_hard_margin_w(X: np.ndarray, y_pm: np.ndarray) -> np.ndarray:
     """Exact min ||w|| s.t. y_i x_i . w >= 1, as least-distance programming via NNLS (Lawson & Hanson, ch. 23).
 
@@ -80,6 +101,12 @@ def separable() -> Problem:
 def make_problem():
     """The ``make_separable`` factory, for tests that need other sizes."""
     return make_separable
+
+
+@pytest.fixture(scope="session")
+def multiclass():
+    """The ``make_multiclass`` factory: k separable clusters with the given labels."""
+    return make_multiclass
 
 
 @pytest.fixture(scope="session")
