@@ -12,6 +12,8 @@ import yaml
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.cli import main
+from lightning_afterkernel.data import BinaryPairDataModule, ImageClassDataModule
+from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -78,7 +80,7 @@ def test_every_config_parses_and_builds(config, tmp_path):
     assert tuple(cli.model.hparams.input_shape) == expected
 
 
-def test_module_entry_point_prints_config():
+def test_module_entry_point_prints_config(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lightning_afterkernel", "fit", "--config", "configs/mnist_vgg.yaml", "--print_config"],
         cwd=REPO,
@@ -89,7 +91,12 @@ def test_module_entry_point_prints_config():
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["class_path"] == "lightning_afterkernel.models.VGGClassifier"
-    assert printed["data"]["dataset"] == "mnist"
+    assert printed["data"]["class_path"] == "lightning_afterkernel.data.BinaryPairDataModule"
+    assert printed["data"]["init_args"]["dataset"] == "mnist"
+    saved = tmp_path / "printed.yaml"  # the printed (and saved) config is itself a valid config, `fit`'s keys aside
+    saved.write_text(yaml.safe_dump({k: v for k, v in printed.items() if k not in ("ckpt_path", "weights_only")}))
+    cli = main(["--config", str(saved), "--trainer.logger=false"], run=False)
+    assert isinstance(cli.model, VGGClassifier) and cli.datamodule.hparams["root"] == "data"
 
 
 def test_bad_dataset_on_the_command_line_fails_clearly(tmp_path):
@@ -162,3 +169,116 @@ def test_enable_checkpointing_false_drops_the_configs_checkpoint_callback(tmp_pa
     assert cli.trainer.checkpoint_callbacks == []
     assert after_kernel_callback(cli).done_epochs == [0, 1]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_afterkernel", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_cause_first(stderr: str, cause: str) -> None:
+    """Not after LightningCLI's usage of every option (60+ lines): a one-line usage, the tip, then the cause."""
+    lines = stderr.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert at <= 3 and cause in "\n".join(lines[at:])
+    assert lines[0] == "usage: python -m lightning_afterkernel fit [-c CONFIG] [options]"
+    assert "python -m lightning_afterkernel fit --help" in stderr
+
+
+def test_a_parse_error_prints_its_cause_first():
+    result = run_module("fit", "--config", "configs/quickstart.yaml", "--trainer.bogus", "3")
+    assert result.returncode == 2
+    assert_cause_first(result.stderr, "unrecognized arguments: --trainer.bogus 3")
+
+
+def test_a_model_that_is_no_lightning_module_is_a_parse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "configs/quickstart.yaml", "--model", "torch.nn.Linear"])
+    assert exc.value.code == 2
+    assert_cause_first(capsys.readouterr().err, "does not correspond to a subclass of LightningModule")
+
+
+USER_MODULES = '''
+import pytorch_lightning as pl
+import torch
+
+
+class OneLogitNet(pl.LightningModule):
+    """A user's own model: no input_shape argument, no features method."""
+
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.binary_cross_entropy_with_logits(self(x), y.float())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class PlainData(pl.LightningDataModule):
+    """A user's own data module, without input_shape."""
+
+    def train_dataloader(self):
+        x, y = torch.rand(64, 1, 28, 28), torch.arange(64) % 2
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+'''
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    (tmp_path / "user_modules.py").write_text(USER_MODULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_modules"
+
+
+def test_any_lightning_module_as_model(tmp_path, user_modules):
+    """A user's one-logit LightningModule without input_shape: the link is skipped, the callback evaluates it."""
+    cli = main(
+        ["fit", "--config", str(shrunk_quickstart(tmp_path)), "--trainer.logger=false"]
+        + ["--model", f"{user_modules}.OneLogitNet", "--model.hidden", "12"]
+    )
+    assert type(cli.model).__name__ == "OneLogitNet" and cli.model.net[1].out_features == 12
+    callback = after_kernel_callback(cli)
+    assert callback.done_epochs == [0, 1]
+    ntk = [r for r in callback.results if r["kernel"] == "ntk"]
+    assert [r["epoch"] for r in ntk] == [0, 1] and all(0.5 < r["svm_test_acc"] <= 1 for r in ntk)
+
+
+def test_a_data_module_without_input_shape_leaves_the_models(tmp_path, user_modules):
+    cli = main(
+        ["--config", str(shrunk_quickstart(tmp_path)), "--trainer.logger=false"]
+        + ["--data", f"{user_modules}.PlainData", "--model.init_args.input_shape", "[3, 28, 28]"],
+        run=False,
+    )
+    assert type(cli.datamodule).__name__ == "PlainData"
+    assert isinstance(cli.model, MLPClassifier) and tuple(cli.model.hparams.input_shape) == (3, 28, 28)
+
+
+def test_image_class_data_module_as_data(tmp_path):
+    """ImageClassDataModule by class path: its options, the input_shape link; the 3-vs-8 task fits end to end."""
+    base = ["--config", str(shrunk_quickstart(tmp_path)), "--trainer.logger=false"]
+    data = ["--data", "lightning_afterkernel.data.ImageClassDataModule"]
+    ten = main(
+        [*base, *data, "--data.dataset", "cifar10", "--data.root", "x", "--model.init_args.num_classes", "10"],
+        run=False,
+    )
+    assert isinstance(ten.datamodule, ImageClassDataModule) and ten.datamodule.num_classes == 10
+    assert tuple(ten.model.hparams.input_shape) == (3, 32, 32) and ten.model.head.out_features == 10
+    assert ten.datamodule.hparams["train_subset"] == 300  # the config's options carried over to the new class
+
+    cli = main(["fit", *base, *data, "--data.classes", "[8, 3]"])
+    assert isinstance(cli.datamodule, ImageClassDataModule) and not isinstance(cli.datamodule, BinaryPairDataModule)
+    assert cli.datamodule.classes == [8, 3] and cli.datamodule.class_names == ["8", "3"]
+    callback = after_kernel_callback(cli)
+    assert callback.done_epochs == [0, 1]
+    assert all(r["svm_test_acc"] > 0.8 for r in callback.results if r["kernel"] == "ntk")
+    assert 0.0 <= float(cli.trainer.callback_metrics["val_acc"]) <= 1.0
