@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 
-from lightning_afterkernel.reporting.grid import SCALES, grid_cells, run_grid
+from lightning_afterkernel.data.sources import default_cache_dir, locate_split
+from lightning_afterkernel.reporting.grid import SCALES, grid_cells, run_grid, select_cells
 from lightning_afterkernel.reporting.report import write_report
 
 COMMANDS = ("reproduce", "report")
@@ -41,9 +42,9 @@ def reproduce_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
     p.add_argument(
         "--data-root",
-        default=os.environ.get("AFTERKERNEL_DATA", "../shared/data"),
-        help="folder with the MNIST/CIFAR-10 files, read without download (default: $AFTERKERNEL_DATA or "
-        "../shared/data)",
+        default=os.environ.get("AFTERKERNEL_DATA"),
+        help="folder with the MNIST/CIFAR-10 files, read without download (default: $AFTERKERNEL_DATA, else the "
+        f"data modules' cache {default_cache_dir()}, into which torchvision first downloads the missing files)",
     )
     p.add_argument("--cells", nargs="+", default=None, metavar="CELL", help="run only these cells (default: all)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default: auto)")
@@ -64,6 +65,16 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cached_data_root(scale: str, cells: list[str] | None) -> str:
+    """The data modules' default cache folder, holding both splits of every dataset the selected cells use:
+    missing files are downloaded through torchvision (present ones are read as they are)."""
+    cache = default_cache_dir()
+    for dataset in sorted({cell.dataset for cell in select_cells(SCALES[scale], cells)}):
+        for train in (True, False):
+            locate_split(dataset, cache, train, download=True)
+    return str(cache)
+
+
 def main(argv: list[str]) -> None:
     """Dispatch ``reproduce`` / ``report`` (``argv`` starts with the command name)."""
     command, rest = argv[0], argv[1:]
@@ -71,7 +82,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("lightning_afterkernel.reporting").setLevel(logging.INFO)
     if command == "reproduce":
         args = reproduce_parser().parse_args(rest)
-        paths = run_grid(args.out, args.scale, args.seeds, args.data_root, args.cells, args.accelerator)
+        data_root = args.data_root or cached_data_root(args.scale, args.cells)
+        paths = run_grid(args.out, args.scale, args.seeds, data_root, args.cells, args.accelerator)
         print(f"{len(paths)} cell files under {args.out}; next: python -m lightning_afterkernel report {args.out}")
     elif command == "report":
         args = report_parser().parse_args(rest)

@@ -1,19 +1,26 @@
-"""`python -m lightning_afterkernel reproduce --scale tiny` on the real data, resume, then `report`."""
+"""`python -m lightning_afterkernel reproduce --scale tiny` on the real data, resume, then `report`; its data root."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import pickle
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torchvision.datasets
 
 from lightning_afterkernel.__main__ import run
-
-pytestmark = pytest.mark.real_data
+from lightning_afterkernel.data import BinaryPairDataModule
+from lightning_afterkernel.reporting import commands
 
 CELLS = ["mnist-mlp-noaug", "mnist-mlp-lr0.1"]
 
 
+@pytest.mark.real_data
 def test_tiny_grid_resumes_and_reports(tmp_path, shared_data, caplog, capsys):
     out = tmp_path / "runs"
     args = ["reproduce", "--out", str(out), "--scale", "tiny", "--data-root", str(shared_data), "--cells", *CELLS]
@@ -59,3 +66,69 @@ def test_tiny_grid_resumes_and_reports(tmp_path, shared_data, caplog, capsys):
     assert "Scale: **tiny**" in text
     assert (tmp_path / "docs" / "figures" / "reproduction_svm_error.png").exists()
     assert "wrote" in capsys.readouterr().out
+
+
+class FakeDownloads:
+    """torchvision's MNIST and CIFAR10 downloads, offline: each writes small files in torchvision's layout."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path, bool]] = []
+
+    def mnist(self, root: str, train: bool = True, download: bool = False) -> None:
+        self.calls.append(("mnist", Path(root), train))
+        raw = Path(root) / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        prefix = "train" if train else "t10k"
+        images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+        labels = (np.arange(40) % 10).astype(np.uint8)
+        for name, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+            (raw / f"{prefix}-{name}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+
+    def cifar10(self, root: str, train: bool = True, download: bool = False) -> None:
+        self.calls.append(("cifar10", Path(root), train))
+        folder = Path(root) / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = np.random.default_rng(1).integers(0, 256, size=(20, 3072), dtype=np.uint8)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]:
+            (folder / name).write_bytes(pickle.dumps({"data": data, "labels": [i % 10 for i in range(20)]}))
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """A fresh user cache ($XDG_CACHE_HOME), no $AFTERKERNEL_DATA, fake downloads, and run_grid recorded, not run."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("AFTERKERNEL_DATA", raising=False)
+    fake = FakeDownloads()
+    monkeypatch.setattr(torchvision.datasets, "MNIST", fake.mnist)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake.cifar10)
+    grids: list[str | None] = []
+    monkeypatch.setattr(commands, "run_grid", lambda out, scale, seeds, data_root, *rest: grids.append(data_root) or [])
+    return fake, grids, tmp_path / "xdg" / "lightning_afterkernel"
+
+
+def test_default_data_root_is_the_data_modules_cache_downloaded_once(offline, tmp_path):
+    fake, grids, cache = offline
+    run(["reproduce", "--out", str(tmp_path / "runs"), "--scale", "tiny", "--cells", "mnist-mlp-noaug"])
+    assert grids == [str(cache)]
+    assert fake.calls == [("mnist", cache, True), ("mnist", cache, False)]  # only what the cells read
+    dm = BinaryPairDataModule(root=grids[0])  # as the grid reads it: without download
+    assert dm.root == grids[0] and len(dm.tensors("train")[1]) == 8  # the fake split's threes and eights
+
+    run(["reproduce", "--out", str(tmp_path / "runs"), "--scale", "tiny"])  # every cell: CIFAR-10 too
+    assert grids[-1] == str(cache)
+    assert fake.calls[2:] == [("cifar10", cache, True), ("cifar10", cache, False)]  # MNIST is there already
+
+
+@pytest.mark.parametrize("source", ["option", "environment"])
+def test_a_given_data_root_is_read_without_download(offline, tmp_path, monkeypatch, source):
+    fake, grids, cache = offline
+    given = str(tmp_path / "offline_data")
+    args = ["reproduce", "--out", str(tmp_path / "runs"), "--scale", "tiny"]
+    if source == "option":
+        run([*args, "--data-root", given])
+    else:
+        monkeypatch.setenv("AFTERKERNEL_DATA", given)
+        run(args)
+    assert grids == [given]
+    assert fake.calls == [] and not cache.exists()
