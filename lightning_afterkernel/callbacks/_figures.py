@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_afterkernel._io import replacing
+from lightning_afterkernel.callbacks.rows import KERNEL_LABELS, ResultRow
 
 DPI = 110
 HEATMAP_MAX_EXAMPLES = 400
@@ -147,11 +148,12 @@ def invariance_curves(
     """Invariance scores (mean kernel-space cosine between x and T x) on ``n`` ``images`` ("test" or "train")
     images, against epochs; one panel per kernel."""
     fig, axes = _figure(len(kernels), 4.4, 3.8)
+    typed = [ResultRow.from_dict(r) for r in results]
     for ax, name in zip(axes, kernels, strict=True):
-        rows = sorted((r for r in results if r["kernel"] == name), key=lambda r: r["epoch"])
+        rows = sorted((r for r in typed if r.kernel == name), key=lambda r: r.epoch)
         for family in families:
-            points = [(r["epoch"], r.get(f"invariance_{family}", math.nan)) for r in rows]
-            points = [(e, v) for e, v in points if v is not None and math.isfinite(v)]
+            points = [(r.epoch, r.invariance.get(family, math.nan)) for r in rows]
+            points = [(e, v) for e, v in points if math.isfinite(v)]
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", color=_FAMILY_COLOURS.get(family), label=family)
@@ -175,15 +177,15 @@ def accuracy_curves(
     where no hard margin exists) and the network itself, on the same test subset."""
     fig, (ax,) = _figure(1, 6.0, 4.0)
     soft_seen = False
+    typed = [ResultRow.from_dict(r) for r in results]
     for name in kernels:
-        rows = sorted((r for r in results if r["kernel"] == name), key=lambda r: r["epoch"])
+        rows = sorted((r for r in typed if r.kernel == name), key=lambda r: r.epoch)
         colour, marker = _STYLES.get(name, ("tab:gray", "o"))
         points = []
         for r in rows:
-            hard = bool(r["svm_separable"])
-            value = r["svm_test_acc"] if hard else r.get("svm_soft_test_acc", math.nan)
-            if value is not None and math.isfinite(value):
-                points.append((r["epoch"], 100 * value, hard))
+            value, hard = r.accuracy
+            if math.isfinite(value):
+                points.append((r.epoch, 100 * value, hard))
         if not points:
             continue
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -192,7 +194,7 @@ def accuracy_curves(
         if soft:
             soft_seen = True
             ax.plot(*zip(*soft, strict=True), linestyle="none", marker=marker, color=colour, markerfacecolor="white")
-    network = sorted({r["epoch"]: r["network_test_acc"] for r in results}.items())
+    network = sorted({r.epoch: r.network_test_acc for r in typed}.items())
     colour, marker = _STYLES["network"]
     ax.plot([e for e, _ in network], [100 * a for _, a in network], color=colour, marker=marker, label="network")
     if soft_seen:
@@ -203,3 +205,37 @@ def accuracy_curves(
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def evaluation_figures(
+    folder: Path,
+    epoch: float,
+    grams: Mapping[str, Tensor],
+    spectra: Mapping[str, Mapping[float, Tensor]],
+    results: Sequence[Mapping[str, Any]],
+    kernels: Sequence[str],
+    *,
+    labels: Tensor,
+    class_names: Mapping[int, str],
+    n_train: int,
+    n_test: int,
+    families: Sequence[str],
+    n_invariance: int,
+    images: str,
+) -> dict[str, Path]:
+    """The figures after an evaluation at ``epoch``: its kernels' heatmaps and eigen-spectra (``spectra``: kernel ->
+    epoch -> eigenvalues, e.g. the initial and this epoch's), the accuracy curves and (with ``families``) the
+    invariance curves of every row; name -> path."""
+    tag = f"{epoch:g}"
+    paths = {
+        "kernel_heatmap": kernel_heatmaps(
+            folder / f"kernel_heatmap_epoch_{tag}.png", grams, labels, epoch, KERNEL_LABELS, class_names
+        ),
+        "eigenspectrum": eigenspectra(folder / f"eigenspectrum_epoch_{tag}.png", spectra, KERNEL_LABELS, n_train),
+        "accuracy": accuracy_curves(folder / "accuracy.png", results, kernels, KERNEL_LABELS, n_train, n_test),
+    }
+    if families:
+        paths["invariance"] = invariance_curves(
+            folder / "invariance.png", results, families, kernels, KERNEL_LABELS, n_invariance, images
+        )
+    return paths

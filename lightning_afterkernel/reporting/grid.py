@@ -32,8 +32,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_afterkernel._io import atomic_write_json
 from lightning_afterkernel.callbacks import AfterKernelCallback
-from lightning_afterkernel.callbacks.after_kernel import INVARIANCE_FAMILIES
+from lightning_afterkernel.callbacks.rows import INVARIANCE_FAMILIES, KERNELS, ResultRow
 from lightning_afterkernel.data import BinaryPairDataModule
+from lightning_afterkernel.data.sources import DATASETS
 from lightning_afterkernel.errors import ConfigurationError
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
@@ -41,7 +42,6 @@ log = logging.getLogger("lightning_afterkernel.reporting")
 
 CELL_FILENAME = "cell.json"
 CELL_FORMAT = 1
-DATASETS = ("mnist", "cifar10")
 ARCHITECTURES = ("vgg", "mlp")
 AUGMENTATIONS = ("noaug", "aug")
 PAPER_LR = 0.01
@@ -262,36 +262,30 @@ def _error(acc: Any) -> float | None:
     return None if acc is None or (isinstance(acc, float) and math.isnan(acc)) else 1.0 - float(acc)
 
 
-def _separable(value: Any) -> bool | None:
-    """The row's ``svm_separable`` (1/0) as a bool; None where the evaluation failed (NaN) or it is missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return bool(value)
-
-
 def _kernel_summary(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
+    r = ResultRow.from_dict(row)
     return {
-        "epoch": row["epoch"],
-        "error": row.get("error"),
-        "svm_test_error": _error(row.get("svm_test_acc")),
-        "svm_soft_test_error": _error(row.get("svm_soft_test_acc")),
-        "svm_separable": _separable(row.get("svm_separable")),
-        "network_test_error_kernel_subset": _error(row.get("network_test_acc")),
-        "invariance": {f: row.get(f"invariance_{f}") for f in INVARIANCE_FAMILIES},
-        "effective_rank": row.get("effective_rank"),
-        "alignment_to_initial": row.get("alignment_to_initial"),
-        "alignment_ntk_ck": row.get("alignment_ntk_ck"),
-        "cka_ntk_ck": row.get("cka_ntk_ck"),
-        "kta": row.get("kta"),
+        "epoch": r.epoch,
+        "error": r.error,
+        "svm_test_error": _error(r.svm_test_acc),
+        "svm_soft_test_error": _error(r.svm_soft_test_acc),
+        "svm_separable": r.separable,
+        "network_test_error_kernel_subset": _error(r.network_test_acc),
+        "invariance": {f: r.invariance.get(f) for f in INVARIANCE_FAMILIES},
+        "effective_rank": r.effective_rank,
+        "alignment_to_initial": r.alignment_to_initial,
+        "alignment_ntk_ck": r.alignment_ntk_ck,
+        "cka_ntk_ck": r.cka_ntk_ck,
+        "kta": r.kta,
     }
 
 
 def summarise(rows: list[dict[str, Any]], few_epochs: int) -> dict[str, Any]:
     """Per kernel: the ``initial`` (epoch 0), ``few`` (epoch ``few_epochs``, if reached) and ``end`` rows."""
     out: dict[str, Any] = {}
-    for kernel in ("ntk", "ck"):
+    for kernel in KERNELS:
         mine = sorted((r for r in rows if r["kernel"] == kernel), key=lambda r: r["epoch"])
         by_epoch = {r["epoch"]: r for r in mine}
         out[kernel] = {

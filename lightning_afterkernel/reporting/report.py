@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_afterkernel.callbacks.rows import INVARIANCE_FAMILIES, KERNEL_LABELS, KERNELS, ResultRow
 from lightning_afterkernel.errors import ConfigurationError
 from lightning_afterkernel.reporting.grid import (
     ARCHITECTURES,
@@ -24,7 +25,6 @@ from lightning_afterkernel.reporting.grid import (
     scale_key,
 )
 
-FAMILIES = ("globalness", "shift", "rotation", "zoom")
 SMALL_TRANSFORMS = ("shift", "rotation", "zoom")
 STAGES = ("initial", "few", "end")
 LABELS = {
@@ -178,9 +178,9 @@ def _failure(d: dict[str, Any], kernel: str, summary: dict[str, Any]) -> str:
     """Why a kernel summary has no SVM error: its ``error`` (or, in older cell files, its row's), else a fallback."""
     if summary.get("error"):
         return str(summary["error"])
-    for row in d.get("rows") or []:
-        if row.get("kernel") == kernel and row.get("epoch") == summary.get("epoch") and row.get("error"):
-            return str(row["error"])
+    for row in map(ResultRow.from_dict, d.get("rows") or []):
+        if row.kernel == kernel and row.epoch == summary.get("epoch") and row.error:
+            return row.error
     if summary.get("svm_separable") is False:
         return "no hard margin and no soft-margin result"
     return "no SVM result"
@@ -477,7 +477,7 @@ def claim_augmentation(runs: dict[str, list[dict[str, Any]]]) -> Claim:
 def _initial_signature(seeds: list[dict[str, Any]]) -> str:
     """The initial-kernel SVM results of a cell by seed: cells of one dataset-architecture pair share them (same seed,
     initialisation and kernel subsets), so their initial comparisons are one comparison, not several."""
-    fields = [(k, f) for k in ("ntk", "ck") for f in ("svm_test_error", "svm_soft_test_error")]
+    fields = [(k, f) for k in KERNELS for f in ("svm_test_error", "svm_soft_test_error")]
     return json.dumps([[d["seed"]] + [_get(d, ("kernels", k, "initial", f)) for k, f in fields] for d in seeds])
 
 
@@ -634,20 +634,20 @@ def failures(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     """One line per failed SVM evaluation (cell, seed, kernel, stage and the error)."""
     lines = []
     for name in _ordered(runs):
-        for kernel in ("ntk", "ck"):
+        for kernel in KERNELS:
             for stage in STAGES:
                 for seed, message in svm_errors(runs[name], kernel, stage).failed.items():
-                    lines.append(f"- {name} seed {seed}, {kernel.upper()} {stage}: {message}")
+                    lines.append(f"- {name} seed {seed}, {KERNEL_LABELS[kernel]} {stage}: {message}")
     return lines
 
 
 def invariance_table(runs: dict[str, list[dict[str, Any]]], kernel: str) -> list[str]:
-    head = " | ".join(f"{f} initial | {f} end" for f in FAMILIES)
-    lines = [f"| cell | {head} |", "|---|" + "---|" * (2 * len(FAMILIES))]
+    head = " | ".join(f"{f} initial | {f} end" for f in INVARIANCE_FAMILIES)
+    lines = [f"| cell | {head} |", "|---|" + "---|" * (2 * len(INVARIANCE_FAMILIES))]
     for name in _ordered(runs):
         s = runs[name]
         vals = []
-        for fam in FAMILIES:
+        for fam in INVARIANCE_FAMILIES:
             for stage in ("initial", "end"):
                 vals.append(stat(s, "kernels", kernel, stage, "invariance", fam).fmt())
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
@@ -730,9 +730,11 @@ def draw_figures(runs: dict[str, list[dict[str, Any]]], figures_dir: Path) -> li
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(4 * len(FAMILIES), 4), sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(INVARIANCE_FAMILIES), figsize=(4 * len(INVARIANCE_FAMILIES), 4), sharex=True, sharey=True
+    )
     colours = plt.get_cmap("tab20").colors
-    for ax, fam in zip(axes, FAMILIES, strict=True):
+    for ax, fam in zip(axes, INVARIANCE_FAMILIES, strict=True):
         for i, name in enumerate(names):
             init = stat(runs[name], "kernels", "ntk", "initial", "invariance", fam)
             end = stat(runs[name], "kernels", "ntk", "end", "invariance", fam)
@@ -806,8 +808,8 @@ def render(runs: dict[str, list[dict[str, Any]]], figure_paths: list[Path], md_d
     failed = failures(runs)
     if failed:
         out += ["", "Failed evaluations (from the cell files' `error` fields):", "", *failed]
-    for kernel in ("ntk", "ck"):
-        out += ["", f"## Invariance scores, {kernel.upper()} (mean cosine of x and T x in kernel space)", ""]
+    for kernel in KERNELS:
+        out += ["", f"## Invariance scores, {KERNEL_LABELS[kernel]} (mean cosine of x and T x in kernel space)", ""]
         out += invariance_table(runs, kernel)
     out += ["", "## Kernel structure and cost", ""]
     out += [

@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_afterkernel.callbacks import AfterKernelCallback, after_kernel
+from lightning_afterkernel.callbacks import AfterKernelCallback, evaluation
 from lightning_afterkernel.models import MLPClassifier
 
 
@@ -30,7 +30,7 @@ def toy_inputs() -> torch.Tensor:
 
 def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> AfterKernelCallback:
     calls = []
-    engine = after_kernel.empirical_ntk_train_test
+    engine = evaluation.empirical_ntk_train_test
 
     def recording(*args, **kwargs):
         k_train, k_test = engine(*args, **kwargs)
@@ -38,7 +38,7 @@ def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> Af
         calls.append({"shard": kwargs.get("shard"), "nonzero": computed, "total": k_train.numel() + k_test.numel()})
         return k_train, k_test
 
-    after_kernel.empirical_ntk_train_test = recording
+    evaluation.empirical_ntk_train_test = recording
     try:
         pl.seed_everything(0)
         loader = DataLoader(TensorDataset(toy_inputs(), torch.arange(400) % 2), batch_size=50)
@@ -69,7 +69,7 @@ def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> Af
         model = MLPClassifier(input_shape=(1, 8, 8), width=16)
         trainer.fit(model, loader, loader, ckpt_path=str(out / "ckpt" / "last.ckpt") if mode == "resume" else None)
     finally:
-        after_kernel.empirical_ntk_train_test = engine
+        evaluation.empirical_ntk_train_test = engine
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"calls": calls, "done": callback.done_epochs}))
     if trainer.is_global_zero:
         torch.save(model.state_dict(), out / "final.pt")

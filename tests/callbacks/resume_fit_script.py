@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_afterkernel.callbacks import AfterKernelCallback
+from lightning_afterkernel.callbacks import AfterKernelCallback, evaluation
 from lightning_afterkernel.models import MLPClassifier
 
 
@@ -27,16 +27,19 @@ class HangingCallback(AfterKernelCallback):
         self.hang = int(os.environ.get("AFTERKERNEL_TEST_HANG_EPOCH", -1))
         self.batch_sleep = float(os.environ.get("AFTERKERNEL_TEST_BATCH_SLEEP", 0))
         self.now = None
+        compute = evaluation.compute_kernel
+
+        def hanging(*args, **kwargs):
+            if self.now == self.hang:
+                (self.out / "hanging").write_text(str(self.now))
+                time.sleep(600)
+            return compute(*args, **kwargs)
+
+        evaluation.compute_kernel = hanging  # this script's process only
 
     def _evaluate(self, trainer, pl_module, epoch=0):
         self.now = epoch
         super()._evaluate(trainer, pl_module, epoch)
-
-    def _compute_kernel(self, trainer, name, model, shard=None):
-        if self.now == self.hang:
-            (self.out / "hanging").write_text(str(self.now))
-            time.sleep(600)
-        return super()._compute_kernel(trainer, name, model, shard)
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         time.sleep(self.batch_sleep)

@@ -26,8 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel._io import finite_or_none
-from lightning_afterkernel.callbacks import AfterKernelCallback
-from lightning_afterkernel.callbacks import after_kernel as after_kernel_module
+from lightning_afterkernel.callbacks import AfterKernelCallback, _figures, evaluation
 from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
 from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, empirical_ntk_train_test
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
@@ -199,7 +198,7 @@ def test_a_gpu_trainer_computes_the_kernels_on_the_card(tmp_path, monkeypatch):
         seen.append((next(model.parameters()).device.type, str(kwargs["device"])))
         return original(model, x_train, x_test, **kwargs)
 
-    monkeypatch.setattr(after_kernel_module, "empirical_ntk_train_test", spy)
+    monkeypatch.setattr(evaluation, "empirical_ntk_train_test", spy)
     runs = {}
     for accelerator in ("gpu", "cpu"):
         pl.seed_everything(0)
@@ -298,8 +297,8 @@ def test_implementation_and_memory_budget_reach_the_engine(tmp_path, implementat
     model = wide_mlp()
     initial = copy.deepcopy(model)
     make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=ToyData())
-    x_tr = ToyData().x_train[cb._indices["train"]]
-    y_tr = ToyData().y_train[cb._indices["train"]]
+    x_tr = ToyData().x_train[cb._record.indices["train"]]
+    y_tr = ToyData().y_train[cb._record.indices["train"]]
     expected = HardMarginSVM().fit(empirical_ntk(initial, x_tr).double(), y_tr)
     assert cb.results[0]["svm_n_support"] == expected.n_support_
 
@@ -324,7 +323,7 @@ def test_logged_accuracy_matches_an_independent_computation(tmp_path):
     make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=dm)
 
     model.load_state_dict(initial)
-    idx_tr, idx_te = cb._indices["train"], cb._indices["test"]
+    idx_tr, idx_te = cb._record.indices["train"], cb._record.indices["test"]
     x_tr, y_tr = dm.x_train[idx_tr], dm.y_train[idx_tr]
     x_te, y_te = dm.x_test[idx_te], dm.y_test[idx_te]
     for name, fn in (("ntk", empirical_ntk), ("ck", conjugate_kernel)):
@@ -442,7 +441,7 @@ def test_resume_restores_results_and_initial_kernel(tmp_path):
     )
     assert resumed.done_epochs == [0, 1, 3]
     assert json.dumps(resumed.results[: len(first)]) == json.dumps(first)  # restored, not recomputed
-    assert torch.equal(resumed._initial_kernels["ntk"], cb._initial_kernels["ntk"])
+    assert torch.equal(resumed._record.initial_kernels["ntk"], cb._record.initial_kernels["ntk"])
     late = [r for r in resumed.results if r["epoch"] == 3]
     assert all(0 < r["alignment_to_initial"] < 1 for r in late)
 
@@ -477,7 +476,7 @@ def test_a_resumed_fit_refuses_invariance_scores_of_other_images(tmp_path, rows_
         wide_mlp(), datamodule=ToyData(), ckpt_path=last
     )
     assert again.done_epochs[0] == (0 if epochs else 2) and again.done_epochs[-1] == 4
-    assert small_callback(n_invariance=0)._images_conflict("train", first.results, "x") is None  # no new scores
+    assert small_callback(n_invariance=0)._record.images_conflict("train", first.results, "x") is None  # no new scores
 
 
 def test_resume_catches_up_an_epoch_the_checkpoint_missed(tmp_path):
@@ -528,7 +527,7 @@ def test_resume_from_a_checkpoint_without_callback_state_never_calls_trained_wei
         wide_mlp(), datamodule=ToyData(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     assert cb.done_epochs == [2, 3]
-    assert cb._initial_kernels == {}
+    assert cb._record.initial_kernels == {}
     assert all(math.isnan(r["alignment_to_initial"]) for r in cb.results)
     assert "initial" not in cb.summary_table()
 
@@ -578,7 +577,7 @@ def test_network_accuracy_with_plus_minus_one_labels(tmp_path):
     initial = copy.deepcopy(model)
     cb = small_callback(epochs=[0], at_end=False, kernels=["ntk"])
     make_trainer(tmp_path, [cb], max_epochs=1).fit(model, datamodule=dm)
-    idx = cb._indices["test"]
+    idx = cb._record.indices["test"]
     with torch.no_grad():
         expected = float(((initial(dm.x_test[idx]) > 0) == (dm.y_test[idx] > 0)).double().mean())
     assert cb.results[0]["network_test_acc"] == pytest.approx(expected)
@@ -824,7 +823,7 @@ def test_non_finite_kernel_names_the_epoch_and_kernel(tmp_path, on_error):
     assert trainer.current_epoch == 1
     (row,) = cb.results
     assert row["kernel"] == "ntk" and "non-finite" in row["error"] and math.isnan(row["svm_test_acc"])
-    assert cb._initial_kernels == {}
+    assert cb._record.initial_kernels == {}
 
 
 @pytest.mark.parametrize("on_error", ["raise", "warn"])
@@ -910,7 +909,7 @@ def test_a_corrupt_initial_kernels_file_is_recomputed_from_the_epoch_0_weights(t
     with pytest.warns(UserWarning, match="unreadable.*recomputing the epoch-0"):
         repaired, repaired_model = _resume(tmp_path, last)
     for name in ("ntk", "ck"):
-        ours, theirs = repaired._initial_kernels[name], first._initial_kernels[name]
+        ours, theirs = repaired._record.initial_kernels[name], first._record.initial_kernels[name]
         assert float((ours - theirs).norm() / theirs.norm()) <= 1e-6
     keys = ("alignment_to_initial", "cka_to_initial", "distance_to_initial")
     late = [r[k] for r in repaired.results if r["epoch"] == 2 for k in keys]
@@ -1061,7 +1060,7 @@ def test_a_test_loader_that_only_works_after_setup_test_falls_back_to_validation
     make_trainer(tmp_path, [cb], max_epochs=1).fit(wide_mlp(), datamodule=DocsStyle())
     assert cb.done_epochs == [0]
     x_val = toy_data(48, 1)[0]
-    assert all(any(torch.equal(x, v) for v in x_val) for x in cb._data["test"][0])
+    assert all(any(torch.equal(x, v) for v in x_val) for x in cb._subsets.x_test)
 
 
 @pytest.mark.parametrize("why", ["no validation_step", "limit_val_batches=0", "no loader at all"])
@@ -1114,7 +1113,7 @@ def test_a_datasets_random_transforms_leave_training_unchanged(tmp_path):
 
 def test_a_kernel_that_fails_at_the_last_evaluation_keeps_its_curve(tmp_path, monkeypatch):
     calls, drawn = [], []
-    real_ntk, real_curves = after_kernel_module.empirical_ntk_train_test, after_kernel_module._figures.accuracy_curves
+    real_ntk, real_curves = evaluation.empirical_ntk_train_test, _figures.accuracy_curves
 
     def failing_third(*args, **kwargs):
         calls.append(1)
@@ -1126,8 +1125,8 @@ def test_a_kernel_that_fails_at_the_last_evaluation_keeps_its_curve(tmp_path, mo
         drawn.append(list(kernels))
         return real_curves(path, results, kernels, *rest)
 
-    monkeypatch.setattr(after_kernel_module, "empirical_ntk_train_test", failing_third)
-    monkeypatch.setattr(after_kernel_module._figures, "accuracy_curves", spy)
+    monkeypatch.setattr(evaluation, "empirical_ntk_train_test", failing_third)
+    monkeypatch.setattr(_figures, "accuracy_curves", spy)
     cb = small_callback(epochs=[0, 1, 2], at_end=False, figures=True, dirpath=str(tmp_path), n_invariance=0)
     with pytest.warns(UserWarning, match="out of memory"):
         make_trainer(tmp_path, [cb], max_epochs=2).fit(wide_mlp(), datamodule=ToyData())

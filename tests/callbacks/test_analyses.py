@@ -138,8 +138,8 @@ def test_every_new_metric_equals_a_direct_computation(tmp_path, images):
     make_trainer(tmp_path, [cb], max_epochs=2, logger=logger).fit(model, datamodule=dm)
     assert cb.done_epochs == [0, 2]
 
-    x_tr, y_tr = dm.x_train[cb._indices["train"]], dm.y_train[cb._indices["train"]]
-    x_inv = x_tr if images == "train" else dm.x_test[cb._indices["test"]]
+    x_tr, y_tr = dm.x_train[cb._record.indices["train"]], dm.y_train[cb._record.indices["train"]]
+    x_inv = x_tr if images == "train" else dm.x_test[cb._record.indices["test"]]
     functions = {"ntk": empirical_ntk, "ck": conjugate_kernel}
     k0 = {name: fn(initial, x_tr).double() for name, fn in functions.items()}
     for epoch, net in ((0, initial), (2, model)):
@@ -188,7 +188,7 @@ def test_n_invariance_zero_turns_scores_off_and_large_values_use_the_whole_subse
         initial = copy.deepcopy(model)
         dm = ToyData()
         make_trainer(folder, [big], logger=logger).fit(model, datamodule=dm)
-        x = (dm.x_test if images == "test" else dm.x_train)[big._indices[images]]
+        x = (dm.x_test if images == "test" else dm.x_train)[big._record.indices[images]]
         assert len(x) == n
         expected = invariance_scores(initial, x, kernel="ck")  # every image of the subset
         assert big.results[0]["invariance_rotation"] == pytest.approx(expected["rotation"], rel=1e-5)
@@ -276,7 +276,7 @@ def test_saved_kernels_load_and_match(tmp_path):
         "epoch_1_ntk.pt",
     ]
 
-    idx_tr, idx_te = cb._indices["train"], cb._indices["test"]
+    idx_tr, idx_te = cb._record.indices["train"], cb._record.indices["test"]
     x_tr, x_te = dm.x_train[idx_tr], dm.x_test[idx_te]
     for epoch, net in ((0, initial), (1, model)):
         for name, fn in (("ntk", empirical_ntk), ("ck", conjugate_kernel)):
@@ -328,7 +328,7 @@ def test_resume_keeps_the_new_fields_and_measures_against_the_saved_initial_kern
     late = [r for r in resumed.results if r["epoch"] == 2]
     assert all(r["distance_to_initial"] > 0 and 0 < r["cka_to_initial"] < 1 for r in late)
     assert (tmp_path / "out" / "figures" / "eigenspectrum_epoch_2.png").is_file()
-    assert set(resumed._initial_spectra) == {"ntk", "ck"}  # the initial spectrum recomputed from the side file
+    assert set(resumed._record.initial_spectra) == {"ntk", "ck"}  # the initial spectrum recomputed from the side file
 
 
 def test_model_without_features_gets_every_ntk_analysis_and_no_ck(tmp_path):
