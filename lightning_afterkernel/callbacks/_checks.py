@@ -8,12 +8,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
+from lightning_afterkernel.callbacks.evaluation import Subsets
 from lightning_afterkernel.callbacks.rows import INVARIANCE_IMAGES, KERNEL_LABELS
-from lightning_afterkernel.errors import ConfigurationError
-from lightning_afterkernel.kernels import IMPLEMENTATIONS, has_features_method, parse_memory_budget
+from lightning_afterkernel.errors import ConfigurationError, DataError, ModelError
+from lightning_afterkernel.kernels import IMPLEMENTATIONS, eval_mode, has_features_method, parse_memory_budget
 from lightning_afterkernel.svm import HardMarginSVM
 
 
@@ -114,3 +116,49 @@ def usable_kernels(model: nn.Module, kernels: Sequence[str]) -> list[str]:
         "the penultimate features (n, d) to get the CK."
     )
     return [k for k in kernels if k != "ck"]
+
+
+BINARY_LABELS = ({0, 1}, {-1, 1})
+"""The label sets the SVMs and the network's accuracy read as two classes."""
+
+
+def _outputs(model: nn.Module, x: Tensor) -> object:
+    """The model's output on ``x``: eval mode, no grad, its train/eval flags restored."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and x.is_floating_point() else x.dtype
+    with torch.no_grad(), eval_mode(model):
+        return model(x.to(device, dtype))
+
+
+def check_model_and_labels(model: nn.Module, subsets: Subsets, n: int = 4) -> None:
+    """Refuse, before any training step, what the kernels, the SVMs and the network's accuracy cannot use: the
+    model's output on the first ``n`` training examples must be one logit per example, shape (n,) or (n, 1)
+    (:class:`ModelError` otherwise), and the kernel subsets' labels two classes, 0 and 1 (or -1 and 1), both in the
+    train subset (:class:`DataError` otherwise)."""
+    x = subsets.x_train[:n]
+    out = _outputs(model, x)
+    if not isinstance(out, Tensor) or tuple(out.shape) not in ((len(x),), (len(x), 1)):
+        found = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"type {type(out).__name__}"
+        raise ModelError(
+            f"AfterKernelCallback: {type(model).__name__} returns {found} on {len(x)} training examples; the kernels "
+            f"need one logit per example, shape ({len(x)},) or ({len(x)}, 1) (a binary classifier's logit). Make "
+            "forward return it, e.g. `self.head(h).squeeze(-1)` with a head of one output."
+        )
+    for split, y in (("train", subsets.y_train), ("test", subsets.y_test)):
+        if y.is_floating_point():
+            raise DataError(
+                f"AfterKernelCallback: the {split} subset's labels are not whole numbers (e.g. "
+                f"{[round(v, 4) for v in y[:4].tolist()]}); the SVM needs class labels 0 and 1 (or -1 and 1)."
+            )
+    train, test = (set(torch.unique(y).tolist()) for y in (subsets.y_train, subsets.y_test))
+    if len(train) != 2:
+        raise DataError(
+            f"AfterKernelCallback: the {len(subsets.y_train)}-example train subset has labels {sorted(train)}; the SVM "
+            "needs two classes. Use a binary dataset, a larger n_train, or another seed."
+        )
+    if not any(train | test <= labels for labels in BINARY_LABELS):
+        raise DataError(
+            f"AfterKernelCallback: the kernel subsets have labels {sorted(train)} (train) and {sorted(test)} (test); "
+            "two classes labelled 0 and 1 (or -1 and 1) are supported. Map the dataset's classes to 0 and 1."
+        )

@@ -22,6 +22,7 @@ from lightning_afterkernel.callbacks._checks import (
     check_computation,
     check_invariance,
     check_kernels,
+    check_model_and_labels,
     check_outputs,
     check_schedule,
     check_svm,
@@ -123,7 +124,8 @@ class AfterKernelCallback(pl.Callback):
     Data: the subsets come from the datamodule's ``tensors(split)``, its datasets or dataloaders, or the dataloaders
     given to ``fit`` (:mod:`~lightning_afterkernel.callbacks.sources`); any map-style dataset returning ``(x, y)``
     with binary ``y`` works, and the global random state is left as it was, so training draws the same numbers with
-    or without the callback.
+    or without the callback. The model's output and the labels are checked at fit start, before any training step:
+    one logit per example, (n,) or (n, 1), with labels 0 and 1 (or -1 and 1).
 
     Distributed runs (DDP, any number of devices and nodes): every rank computes a cost-balanced share of the NTK and
     one all-reduce gives every rank the exact kernel; the CK, the SVM, the analyses, logging and files are global
@@ -258,7 +260,7 @@ class AfterKernelCallback(pl.Callback):
         plus, minus = getattr(dm, "plus_class", None), getattr(dm, "minus_class", None)
         self._class_names = {0: f"{minus} (y=0)", 1: f"{plus} (y=1)"} if None not in (plus, minus) else {}
         if has_data(trainer):
-            self._draw(trainer)  # bad sizes or one-class subsets fail before training
+            self._draw(trainer)  # sizes larger than the data fail before training
         if self.epochs and trainer.max_epochs not in (None, -1) and self.epochs[-1] > trainer.max_epochs:
             late = [e for e in self.epochs if e > trainer.max_epochs]
             rank_zero_warn(
@@ -271,6 +273,7 @@ class AfterKernelCallback(pl.Callback):
             return
         if self._subsets is None:
             self._draw(trainer)
+        check_model_and_labels(pl_module, self._subsets)  # before any training step and any kernel
         completed = trainer.current_epoch
         at_boundary = _lightning.at_epoch_boundary(trainer)
         if trainer.global_step > 0:

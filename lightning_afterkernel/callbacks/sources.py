@@ -87,22 +87,25 @@ def find_source(trainer: pl.Trainer, split: str) -> tuple[Tensor, Tensor] | Any:
 
 
 def _take(source: tuple[Tensor, Tensor] | Any, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """The examples ``idx`` of tensors or a dataset, labels as a flat int64 tensor."""
+    """The examples ``idx`` of tensors or a dataset, labels flat: int64 when they are whole numbers, else as they
+    are (for the label check at fit start to refuse)."""
     if isinstance(source, tuple):
         x, y = source[0][idx], source[1][idx]
     else:
         with global_rng_untouched():  # a dataset's random transforms must not shift training's draws
             items = [source[int(i)] for i in idx]
         x = torch.stack([torch.as_tensor(it[0]) for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items])
-    return x, y.long().flatten()
+        y = torch.as_tensor([torch.as_tensor(it[1]).item() for it in items])
+    y = y.flatten()
+    return x, y if y.is_floating_point() and not torch.equal(y, y.round()) else y.long()
 
 
 def draw_subsets(
     trainer: pl.Trainer, n_train: int, n_test: int, seed: int, indices: Mapping[str, Tensor]
 ) -> tuple[Subsets, dict[str, Tensor]]:
     """The kernel subsets and their positions in the data: ``indices`` where they fit the data (a restored
-    checkpoint's), else a draw from ``torch.Generator`` seeded ``seed`` (train) and ``seed + 1`` (test)."""
+    checkpoint's), else a draw from ``torch.Generator`` seeded ``seed`` (train) and ``seed + 1`` (test). The labels
+    are checked at fit start (:func:`~lightning_afterkernel.callbacks._checks.check_model_and_labels`)."""
     data, drawn = {}, {}
     for split, n in (("train", n_train), ("test", n_test)):
         source = find_source(trainer, split)
@@ -117,10 +120,4 @@ def draw_subsets(
             idx = torch.randperm(size, generator=torch.Generator().manual_seed(seed + (split == "test")))[:n]
         drawn[split] = idx
         data[split] = _take(source, idx)
-        classes = torch.unique(data[split][1]).tolist()
-        if split == "train" and len(classes) != 2:
-            raise DataError(
-                f"AfterKernelCallback: the {n}-example {split} subset has labels {classes}; the SVM needs two "
-                "classes. Use a binary dataset, a larger n_train, or another seed."
-            )
     return Subsets(*data["train"], *data["test"]), drawn

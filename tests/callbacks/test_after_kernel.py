@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel._io import finite_or_none
 from lightning_afterkernel.callbacks import AfterKernelCallback, _figures, evaluation
-from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError
+from lightning_afterkernel.errors import ConfigurationError, DataError, KernelError, ModelError
 from lightning_afterkernel.kernels import conjugate_kernel, empirical_ntk, empirical_ntk_train_test
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 from lightning_afterkernel.svm import HardMarginSVM
@@ -395,6 +396,68 @@ def test_one_class_training_subset_is_an_error(tmp_path):
         make_trainer(tmp_path, [small_callback()], max_epochs=1).fit(
             MLPClassifier(input_shape=SHAPE, width=8), datamodule=dm
         )
+
+
+class ManyLogits(PlainLogit):
+    """A softmax-style classifier: ``shape`` outputs per example, with penultimate features (so the CK applies)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.net[-1] = nn.Linear(8, math.prod(shape))
+
+    def forward(self, x):
+        return self.net(x).reshape(len(x), *self.shape)
+
+    def features(self, x):
+        return self.net[:-1](x)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+
+class Steps(pl.Callback):
+    """Counts the training batches that started."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, *args) -> None:
+        self.batches += 1
+
+
+@pytest.mark.parametrize(
+    ("kernels", "shape"), [(["ntk"], (2,)), (["ck"], (2,)), (["ntk", "ck"], (2,)), (["ntk", "ck"], (2, 3))]
+)
+def test_an_output_the_kernels_cannot_use_is_refused_before_any_training_step(tmp_path, kernels, shape):
+    """With epochs=[1] nothing would be computed before a whole epoch has trained: the model is checked at fit start,
+    for every kernel choice (kernels=['ck'] used to fail with a bare RuntimeError from the network-accuracy line)."""
+    steps = Steps()
+    cb = small_callback(epochs=[1], kernels=kernels)
+    trainer = make_trainer(tmp_path, [steps, cb], max_epochs=2)
+    expected = re.escape(f"ManyLogits returns shape (4, {', '.join(map(str, shape))}) on 4 training examples")
+    with pytest.raises(ModelError, match=expected + r".*one logit per example, shape \(4,\) or \(4, 1\)"):
+        trainer.fit(ManyLogits(shape), datamodule=ToyData())
+    assert steps.batches == 0 and trainer.global_step == 0 and cb.results == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        ((0, 2), r"labels \[0, 2\] \(train\).*0 and 1 \(or -1 and 1\) are supported"),
+        ((0.25, 0.75), r"train subset's labels are not whole numbers \(e.g. \[0.25, 0.75"),
+    ],
+)
+def test_labels_the_svm_cannot_use_are_refused_before_any_training_step(tmp_path, labels, match):
+    dm = ToyData()
+    for split in ("train", "test"):
+        y = getattr(dm, f"y_{split}")
+        setattr(dm, f"y_{split}", torch.where(y == 0, labels[0], labels[1]))
+    steps = Steps()
+    trainer = make_trainer(tmp_path, [steps, small_callback(epochs=[1], kernels=["ntk"])], max_epochs=2)
+    with pytest.raises(DataError, match=match):
+        trainer.fit(PlainLogit(), datamodule=dm)
+    assert steps.batches == 0 and trainer.global_step == 0
 
 
 @pytest.mark.parametrize("soft_margin_c", [1.0, None])

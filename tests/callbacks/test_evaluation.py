@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lightning_afterkernel.callbacks._checks import check_model_and_labels
 from lightning_afterkernel.callbacks.evaluation import (
     AnalysisOptions,
     KernelOptions,
@@ -28,6 +29,7 @@ from lightning_afterkernel.callbacks.rows import (
     logged_metrics,
 )
 from lightning_afterkernel.callbacks.summary import summary_table
+from lightning_afterkernel.errors import DataError, ModelError
 from lightning_afterkernel.invariance import invariance_scores
 from lightning_afterkernel.kernels import (
     centered_kernel_alignment,
@@ -203,3 +205,18 @@ def test_the_summary_table_reads_rows():
     assert lines["CK kernel-target alignment"][-2:] == ["-", "0.500"]
     assert lines["CK rotation"][-2:] == ["-", "0.250"] and "NTK rotation" in lines
     assert "(soft): no hard-margin SVM" in table and "over 10 test images" in table
+
+
+def test_the_model_check_accepts_one_logit_per_example_and_restores_the_modes():
+    data = subsets()
+    model = mlp().train()
+    check_model_and_labels(model, data)  # (n,) logits, labels 0/1
+    assert model.training
+    column = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))  # (n, 1), labels -1/1
+    check_model_and_labels(column, Subsets(data.x_train, 2 * data.y_train - 1, data.x_test, 2 * data.y_test - 1))
+    pair = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(ModelError, match=r"Sequential returns shape \(3, 2\) on 3 training examples"):
+        check_model_and_labels(pair, data, n=3)
+    mixed = Subsets(data.x_train, data.y_train, data.x_test, 2 * data.y_test - 1)  # 0/1 and -1/1 together
+    with pytest.raises(DataError, match=r"labels \[0, 1\] \(train\) and \[-1, 1\] \(test\)"):
+        check_model_and_labels(model, mixed)
