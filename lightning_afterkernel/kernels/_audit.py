@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.kernels import _structured as st
+from lightning_afterkernel.kernels._model import Outputs, check_logits
 
 AUDIT_EXAMPLES = 4
 """Examples the audit runs on (the first of the chunk the engine probes)."""
@@ -38,23 +39,34 @@ AUDIT_SEED = 20210521
 
 
 def audit_capture(
-    model: nn.Module, trainable: dict[str, Tensor], fixed: dict[str, Tensor], layers: list[st.Layer], x: Tensor
+    model: nn.Module,
+    trainable: dict[str, Tensor],
+    fixed: dict[str, Tensor],
+    layers: list[st.Layer],
+    x: Tensor,
+    select: Outputs | None = None,
 ) -> None:
     """Raise :class:`~._structured.Unsupported` naming the first trainable tensor whose gradient the capture
-    (with the forms already chosen for ``layers``) does not reproduce exactly on ``x[:AUDIT_EXAMPLES]``."""
+    (with the forms already chosen for ``layers``, and the logits and layout of ``select``; None: the model's one
+    logit) does not reproduce exactly on ``x[:AUDIT_EXAMPLES]``."""
     x = x[:AUDIT_EXAMPLES]
+    select = select or Outputs(1, None, False, False)
     try:
         state = {name: _float64(t) for name, t in trainable.items()}
         fixed = {name: _float64(t) for name, t in fixed.items()}
         x = _float64(x.detach())
-        weights = torch.randn(len(x), generator=torch.Generator().manual_seed(AUDIT_SEED), dtype=torch.float64)
-        weights = weights.to(x.device)
-        truth = _autograd(model, state, fixed, x, weights)
-        captured, _ = st.capture_any(model, {**state, **fixed}, layers, x)
-        factors = st.factors(layers, captured, st.new_factors(layers, captured, len(x), weights))
+        generator = torch.Generator().manual_seed(AUDIT_SEED)
+        weights = torch.randn(len(x), select.count, generator=generator, dtype=torch.float64).to(x.device)
+        truth = _autograd(model, state, fixed, x, weights, select)
+        captured, _ = st.capture_any(model, {**state, **fixed}, layers, x, logits=select.logits)
+        blank = st.new_factors(layers, captured[0], len(x), weights, select.count, select.stacked)
+        factors = st.factors(layers, captured, blank)
     except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an operator without a float64 kernel
         raise st.Unsupported(f"the capture could not be audited in float64 ({type(err).__name__}: {err})") from err
-    implied = _implied(layers, factors, weights)
+    implied: dict[str, Tensor] = {}
+    for c in range(select.count):
+        for name, part in _implied(layers, factors.logit(c), weights[:, c]).items():
+            implied[name] = implied[name] + part if name in implied else part
     errors, sizes = {}, []
     for name, reference in truth.items():
         got = implied.get(name, torch.zeros_like(reference))
@@ -63,7 +75,7 @@ def audit_capture(
     scale = math.hypot(*sizes)  # the size of the whole gradient, which the kernel's accuracy is relative to
     for name, error in errors.items():
         if error > AUDIT_TOLERANCE * scale:
-            raise st.Unsupported(_reason(name, layers, captured, error / max(float(truth[name].norm()), 1e-300)))
+            raise st.Unsupported(_reason(name, layers, captured[0], error / max(float(truth[name].norm()), 1e-300)))
 
 
 def _float64(tensor: Tensor) -> Tensor:
@@ -71,13 +83,15 @@ def _float64(tensor: Tensor) -> Tensor:
 
 
 def _autograd(
-    model: nn.Module, state: dict[str, Tensor], fixed: dict[str, Tensor], x: Tensor, weights: Tensor
+    model: nn.Module, state: dict[str, Tensor], fixed: dict[str, Tensor], x: Tensor, weights: Tensor, select: Outputs
 ) -> dict[str, Tensor]:
-    """The gradient of sum_i w_i f(x_i) with respect to every trainable tensor (zeros where it is unused)."""
+    """The gradient of sum_i sum_c w_ic f_c(x_i) over the selected logits c with respect to every trainable tensor
+    (zeros where it is unused)."""
     leaves = {name: t.clone().requires_grad_(True) for name, t in state.items()}
     out = functional_call(model, {**leaves, **fixed}, (x.clone(),))  # (a forward may change its input in place)
-    st.check_logits(out, x)
-    grads = torch.autograd.grad((weights * out.reshape(len(x))).sum(), list(leaves.values()), allow_unused=True)
+    check_logits(out, x)
+    out = out.reshape(len(x), -1) if select.logits is None else out.reshape(len(x), -1)[:, list(select.logits)]
+    grads = torch.autograd.grad((weights * out).sum(), list(leaves.values()), allow_unused=True)
     return {name: torch.zeros_like(t) if g is None else g for (name, t), g in zip(leaves.items(), grads, strict=True)}
 
 

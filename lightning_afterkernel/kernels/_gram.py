@@ -90,13 +90,32 @@ def _k_block(a: Tensor, b: Tensor) -> int | None:
 
 
 def paired(f1: Factors, f2: Factors) -> Tensor:
-    """K(x1[i], x2[i]) for the rows of two blocks of equal length."""
+    """K(x1[i], x2[i]) for the examples of two blocks of equal length: (b,), or (b, s, s) for stacked logits."""
+    if f1.stacked:
+        return _paired_blocks(f1, f2)
     out = (f1.jac * f2.jac).sum(1) if f1.jac is not None else f1.pairs[0][0].new_zeros(len(f1))
     for (l1, r1), (l2, r2) in zip(f1.pairs, f2.pairs, strict=True):
         if l1.shape[1] == 1:
             out += (l1[:, 0] * l2[:, 0]).sum(1) * (r1[:, 0] * r2[:, 0]).sum(1)
         else:
             out += ((l1 @ l2.mT) * (r1 @ r2.mT)).sum((1, 2))
+    return out
+
+
+def _paired_blocks(f1: Factors, f2: Factors) -> Tensor:
+    """The (s, s) block K(x1[i], x2[i]) of every pair of the s stacked logits, for each example i."""
+    b, s = len(f1), f1.logits
+    like = f1.jac if f1.jac is not None else f1.pairs[0][1]
+    out = like.new_zeros(b, s, s)
+    if f1.jac is not None:
+        out += f1.jac.reshape(b, s, -1) @ f2.jac.reshape(b, s, -1).mT
+    for (l1, r1), (l2, r2) in zip(f1.pairs, f2.pairs, strict=True):
+        left1, left2 = l1.reshape(b, s, *l1.shape[1:])[:, 0], l2.reshape(b, s, *l2.shape[1:])[:, 0]  # (b, T, d)
+        right1, right2 = r1.reshape(b, s, *r1.shape[1:]), r2.reshape(b, s, *r2.shape[1:])  # (b, s, T, p)
+        if l1.shape[1] == 1:
+            out += (left1[:, 0] * left2[:, 0]).sum(1)[:, None, None] * (right1[:, :, 0] @ right2[:, :, 0].mT)
+        else:
+            out += torch.einsum("ntu,natp,nbup->nab", left1 @ left2.mT, right1, right2)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,14 +22,25 @@ State = dict[str, Tensor]
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run the block with every submodule in eval mode; restore each one's flag afterwards, even on error."""
-    flags = [(module, module.training) for module in model.modules()]
+    """Run the block with every submodule in eval mode; restore each one's flag afterwards, even on error, and
+    the very tensor objects registered as its parameters and buffers.
+
+    (``torch.func.functional_call`` restores a module reached under two names, e.g. ``self.b = self.a``, with the
+    tensors it swapped in: the model would be left holding detached copies instead of its parameters, which its
+    optimiser no longer updates. Seen with torch 2.14.)"""
+    modules = list(model.modules())  # (each module once, however many names it has)
+    flags = [module.training for module in modules]
+    tensors = [(dict(module._parameters), dict(module._buffers)) for module in modules]
     try:
         model.eval()
         yield
     finally:
-        for module, flag in flags:
+        for module, flag, (parameters, buffers) in zip(modules, flags, tensors, strict=True):
             module.training = flag
+            for table, saved in ((module._parameters, parameters), (module._buffers, buffers)):
+                for name, tensor in saved.items():
+                    if table.get(name) is not tensor:
+                        table[name] = tensor
 
 
 @contextmanager
@@ -117,20 +129,89 @@ def prepare(
     return move(x1, dtype, device), x2, trainable, fixed
 
 
+def check_logits(out: object, x: Tensor) -> int:
+    """The number of logits k of ``out``, the model's output for the batch ``x``: (n,) or (n, 1) is one logit per
+    example, (n, k) k of them; anything else raises :class:`ModelError`."""
+    if isinstance(out, Tensor) and out.is_floating_point() and out.ndim in (1, 2) and len(out) == len(x):
+        return 1 if out.ndim == 1 else out.shape[1]
+    shape = f"shape {tuple(out.shape)} ({out.dtype})" if isinstance(out, Tensor) else type(out).__name__
+    raise ModelError(
+        f"the model must return floating-point logits per example, shape (n,) or (n, 1) (one logit) or (n, k) "
+        f"(k logits); for an input of shape {tuple(x.shape)} it returned {shape}. Wrap it in a module whose "
+        "forward returns such a tensor (e.g. the logits of a dict or tuple output)."
+    )
+
+
 def scalar_logit(model: nn.Module, trainable: State, fixed: State, x: Tensor) -> Tensor:
-    """f(x) for ONE example ``x`` (no batch dimension), as a 0-d tensor; the model runs on a batch of one."""
+    """f(x) for ONE example ``x`` (no batch dimension) of a one-logit model, as a 0-d tensor."""
     batch = x.unsqueeze(0)
     out = functional_call(model, (trainable, fixed), (batch,))
-    if not isinstance(out, Tensor) or tuple(out.shape) not in ((1,), (1, 1)):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ModelError(
-            f"the model must return one scalar logit per example, shape (n,) or (n, 1); for an input of "
-            f"shape {tuple(batch.shape)} it returned {shape}. For a multi-output model, wrap it in a module "
-            "whose forward selects one output (e.g. the logit of one class)."
-        )
+    if check_logits(out, batch) != 1:
+        raise ModelError(f"expected a model with one logit per example; it returned shape {tuple(out.shape)}.")
     return out.reshape(())
 
 
+def example_logits(model: nn.Module, trainable: State, fixed: State, x: Tensor) -> Tensor:
+    """f(x) for ONE example ``x`` (no batch dimension), as a 1-D tensor of its k logits."""
+    batch = x.unsqueeze(0)
+    out = functional_call(model, (trainable, fixed), (batch,))
+    check_logits(out, batch)
+    return out.reshape(-1)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Which logits a kernel is of, resolved against the model's k logits (``outputs=`` of the kernel functions).
+
+    ``logits``: the column indices differentiated (None: the model's one logit, taken as it is, so one-logit models
+    compute exactly what they always did); ``stacked``: one kernel block per pair of logits (``"full"``) rather
+    than their sum (``"trace"``, or one logit); ``full``: the result has two trailing (k, k) dimensions."""
+
+    k: int
+    logits: tuple[int, ...] | None
+    stacked: bool
+    full: bool
+
+    @property
+    def count(self) -> int:
+        """Logits differentiated."""
+        return 1 if self.logits is None else len(self.logits)
+
+
+OUTPUT_MODES = ("trace", "full")
+
+
+def resolve_outputs(outputs: object, model: nn.Module, trainable: State, fixed: State, x: Tensor) -> Outputs:
+    """:class:`Outputs` for ``outputs`` (``"trace"``, ``"full"`` or a logit index) and the model's output on the
+    first two examples of ``x`` (one forward, without gradients)."""
+    valid = isinstance(outputs, str) and outputs in OUTPUT_MODES
+    if not valid and (isinstance(outputs, bool) or not isinstance(outputs, int)):
+        raise ConfigurationError(
+            f"outputs={outputs!r} must be 'trace' (sum over the logits of each logit's NTK), 'full' (the (k, k) "
+            "blocks of every pair of logits) or an int c (the NTK of logit c)."
+        )
+    with torch.no_grad():  # (on a copy: a forward may change its input in place)
+        k = check_logits(functional_call(model, (trainable, fixed), (x[:2].clone(),)), x[:2])
+    if isinstance(outputs, int) and not 0 <= outputs < k:
+        raise ConfigurationError(f"outputs={outputs} is not a logit of this model, which has {k} (0 to {k - 1}).")
+    if k == 1:
+        return Outputs(1, None, False, outputs == "full")
+    if isinstance(outputs, int):
+        return Outputs(k, (outputs,), False, False)
+    return Outputs(k, tuple(range(k)), outputs == "full", outputs == "full")
+
+
 def mirror_upper(kernel: Tensor) -> Tensor:
-    """The exactly symmetric matrix whose upper triangle (diagonal included) is ``kernel``'s."""
+    """The exactly symmetric matrix whose upper triangle (diagonal included) is ``kernel``'s. A 4-D (n, n, k, k)
+    kernel of k logits is the (n k, n k) matrix of its (example, logit) rows."""
+    if kernel.ndim == 4:
+        n, _, k, _ = kernel.shape
+        rows = mirror_upper(kernel.permute(0, 2, 1, 3).reshape(n * k, n * k))
+        return rows.view(n, k, n, k).permute(0, 2, 1, 3)
     return kernel.triu() + kernel.triu(1).mT
+
+
+def swap(block: Tensor) -> Tensor:
+    """The block of the transposed pairs: K(x2, x1) from K(x1, x2), (n1, n2) or (n1, n2, k, k) (logits swapped
+    too); for a (n, k, k) per-example block, its logits swapped."""
+    return block.permute(1, 0, 3, 2) if block.ndim == 4 else block.mT

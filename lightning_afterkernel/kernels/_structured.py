@@ -44,7 +44,7 @@ import copy
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from time import perf_counter
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_afterkernel.errors import ConfigurationError, ModelError
+from lightning_afterkernel.errors import ConfigurationError
 from lightning_afterkernel.kernels._layouts import (
     CaptureMode,
     inexact_convolutions,
@@ -62,6 +62,7 @@ from lightning_afterkernel.kernels._layouts import (
     uses_conv,
     uses_max_pool,
 )
+from lightning_afterkernel.kernels._model import check_logits
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NNPACK_INPUT_GRADS = True
@@ -128,18 +129,57 @@ class Layer:
 
 @dataclass
 class Factors:
-    """The NTK factors of a block of examples: materialised gradients and structured (L, R) pairs."""
+    """The NTK factors of a block of examples: materialised gradients and structured (L, R) pairs.
 
-    jac: Tensor | None  # (b, P_materialised)
-    pairs: list[tuple[Tensor, Tensor]]  # each (b, T, d), (b, T, p)
+    With ``logits`` = s > 1 selected outputs, each example's factors hold all s logits' gradients, in one of two
+    layouts: side by side (``stacked=False``, the trace kernel: one row per example, the materialised row and R
+    widened s times, logit after logit, so that a row product sums over the logits), or one row per example and
+    logit (``stacked=True``, the full kernel: rows i s + c, L repeated, so that row products give every pair of
+    logits). :meth:`logit` is the one-logit view of logit c in either layout."""
 
-    def __len__(self) -> int:
+    jac: Tensor | None  # (rows, P_materialised)
+    pairs: list[tuple[Tensor, Tensor]]  # each (rows, T, d), (rows, T, p)
+    logits: int = 1
+    stacked: bool = False
+
+    @property
+    def n_rows(self) -> int:
         return len(self.jac) if self.jac is not None else len(self.pairs[0][0])
 
+    @property
+    def per_example(self) -> int:
+        """Rows per example: the logits when stacked, else 1."""
+        return self.logits if self.stacked else 1
+
+    def __len__(self) -> int:
+        return self.n_rows // self.per_example
+
     def rows(self, index: slice) -> Factors:
-        return Factors(
-            None if self.jac is None else self.jac[index], [(left[index], right[index]) for left, right in self.pairs]
+        """The factors of the examples ``index`` (a slice of examples, whatever the layout)."""
+        start, stop, _ = index.indices(len(self))
+        index = slice(start * self.per_example, stop * self.per_example)
+        return replace(
+            self,
+            jac=None if self.jac is None else self.jac[index],
+            pairs=[(left[index], right[index]) for left, right in self.pairs],
         )
+
+    def logit(self, c: int) -> Factors:
+        """The one-logit factors (views) of the c-th selected logit."""
+        if self.logits == 1:
+            return self
+        s = self.logits
+        if self.stacked:
+            jac = None if self.jac is None else self.jac[c::s]
+            pairs = [(left[c::s], right[c::s]) for left, right in self.pairs]
+        else:
+            width = None if self.jac is None else self.jac.shape[1] // s
+            jac = None if self.jac is None else self.jac[:, c * width : (c + 1) * width]
+            pairs = [
+                (left, right[..., c * (right.shape[-1] // s) : (c + 1) * (right.shape[-1] // s)])
+                for left, right in self.pairs
+            ]
+        return Factors(jac, pairs)
 
 
 def plan(model: nn.Module, trainable: set[str]) -> list[Layer]:
@@ -247,6 +287,19 @@ def capture(
         OutputChanged: (``eps=False``) an output was changed in place or does not depend on ``x``.
         Unsupported: see the module docstring.
     """
+    return capture_logits(model, state, layers, x, None, eps)[0]
+
+
+def capture_logits(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    layers: list[Layer],
+    x: Tensor,
+    logits: Sequence[int] | None,
+    eps: bool = False,
+) -> list[list[tuple[Tensor, Tensor] | None]]:
+    """:func:`capture` for each of the ``logits`` (column indices of an (n, k) output; None: the model's one
+    logit, summed as it is): one list per logit, sharing the inputs A. One forward, one backward per logit."""
     eps = eps or not x.is_floating_point()
     with _hooks(layers, eps) as records:
         # A copy of the chunk, so that a model changing its input in place changes neither the caller's tensor
@@ -272,7 +325,9 @@ def capture(
         mode = CaptureMode(pool_channels_last, exact_zero_patches, nnpack, gemm) if work else None
         with mode or nullcontext():
             out = functional_call(model, state, (inp,))
-        check_logits(out, x)
+        k = check_logits(out, x)
+        if logits is not None and not all(0 <= c < k for c in logits):
+            raise ConfigurationError(f"outputs {list(logits)} are not logits of a model with {k} (0 to {k - 1}).")
         live = [r for r in records if r.calls]
         for layer, record in zip(layers, records, strict=True):
             if record.calls and (record.input.shape[:1] != x.shape[:1] or record.target.shape[:1] != x.shape[:1]):
@@ -282,31 +337,47 @@ def capture(
                 )
         if not eps and any(not r.target.requires_grad or r.target._version != r.output_version for r in live):
             raise OutputChanged("an output is changed in place, or does not depend on the input")
-        grads = torch.autograd.grad(out.sum(), [r.target for r in live], allow_unused=True) if live else []
-    result: list[tuple[Tensor, Tensor] | None] = []
-    by_record = dict(zip(map(id, live), grads, strict=True))
+        seeds = [out.sum()] if logits is None else [out.reshape(len(x), -1)[:, c].sum() for c in logits]
+        targets = [r.target for r in live]
+        grads = [
+            torch.autograd.grad(seed, targets, allow_unused=True, retain_graph=i + 1 < len(seeds)) if live else []
+            for i, seed in enumerate(seeds)
+        ]
     for layer, record in zip(layers, records, strict=True):
-        if not record.calls:
-            result.append(None)
-            continue
-        if record.input._version != record.version:
+        if record.calls and record.input._version != record.version:
             raise Unsupported(f"the input of {layer.name} is modified in place after the layer reads it")
-        grad = by_record[id(record)]
-        result.append((record.input, torch.zeros_like(record.target) if grad is None else grad))
-    return result
+    per_logit = []
+    for logit_grads in grads:
+        by_record = dict(zip(map(id, live), logit_grads, strict=True))
+        per_logit.append([_recorded(record, by_record) for record in records])
+    return per_logit
+
+
+def _recorded(record: _Record, grads: dict[int, Tensor | None]) -> tuple[Tensor, Tensor] | None:
+    """A layer's (A, G) for one logit (G zero where the logit does not depend on the layer); None if not called."""
+    if not record.calls:
+        return None
+    grad = grads[id(record)]
+    return record.input, torch.zeros_like(record.target) if grad is None else grad
 
 
 def capture_any(
-    model: nn.Module, state: dict[str, Tensor], layers: list[Layer], x: Tensor, eps: bool = False
-) -> tuple[list[tuple[Tensor, Tensor] | None], bool]:
-    """:func:`capture`, redone with ``eps=True`` when direct gradients are impossible (:class:`OutputChanged`);
-    returns (captured, whether the zeros were used), so that a caller can keep to the mode that worked."""
+    model: nn.Module,
+    state: dict[str, Tensor],
+    layers: list[Layer],
+    x: Tensor,
+    eps: bool = False,
+    logits: Sequence[int] | None = None,
+) -> tuple[list[list[tuple[Tensor, Tensor] | None]], bool]:
+    """:func:`capture_logits`, redone with ``eps=True`` when direct gradients are impossible
+    (:class:`OutputChanged`); returns (captured per logit, whether the zeros were used), so that a caller can keep
+    to the mode that worked."""
     if not eps:
         try:
-            return capture(model, state, layers, x), False
+            return capture_logits(model, state, layers, x, logits), False
         except OutputChanged:  # e.g. an output changed in place, for some inputs or for all
             pass
-    return capture(model, state, layers, x, eps=True), True
+    return capture_logits(model, state, layers, x, logits, eps=True), True
 
 
 STATELESS_FORWARD = "afterkernel_stateless_forward"
@@ -390,17 +461,6 @@ def replicate(model: nn.Module, layers: list[Layer]) -> tuple[nn.Module, list[La
     replica = copy_module(model)
     modules = dict(replica.named_modules(remove_duplicate=False))
     return replica, [replace(layer, module=modules[layer.name]) for layer in layers]
-
-
-def check_logits(out: object, x: Tensor) -> None:
-    """Raise :class:`ModelError` unless ``out`` is one scalar logit per example of ``x``."""
-    if not isinstance(out, Tensor) or tuple(out.shape) not in ((len(x),), (len(x), 1)):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ModelError(
-            f"the model must return one scalar logit per example, shape (n,) or (n, 1); for an input of "
-            f"shape {tuple(x.shape)} it returned {shape}. For a multi-output model, wrap it in a module "
-            "whose forward selects one output (e.g. the logit of one class)."
-        )
 
 
 # ------------------------------------------------------------------ per-layer forms
@@ -524,10 +584,16 @@ def n_materialised(layer: Layer) -> int:
 
 
 def choose_forms(
-    layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], pairs: float, examples: float, force: str | None
+    layers: list[Layer],
+    probe: list[tuple[Tensor, Tensor] | None],
+    pairs: float,
+    examples: float,
+    force: str | None,
+    widen: int = 1,
 ) -> None:
-    """Set each layer's ``structured`` flag: the cheaper form for ``pairs`` kernel entries of ``examples``
-    examples (n^2 / 2 and n for a symmetric Gram matrix, n and 2 n in paired mode), or ``force``d."""
+    """Set each layer's ``structured`` flag: the cheaper form for ``pairs`` products of factor rows of
+    ``examples`` rows (n^2 / 2 and n for a symmetric Gram matrix, n and 2 n in paired mode; times s^2 and s for s
+    stacked logits), each row ``widen`` logits wide (side by side: the trace kernel of s logits), or ``force``d."""
     for layer, io in zip(layers, probe, strict=True):
         layer.structured = False
         if io is None or layer.kind == "batchnorm" or layer.weight is None:
@@ -538,37 +604,57 @@ def choose_forms(
             layer.structured = force == "structured"
             continue
         t, d, p = dims(layer, *io)
-        materialised = pairs * n_materialised(layer) + examples * t * (d - 1) * p
-        structured = pairs * t * t * (d + p + ELEMENTWISE_COST)
+        materialised = (pairs * n_materialised(layer) + examples * t * (d - 1) * p) * widen
+        structured = pairs * t * t * (d + p * widen + ELEMENTWISE_COST)
         layer.structured = structured < materialised
 
 
-def new_factors(layers: list[Layer], probe: list[tuple[Tensor, Tensor] | None], b: int, like: Tensor) -> Factors:
-    """Uninitialised :class:`Factors` for ``b`` examples of a model whose capture gave ``probe``."""
-    n_jac = sum(n_materialised(layer) for layer in layers if not layer.structured)
+def new_factors(
+    layers: list[Layer],
+    probe: list[tuple[Tensor, Tensor] | None],
+    b: int,
+    like: Tensor,
+    logits: int = 1,
+    stacked: bool = False,
+) -> Factors:
+    """Uninitialised :class:`Factors` for ``b`` examples of a model whose capture gave ``probe`` (one logit's), for
+    ``logits`` logits in the ``stacked`` or side-by-side layout."""
+    rows, wide = (b * logits, 1) if stacked else (b, logits)
+    n_jac = sum(n_materialised(layer) for layer in layers if not layer.structured) * wide
     pairs = []
     for layer, io in zip(layers, probe, strict=True):
         if layer.structured:
             t, d, p = dims(layer, *io)
-            pairs.append((like.new_empty(b, t, d), like.new_empty(b, t, p)))
-    return Factors(like.new_empty(b, n_jac) if n_jac else None, pairs)
+            pairs.append((like.new_empty(rows, t, d), like.new_empty(rows, t, p * wide)))
+    return Factors(like.new_empty(rows, n_jac) if n_jac else None, pairs, logits, stacked and logits > 1)
 
 
 def empty_factors(sample: Factors, b: int) -> Factors:
-    """Uninitialised :class:`Factors` for ``b`` examples, shaped like ``sample``."""
-    jac = None if sample.jac is None else sample.jac.new_empty(b, sample.jac.shape[1])
-    return Factors(jac, [(a.new_empty(b, *a.shape[1:]), g.new_empty(b, *g.shape[1:])) for a, g in sample.pairs])
+    """Uninitialised :class:`Factors` for ``b`` examples, shaped (and laid out) like ``sample``."""
+    rows = b * sample.per_example
+    jac = None if sample.jac is None else sample.jac.new_empty(rows, sample.jac.shape[1])
+    pairs = [(a.new_empty(rows, *a.shape[1:]), g.new_empty(rows, *g.shape[1:])) for a, g in sample.pairs]
+    return replace(sample, jac=jac, pairs=pairs)
 
 
-def factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], out: Factors) -> Factors:
-    """Write the factors of a captured block into ``out`` (from :func:`empty_factors`) and return it."""
+def factors(layers: list[Layer], captured: list[list[tuple[Tensor, Tensor] | None]], out: Factors) -> Factors:
+    """Write the factors of a captured block (one capture per logit, from :func:`capture_logits`) into ``out``
+    (from :func:`empty_factors`, with as many logits) and return it."""
+    for c, logit in enumerate(captured):
+        _logit_factors(layers, logit, out.logit(c), left=c == 0 or out.stacked)
+    return out
+
+
+def _logit_factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], out: Factors, left: bool) -> None:
+    """Write one logit's factors into ``out`` (its one-logit view); the structured layers' L only if ``left``
+    (side by side, the logits share it)."""
     pairs = iter(out.pairs)
     offset = 0
     for layer, io in zip(layers, captured, strict=True):
         if layer.structured:
             if io is None:
                 raise Unsupported(f"layer {layer.name} is called for some inputs and not for others")
-            _structured(layer, *io, *next(pairs))
+            _structured(layer, *io, *next(pairs), left_too=left)
             continue
         width = n_materialised(layer)
         if io is None:
@@ -579,19 +665,21 @@ def factors(layers: list[Layer], captured: list[tuple[Tensor, Tensor] | None], o
                 out.jac[:, start : start + part[0].numel()].view(part.shape).copy_(part)
                 start += part[0].numel()
         offset += width
-    return out
 
 
-def _structured(layer: Layer, a: Tensor, g: Tensor, left: Tensor, right: Tensor) -> None:
-    """Write the layer's (L, R) factors, (b, T, d) and (b, T, p), into ``left`` and ``right``."""
+def _structured(layer: Layer, a: Tensor, g: Tensor, left: Tensor, right: Tensor, *, left_too: bool = True) -> None:
+    """Write the layer's (L, R) factors, (b, T, d) and (b, T, p), into ``left`` (if ``left_too``) and ``right``."""
     b = len(a)
     if layer.kind == "linear":
-        a, g = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+        g = g.reshape(b, -1, g.shape[-1])
+        a = a.reshape(b, -1, a.shape[-1]) if left_too else None
     else:
-        a, g = _patches(layer, a).mT, g.flatten(2).mT
-    left[..., : a.shape[-1]] = a
-    if layer.bias is not None:
-        left[..., -1] = 1
+        g = g.flatten(2).mT
+        a = _patches(layer, a).mT if left_too else None
+    if left_too:
+        left[..., : a.shape[-1]] = a
+        if layer.bias is not None:
+            left[..., -1] = 1
     right.copy_(g)
 
 

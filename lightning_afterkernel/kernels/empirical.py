@@ -9,11 +9,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad, jacrev, vmap
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
@@ -22,17 +23,22 @@ from lightning_afterkernel.kernels._audit import audit_capture
 from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
 from lightning_afterkernel.kernels._gram import paired as paired_rows
 from lightning_afterkernel.kernels._model import (
+    Outputs,
     State,
     autograd_enabled,
     check_model,
     check_options,
     eval_mode,
+    example_logits,
     mirror_upper,
     prepare,
+    resolve_outputs,
     scalar_logit,
+    swap,
 )
 
 Implementation = Literal["auto", "structured", "materialised", "vmap"]
+OutputMode = Literal["trace", "full"] | int
 IMPLEMENTATIONS = ("auto", "structured", "materialised", "vmap")
 TILE = 256
 """Rows of one strip of the kernel (the unit of work and of the progress count)."""
@@ -87,6 +93,7 @@ def empirical_ntk(
     x1: Tensor,
     x2: Tensor | None = None,
     *,
+    outputs: OutputMode = "trace",
     implementation: Implementation = "auto",
     paired: bool = False,
     batch_size: int | None = None,
@@ -143,6 +150,13 @@ def empirical_ntk(
         x1: inputs (n1, ...).
         x2: inputs (n2, ...) with x1's per-example shape; ``None`` gives the symmetric Gram matrix of ``x1``
             (or, with ``paired``, its diagonal).
+        outputs: for a model with k logits ((n, k) outputs): ``"trace"`` (default), :math:`\sum_c \langle
+            \nabla f_c(x), \nabla f_c(x') \rangle`; an int c, the NTK of logit c; ``"full"``, the (n1, n2, k, k)
+            blocks :math:`\langle \nabla f_a(x), \nabla f_b(x') \rangle`. One backward pass per logit in the
+            capture; the trace widens each example's factors k times (a structured Linear layer's kernel is
+            :math:`(A A^\top) \odot \sum_c G_c G_c^\top`), ``"full"`` has a factor row per example and logit
+            (k^2 the Gram work). With one logit every mode is today's kernel, bit for bit (``"full"``: with two
+            trailing dimensions of size 1).
         implementation: see above.
         paired: return the vector :math:`K(x_1[i], x_2[i])` (needs n1 == n2) instead of a matrix, at the cost
             of n1 + n2 per-example gradients (n1 when ``x2`` is None: the diagonal).
@@ -163,7 +177,8 @@ def empirical_ntk(
             the kernel, exactly, whatever each rank's memory budget, batch size or out-of-memory retries.
 
     Returns:
-        The (n1, n2) kernel, or the (n1,) vector when ``paired``, in ``dtype`` on the computation device.
+        The (n1, n2) kernel, or the (n1,) vector when ``paired``, in ``dtype`` on the computation device; for
+        ``outputs="full"`` each entry is a (k, k) block: (n1, n2, k, k) and (n1, k, k).
     """
     if paired and x2 is not None and isinstance(x1, Tensor) and isinstance(x2, Tensor) and len(x2) != len(x1):
         raise ConfigurationError(
@@ -174,7 +189,9 @@ def empirical_ntk(
     def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> Tensor:
         return engine.run(a, b, paired, report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
+    options = dict(
+        outputs=outputs, batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard
+    )
     n1, n2 = _length(x1), _length(x2)
     if paired:
         workload = (n1, n1 + n2)
@@ -188,6 +205,7 @@ def empirical_ntk_train_test(
     x_train: Tensor,
     x_test: Tensor,
     *,
+    outputs: OutputMode = "trace",
     implementation: Implementation = "auto",
     batch_size: int | None = None,
     memory_budget: int | float | str | None = None,
@@ -201,13 +219,16 @@ def empirical_ntk_train_test(
 
     Equal to ``empirical_ntk(model, x_train)`` and ``empirical_ntk(model, x_test, x_train)``, but every
     example's factors are computed once (two separate calls compute the training examples' twice) and the
-    test-test block is skipped. Options as in :func:`empirical_ntk`.
+    test-test block is skipped. Options as in :func:`empirical_ntk` (with ``outputs="full"`` both results have
+    two trailing (k, k) dimensions).
     """
 
     def task(engine: _Engine, a: Tensor, b: Tensor | None, report: Progress | None) -> tuple[Tensor, Tensor]:
         return engine.train_test(a, a if b is None else b, report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
+    options = dict(
+        outputs=outputs, batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard
+    )
     n1, n2 = _length(x_train), _length(x_test)
     workload = (n1 * n1 / 2 + n1 * n2, n1 + n2)
     return _compute(model, x_train, x_test, workload, task, implementation, progress, allow_tf32, **options)
@@ -217,6 +238,7 @@ def empirical_ntk_views(
     model: nn.Module,
     views: Sequence[Tensor],
     *,
+    outputs: OutputMode = "trace",
     implementation: Implementation = "auto",
     batch_size: int | None = None,
     memory_budget: int | float | str | None = None,
@@ -235,7 +257,8 @@ def empirical_ntk_views(
     Options as in :func:`empirical_ntk`.
 
     Returns:
-        The (n, v, v) tensor, symmetric in its last two dimensions, in ``dtype`` on the computation device.
+        The (n, v, v) tensor, symmetric in its last two dimensions, in ``dtype`` on the computation device;
+        (n, v, v, k, k) for ``outputs="full"``, with ``G[i, b, a]`` the transposed block of ``G[i, a, b]``.
     """
     views = list(views) if not isinstance(views, Tensor) else [views]
     if not views or not all(isinstance(v, Tensor) and v.ndim and v.shape == views[0].shape for v in views):
@@ -246,7 +269,9 @@ def empirical_ntk_views(
     def task(engine: _Engine, stacked: Tensor, _: Tensor | None, report: Progress | None) -> Tensor:
         return engine.views(list(stacked.split(n)), report)
 
-    options = dict(batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard)
+    options = dict(
+        outputs=outputs, batch_size=batch_size, memory_budget=memory_budget, dtype=dtype, device=device, shard=shard
+    )
     workload = (n * count * (count + 1) / 2, n * count)
     stacked = torch.cat(views)
     return _compute(model, stacked, None, workload, task, implementation, progress, allow_tf32, **options)
@@ -263,6 +288,7 @@ def _compute(
     progress: bool | Progress,
     allow_tf32: bool,
     *,
+    outputs: OutputMode,
     batch_size: int | None,
     memory_budget: int | float | str | None,
     dtype: torch.dtype,
@@ -278,19 +304,19 @@ def _compute(
     _check_shard(shard)
     with eval_mode(model), autograd_enabled():
         x1, x2, trainable, fixed = prepare(model, x1, x2, dtype=dtype, device=device)
+        select = resolve_outputs(outputs, model, trainable, fixed, x1)
         budget = budget or default_budget(x1.device)
         general = implementation == "vmap"
         tile, failures = TILE, 0
         with _tf32(x1.device, allow_tf32), _eager():
             while True:
                 try:
+                    sizes = _Sizes(batch_size, budget, tile, shard)
                     if general:
-                        engine = _Engine(model, trainable, fixed, None, batch_size, budget)
+                        engine = _Engine(model, trainable, fixed, select, None, sizes)
                     else:
-                        engine = _engine(model, trainable, fixed, x1, workload, implementation, batch_size, budget)
-                    engine.shard = shard
-                    engine.tile = tile  # when sharded, strips are cut inside the shard's blocks
-                    return task(engine, x1, x2, _progress(progress))
+                        engine = _engine(model, trainable, fixed, select, x1, workload, implementation, sizes)
+                    return _with_blocks(task(engine, x1, x2, _progress(progress)), select)
                 except st.Unsupported as why:  # found past the probe (e.g. data-dependent control flow)
                     if implementation != "auto":
                         raise _unsupported_error(implementation, why) from why
@@ -325,32 +351,56 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
+def _with_blocks(result: Tensor | tuple[Tensor, ...], select: Outputs) -> Tensor | tuple[Tensor, ...]:
+    """The "full" kernel of a one-logit model: its kernel with two trailing (1, 1) logit dimensions."""
+    if not select.full or select.stacked:
+        return result
+    if isinstance(result, tuple):
+        return tuple(r[..., None, None] for r in result)
+    return result[..., None, None]
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """How an engine cuts its work: examples per capture chunk (None: from the budget), the memory budget in bytes,
+    rows per strip, and the shard ``(rank, world_size)`` it computes (None: everything)."""
+
+    batch_size: int | None
+    budget: int
+    tile: int = TILE
+    shard: tuple[int, int] | None = None
+
+
 def _engine(
     model: nn.Module,
     trainable: State,
     fixed: State,
+    select: Outputs,
     x1: Tensor,
     workload: tuple[float, float],
     implementation: str,
-    batch_size: int | None,
-    budget: int,
+    sizes: _Sizes,
 ) -> _Engine:
     if implementation == "vmap":
-        return _Engine(model, trainable, fixed, None, batch_size, budget)
+        return _Engine(model, trainable, fixed, select, None, sizes)
     try:
         layers = st.plan(model, set(trainable))
         with st.recording_calls(model) as called:
-            probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2])
+            probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2], logits=select.logits)
         force = "materialised" if implementation == "materialised" else None
-        st.choose_forms(layers, probe, *workload, force=force)
-        audit_capture(model, trainable, fixed, layers, x1)
+        pairs, examples = workload
+        if select.stacked:  # a row per example and logit
+            pairs, examples = pairs * select.count**2, examples * select.count
+        widen = 1 if select.stacked else select.count
+        st.choose_forms(layers, probe[0], pairs, examples, force=force, widen=widen)
+        audit_capture(model, trainable, fixed, layers, x1, select)
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
         _warn_fallback(why)
-        return _Engine(model, trainable, fixed, None, batch_size, budget)
+        return _Engine(model, trainable, fixed, select, None, sizes)
     obstacle = st.concurrency_obstacle(model, called)
-    return _Engine(model, trainable, fixed, (layers, probe, x1), batch_size, budget, eps=eps, obstacle=obstacle)
+    return _Engine(model, trainable, fixed, select, (layers, probe, x1), sizes, eps=eps, obstacle=obstacle)
 
 
 def _unsupported_error(implementation: str, why: Exception) -> ModelError:
@@ -376,48 +426,51 @@ class _Engine:
         model: nn.Module,
         trainable: State,
         fixed: State,
+        select: Outputs,
         structured: tuple[list[st.Layer], list, Tensor] | None,
-        batch_size: int | None,
-        budget: int,
+        sizes: _Sizes,
         eps: bool = False,
         obstacle: str | None = "not the structured engine",
     ) -> None:
-        self.model, self.trainable, self.fixed, self.budget = model, trainable, fixed, budget
-        self.shard: tuple[int, int] | None = None
+        self.model, self.trainable, self.fixed, self.select = model, trainable, fixed, select
+        self.budget, self.shard, self.tile = sizes.budget, sizes.shard, sizes.tile
+        self.block = (select.count, select.count) if select.stacked else ()  # trailing dims of a kernel entry
         self.eps = eps  # capture with zeros added to the outputs (see ``_structured``), once the probe needed it
-        self.tile = TILE
         self.workers = 1  # threads capturing chunks at once (CPU, structured engine)
         tensor = next(iter(trainable.values()))
         self.like = tensor  # results and factors take its dtype and device, never the inputs' (e.g. integer ids)
-        itemsize = tensor.element_size()
+        itemsize, s = tensor.element_size(), select.count
         if structured is None:
             self.layers = None
             self.n_jac = sum(p.numel() for p in trainable.values())
-            self.per_example = vmap(grad(lambda p, x: scalar_logit(model, p, fixed, x)), in_dims=(None, 0))
-            self.sample = st.Factors(tensor.new_empty(1, self.n_jac), [])
-            self.example_bytes = self.n_jac * itemsize
+            self.per_example = _per_example_gradients(model, fixed, select)
+            rows, wide = (s, 1) if select.stacked else (1, s)
+            self.sample = st.Factors(tensor.new_empty(rows, self.n_jac * wide), [], s, select.stacked)
+            self.example_bytes = s * self.n_jac * itemsize
             work = 3 * self.example_bytes
         else:
             self.layers, probe, x1 = structured
             self.n_jac = sum(st.n_materialised(layer) for layer in self.layers if not layer.structured)
-            self.sample = st.factors(self.layers, probe, st.new_factors(self.layers, probe, len(x1[:2]), tensor))
+            blank = st.new_factors(self.layers, probe[0], len(x1[:2]), tensor, s, select.stacked)
+            self.sample = st.factors(self.layers, probe, blank)
             self.probe_x = x1[:2]
             self.replica_list = [(model, self.layers)]
             if x1.device.type == "cpu":
                 self.workers = capture_workers(obstacle)
             self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
-            activations = sum(a[:1].numel() + 2 * g[:1].numel() for a, g in (io for io in probe if io is not None))
+            live = [io for io in probe[0] if io is not None]
+            activations = sum(a[:1].numel() + (1 + s) * g[:1].numel() for a, g in live)
             patches = sum(
                 st.dims(layer, *io)[0] * st.dims(layer, *io)[1]
-                for layer, io in zip(self.layers, probe, strict=True)
+                for layer, io in zip(self.layers, probe[0], strict=True)
                 if io is not None and layer.kind == "conv2d"
             )
             work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
-        chunk = min(MAX_CHUNK, max(1, budget * CAPTURE_SHARE // (work * self.workers)))  # chunks side by side
+        chunk = min(MAX_CHUNK, max(1, sizes.budget * CAPTURE_SHARE // (work * self.workers)))  # chunks side by side
         if structured is not None and x1.device.type == "cpu":
             chunk = min(chunk, max(MIN_CPU_CHUNK, CPU_CHUNK_BYTES // max(1, activations * itemsize)))
-        self.chunk = batch_size or int(chunk)
-        self.resident = max(1, int(budget * RESIDENT_SHARE // max(1, self.example_bytes)))
+        self.chunk = sizes.batch_size or int(chunk)
+        self.resident = max(1, int(sizes.budget * RESIDENT_SHARE // max(1, self.example_bytes)))
 
     # ----------------------------------------------------------- factors
     def factors(self, x: Tensor) -> st.Factors:
@@ -426,9 +479,14 @@ class _Engine:
         out = st.empty_factors(self.sample, len(x))
         chunks = [slice(start, start + self.chunk) for start in range(0, len(x), self.chunk)]
         if self.layers is None:
+            s = self.select.count
             for rows in chunks:
-                grads = self.per_example(self.trainable, x[rows])
-                torch.cat([g.reshape(len(x[rows]), -1) for g in grads.values()], dim=1, out=out.rows(rows).jac)
+                grads, b = self.per_example(self.trainable, x[rows]), len(x[rows])
+                if self.select.logits is None:
+                    torch.cat([g.reshape(b, -1) for g in grads.values()], dim=1, out=out.rows(rows).jac)
+                else:  # (b, s, P): logit after logit (side by side), or a row per example and logit (stacked)
+                    block = torch.cat([g.reshape(b, s, -1) for g in grads.values()], dim=2)
+                    out.rows(rows).jac.copy_(block.reshape(out.rows(rows).jac.shape))
             return out
         replicas = self._replicas(min(self.workers, len(chunks))) if _plain_thread_state(x) else self.replica_list[:1]
         if len(replicas) > 1 and _CONCURRENT_CAPTURE.acquire(blocking=False):
@@ -442,7 +500,8 @@ class _Engine:
         return out
 
     def _capture(self, model: nn.Module, layers: list[st.Layer], x: Tensor, block: st.Factors) -> None:
-        captured, eps = st.capture_any(model, {**self.trainable, **self.fixed}, layers, x, eps=self.eps)
+        state = {**self.trainable, **self.fixed}
+        captured, eps = st.capture_any(model, state, layers, x, eps=self.eps, logits=self.select.logits)
         self.eps = self.eps or eps  # once one chunk needed the zeros, later chunks start with them
         st.factors(layers, captured, block)
 
@@ -515,7 +574,7 @@ class _Engine:
         return self._cross(x1, x2, progress)
 
     def _paired(self, x1: Tensor, x2: Tensor | None, progress: Progress | None) -> Tensor:
-        out = self._new(len(x1))
+        out = self._new(len(x1), *self.block)
         chunks = self._tiles(len(x1), self.chunk)
         owns = self._owner(len(x1), lambda block: block.stop - block.start)
         for k, rows in enumerate(chunks):
@@ -529,7 +588,7 @@ class _Engine:
 
     def views(self, views: list[Tensor], progress: Progress | None) -> Tensor:
         count, n = len(views), len(views[0])
-        out = self._new(n, count, count)
+        out = self._new(n, count, count, *self.block)
         chunks = self._tiles(n, max(1, min(self.chunk, self.resident // count)))
         owns = self._owner(n, lambda block: block.stop - block.start)
         for k, rows in enumerate(chunks):
@@ -538,7 +597,8 @@ class _Engine:
             factors = [self.factors(view[rows]) for view in views]
             for a in range(count):
                 for b in range(a, count):
-                    out[rows, a, b] = out[rows, b, a] = paired_rows(factors[a], factors[b])
+                    out[rows, a, b] = block = paired_rows(factors[a], factors[b])
+                    out[rows, b, a] = swap(block) if self.block else block
             if progress:
                 progress(k + 1, len(chunks))
         return out
@@ -585,7 +645,7 @@ class _Engine:
         return mine
 
     def _symmetric(self, x: Tensor, progress: Progress | None) -> Tensor:
-        kernel = self._new(len(x), len(x))
+        kernel = self._new(len(x), len(x), *self.block)
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:
             if cols.start == rows.start:  # the strip starts with its diagonal block
@@ -593,7 +653,7 @@ class _Engine:
                 kernel[rows, rows] = mirror_upper(strip[:, :width])
                 strip, cols = strip[:, width:], slice(rows.stop, cols.stop)
             kernel[rows, cols] = strip
-            kernel[cols, rows] = strip.mT
+            kernel[cols, rows] = swap(strip)
 
         self._upper_strips(x, self._tiles(len(x), self.tile), write, progress)
         return kernel
@@ -602,7 +662,7 @@ class _Engine:
         """K(train, train) and K(test, train) from one pass: the upper part of the Gram matrix of
         [train; test] without its test-test block, so every example's factors are computed once."""
         n = len(x_train)
-        k_train, k_test = self._new(n, n), self._new(len(x_test), n)
+        k_train, k_test = self._new(n, n, *self.block), self._new(len(x_test), n, *self.block)
         shift = [slice(t.start + n, t.stop + n) for t in _chunks(len(x_test), self.tile)]
 
         def write(rows: slice, cols: slice, strip: Tensor) -> None:  # rows are training rows
@@ -613,8 +673,8 @@ class _Engine:
             split = min(max(cols.start, n), cols.stop) - cols.start  # columns before the test rows
             train_cols = slice(cols.start, cols.start + split)
             k_train[rows, train_cols] = strip[:, :split]
-            k_train[train_cols, rows] = strip[:, :split].mT
-            k_test[cols.start + split - n : cols.stop - n, rows] = strip[:, split:].mT
+            k_train[train_cols, rows] = swap(strip[:, :split])
+            k_test[cols.start + split - n : cols.stop - n, rows] = swap(strip[:, split:])
 
         tiles = self._tiles(n, self.tile) + shift
         self._upper_strips(torch.cat([x_train, x_test]), tiles, write, progress, skip_from=n)
@@ -661,7 +721,7 @@ class _Engine:
                             progress(done, len(units))
 
     def _cross(self, x1: Tensor, x2: Tensor, progress: Progress | None) -> Tensor:
-        kernel = self._new(len(x1), len(x2))
+        kernel = self._new(len(x1), len(x2), *self.block)
         panels = _groups(self._tiles(len(x1), self.tile), self.resident)
         groups = [slice(g[0].start, g[-1].stop) for g in _groups(_chunks(len(x2), self.tile), self.resident)]
         units = [(p, cols, rows) for p in range(len(panels)) for cols in groups for rows in panels[p]]
@@ -752,7 +812,11 @@ class _Engine:
         block1 = f1.rows(slice(rows.start - offset1, rows.stop - offset1))
         block2 = f2.rows(slice(cols.start - offset2, cols.stop - offset2))
         like = block1.jac if block1.jac is not None else block1.pairs[0][0]
-        return gram(block1, block2, like.new_empty(len(block1), len(block2)))
+        tile = gram(block1, block2, like.new_empty(block1.n_rows, block2.n_rows))
+        if not block1.stacked:
+            return tile
+        s = block1.logits  # rows (i, a) by columns (j, b) -> (i, j, a, b)
+        return tile.view(len(block1), s, len(block2), s).permute(0, 2, 1, 3)
 
 
 @contextmanager
@@ -766,6 +830,15 @@ def _workers(count: int, name: str) -> Iterator[tuple[ThreadPoolExecutor, int]]:
             yield pool, max(1, threads // count)
     finally:
         torch.set_num_threads(threads)
+
+
+def _per_example_gradients(model: nn.Module, fixed: State, select: Outputs) -> Callable:
+    """``vmap``ped per-example gradients of the selected logits: ``f(trainable, x)`` gives, per trainable tensor,
+    (b, *shape) for the model's one logit, or (b, s, *shape) for s selected logits."""
+    if select.logits is None:
+        return vmap(grad(lambda p, x: scalar_logit(model, p, fixed, x)), in_dims=(None, 0))
+    logits = list(select.logits)
+    return vmap(jacrev(lambda p, x: example_logits(model, p, fixed, x)[logits]), in_dims=(None, 0))
 
 
 def _check_shard(shard: object) -> None:

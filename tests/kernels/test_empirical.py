@@ -125,8 +125,8 @@ def test_model_state_is_left_untouched():
 
 
 def test_flags_restored_after_an_error():
-    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.1)).train()
-    with pytest.raises(ModelError, match=r"one scalar logit.*returned \(2, 3\)"):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Dropout(0.1)).train()
+    with pytest.raises(ModelError, match=r"logits per example.*returned shape \(2, 2, 3\)"):
         empirical_ntk(model, torch.randn(5, 4))
     assert all(m.training for m in model.modules())
 

@@ -106,8 +106,8 @@ def force_forms(monkeypatch, form: str) -> None:
     """Make every eligible layer take ``form`` ("structured" or "materialised")."""
     original = _structured.choose_forms
 
-    def forced(layers, probe, pairs, examples, force):
-        return original(layers, probe, pairs, examples, form)
+    def forced(layers, probe, pairs, examples, force, widen=1):
+        return original(layers, probe, pairs, examples, form, widen)
 
     monkeypatch.setattr(_structured, "choose_forms", forced)
 
@@ -503,7 +503,8 @@ def test_train_test_in_one_pass_equals_two_calls(monkeypatch, implementation, de
     options = dict(implementation=implementation, dtype=torch.float64)
     k_train, k_test = empirical_ntk_train_test(model, x_train, x_test, **options)
     if implementation != "vmap":
-        assert sum(seen) == 2 + 2 * _audit.AUDIT_EXAMPLES + 17  # probe, audit (autograd, capture), every example
+        # the outputs' check, the probe, the audit (autograd, capture), then every example once
+        assert sum(seen) == 2 + 2 + 2 * _audit.AUDIT_EXAMPLES + 17
     assert torch.equal(k_train, k_train.T)
     assert relative_error(k_train, expected_train) < 1e-10
     assert relative_error(k_test, expected_test) < 1e-10

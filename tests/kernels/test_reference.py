@@ -93,9 +93,9 @@ def test_frozen_parameters_are_excluded():
     assert relative_error(reference_ntk(model, x), hidden @ hidden.T + 1) < 1e-12
 
 
-def test_multi_output_model_is_refused_with_its_shape():
-    model = nn.Linear(4, 3)
-    with pytest.raises(ModelError, match=r"\(1, 3\)"):
+def test_an_output_that_is_not_logits_per_example_is_refused_with_its_shape():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)))
+    with pytest.raises(ModelError, match=r"\(n, k\).*returned shape \(2, 2, 3\)"):
         reference_ntk(model, torch.randn(5, 4))
 
 

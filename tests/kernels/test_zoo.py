@@ -201,6 +201,7 @@ def test_parameter_reuse_falls_back_with_a_warning_naming_the_parameter(case):
     make, names, shape = {**REUSE, **REFUSED}[case]
     torch.manual_seed(0)
     model = make().eval()
+    own = {name: id(t) for name, t in model.named_parameters(remove_duplicate=False)}
     x1, x2 = _inputs(shape)
     expected = reference_ntk(model, x1, x2)
     for implementation in ("auto", "materialised"):
@@ -215,6 +216,9 @@ def test_parameter_reuse_falls_back_with_a_warning_naming_the_parameter(case):
                 empirical_ntk(model, x1, x2, dtype=torch.float64, implementation=implementation)
     with pytest.raises(ModelError, match="cannot compute this model's NTK exactly"):
         empirical_ntk(model, x1, x2, dtype=torch.float64, implementation="structured")
+    # the model still holds its own parameters (functional_call leaves a module reached under two names holding
+    # the tensors it swapped in; the kernel functions put them back)
+    assert {name: id(t) for name, t in model.named_parameters(remove_duplicate=False)} == own
 
 
 @pytest.mark.parametrize("case", list(REUSE))
