@@ -74,6 +74,7 @@ class RunRecord:
         self.results: list[dict[str, Any]] = []
         self.indices: dict[str, Tensor] = {}
         self.initial_kernels: dict[str, Tensor] = {}
+        self.initial_weights: dict[str, Tensor] | None = None  # the model's state dict at step 0 (checkpointed)
         self.initial_spectra: dict[str, Tensor] = {}  # eigenvalues of the epoch-0 kernels, for the figures
         # Where the epoch-0 kernels and weights are (written by this history, or named by a restored checkpoint:
         # a resumed run in a new log folder keeps pointing at the files of the run that wrote them).
@@ -144,6 +145,7 @@ class RunRecord:
             "indices": {k: v.cpu() for k, v in self.indices.items()},
             "initial_kernels_file": self.initial_file if self.initial_kernels else None,
             "initial_weights_file": self.initial_weights_file,
+            "initial_weights": self.initial_weights,
             "results_file": str(self.folder / RESULTS_FILENAME) if self.folder is not None else None,
             "invariance_images": self.invariance_images,
         }
@@ -155,6 +157,7 @@ class RunRecord:
         # Checkpoints written before the weights' path was recorded: the weights lie beside the kernels.
         beside = str(Path(self.initial_file).with_name(INITIAL_WEIGHTS_FILENAME)) if self.initial_file else None
         self.initial_weights_file = state_dict.get("initial_weights_file", beside)
+        self.initial_weights = state_dict.get("initial_weights")  # None in checkpoints from before they were kept
         self.results_file = state_dict.get("results_file")
         # checked when a fit resumes, not here: validate/test load the state too
         self.saved_images = state_dict.get("invariance_images", "train")  # older checkpoints: training images
@@ -185,18 +188,20 @@ class RunRecord:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; results stay in the logs.")
 
     def save_initial(self, model: nn.Module | None = None) -> None:
-        """The epoch-0 train kernels, and (with ``model``, at step 0) its weights beside them so that a lost or
-        corrupt kernel file can be recomputed on resume."""
+        """The epoch-0 train kernels, and the epoch-0 weights beside them (taken from ``model`` at step 0; they also
+        go into the checkpoint state, so that kernels missing or corrupt in the side file are recomputed on resume,
+        wherever the checkpoint was moved)."""
+        if model is not None:
+            self.initial_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         path = self._path(INITIAL_KERNELS_FILENAME)
         try:
             atomic_torch_save(self.initial_kernels, path)
             self.initial_file = str(path)
-            if model is not None:
-                weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                atomic_torch_save(weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
+            if self.initial_weights is not None:
+                atomic_torch_save(self.initial_weights, path.with_name(INITIAL_WEIGHTS_FILENAME))
                 self.initial_weights_file = str(path.with_name(INITIAL_WEIGHTS_FILENAME))
         except OSError as err:
-            rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will lack them.")
+            rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; a resumed run will recompute them.")
 
     def save_kernels(
         self,
@@ -321,38 +326,47 @@ class RunRecord:
     def restore_initial_kernels(
         self, recompute: Callable[[Mapping[str, Tensor], list[str]], dict[str, Tensor]]
     ) -> None:
-        """On resume: the epoch-0 kernels from the side file; those missing or corrupt there are recomputed by
-        ``recompute(epoch-0 weights, names)`` (no collectives) and the file rewritten."""
+        """On resume: the epoch-0 kernels from the side file; those missing or corrupt there (e.g. the checkpoint was
+        moved to another folder or machine) are recomputed by ``recompute(epoch-0 weights, names)`` (no
+        collectives) and the side files written again."""
         if self.initial_kernels:
             return
         wanted = sorted({r["kernel"] for r in self.results if r["step"] == 0 and "error" not in r})
         if not wanted:
             return
-        if not self.initial_file:
-            rank_zero_warn(
-                "AfterKernelCallback: the checkpoint names no file of epoch-0 kernels, so alignment_to_initial is "
-                "NaN from here on."
-            )
-            return
-        path = Path(self.initial_file)
-        kernels, problem = self._load_initial_kernels(path)
+        if self.initial_file:
+            kernels, problem = self._load_initial_kernels(Path(self.initial_file))
+        else:
+            kernels, problem = {}, "the checkpoint names no file of epoch-0 kernels"
         missing = [k for k in wanted if k not in kernels]
         self.initial_kernels = kernels
         if not missing:
             return
-        problem = problem or f"{path} lacks the {missing} kernels"
-        weights_path = Path(self.initial_weights_file or path.with_name(INITIAL_WEIGHTS_FILENAME))
-        try:
-            weights = torch.load(weights_path, weights_only=True)
-        except Exception as err:
-            rank_zero_warn(
-                f"AfterKernelCallback: {problem}, and the epoch-0 weights ({weights_path}) cannot be read "
-                f"({type(err).__name__}), so alignment_to_initial of {missing} is NaN from here on."
-            )
+        problem = problem or f"{self.initial_file} lacks the {missing} kernels"
+        weights, source = self._epoch_0_weights(problem, missing)
+        if weights is None:
             return
-        rank_zero_warn(f"AfterKernelCallback: {problem}; recomputing the epoch-0 {missing} kernels from {weights_path}")
+        rank_zero_warn(f"AfterKernelCallback: {problem}; recomputing the epoch-0 {missing} kernels from {source}")
         try:
             self.initial_kernels.update(recompute(weights, missing))
         except (KernelError, RuntimeError) as err:
             rank_zero_warn(f"AfterKernelCallback: recomputing the epoch-0 kernels failed ({err}); NaN alignments.")
         self.save_initial()
+
+    def _epoch_0_weights(self, problem: str, missing: list[str]) -> tuple[Mapping[str, Tensor] | None, str]:
+        """The epoch-0 weights and where they come from: the checkpoint's own; for checkpoints written before they
+        were kept there, the side file (None, with a warning, when it cannot be read)."""
+        if self.initial_weights is not None:
+            return self.initial_weights, "the checkpoint's epoch-0 weights"
+        path = Path(self.initial_weights_file or Path(self.initial_file or ".").with_name(INITIAL_WEIGHTS_FILENAME))
+        try:
+            weights = torch.load(path, weights_only=True)
+        except Exception as err:
+            rank_zero_warn(
+                f"AfterKernelCallback: {problem}, and the epoch-0 weights are not in the checkpoint (written before "
+                f"they were kept there) and {path} cannot be read ({type(err).__name__}), so alignment_to_initial of "
+                f"{missing} is NaN from here on."
+            )
+            return None, ""
+        self.initial_weights = weights
+        return weights, str(path)

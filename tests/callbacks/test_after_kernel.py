@@ -981,9 +981,23 @@ def test_a_corrupt_initial_kernels_file_is_recomputed_from_the_epoch_0_weights(t
         assert torch.equal(a, b)  # the trained weights were restored bit-exactly: training is unaffected
     assert torch.load(side, weights_only=True).keys() == {"ntk", "ck"}  # the file is rewritten
 
+    side.unlink()  # recomputed from the checkpoint's own epoch-0 weights
+    (tmp_path / "ak" / "afterkernel_initial_weights.pt").write_text("garbage")
+    with pytest.warns(UserWarning, match="missing; recomputing the epoch-0 .* from the checkpoint's epoch-0 weights"):
+        again, _ = _resume(tmp_path, last)
+    assert [r["alignment_to_initial"] for r in again.results] == [r["alignment_to_initial"] for r in repaired.results]
+    assert torch.load(tmp_path / "ak" / "afterkernel_initial_weights.pt", weights_only=True).keys() == set(
+        first._record.initial_weights
+    )
+
+    state = torch.load(last, weights_only=False)  # a checkpoint written before the weights were kept in it
+    del next(s for key, s in state["callbacks"].items() if key.startswith("AfterKernelCallback"))["initial_weights"]
+    torch.save(state, last)
     side.unlink()
     (tmp_path / "ak" / "afterkernel_initial_weights.pt").write_text("garbage")
-    with pytest.warns(UserWarning, match="missing, and the epoch-0 weights .* cannot be read"):
+    with pytest.warns(
+        UserWarning, match="missing, and the epoch-0 weights are not in the checkpoint .* cannot be read"
+    ):
         lost, _ = _resume(tmp_path, last)
     assert lost.done_epochs == [0, 1, 2]
     assert all(math.isnan(r["alignment_to_initial"]) for r in lost.results if r["epoch"] == 2)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.models import MLPClassifier
@@ -71,3 +72,66 @@ def test_a_checkpoint_of_main_at_af988fc_resumes_with_its_rows(tmp_path):
     assert all(math.isnan(r["alignment_to_initial"]) for r in new)
     saved = json.loads((tmp_path / "afterkernel_results.json").read_text())["results"]
     assert [(r["epoch"], r["kernel"]) for r in saved] == [(r["epoch"], r["kernel"]) for r in callback.results]
+
+
+# ---------------------------------------------------------------- self-contained checkpoints
+class Run:
+    """Fits of the toy task with checkpoints, each in a folder of its own."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.maker = _maker()
+        self.tmp_path = tmp_path
+
+    def fit(self, folder: str, max_epochs: int, ckpt: Path | None = None, **options) -> AfterKernelCallback:
+        out = self.tmp_path / folder
+        pl.seed_everything(0 if ckpt is None else 1)
+        settings = {"epochs": [0, 1], "n_train": 40, "n_test": 24, "n_invariance": 8, "verbose": False}
+        callback = AfterKernelCallback(**(settings | {"figures": False, "dirpath": str(out / "ak")} | options))
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", save_last=True)],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out,
+            accelerator="cpu",
+        )
+        model = MLPClassifier(input_shape=self.maker.SHAPE, width=48, lr=0.1)
+        trainer.fit(model, datamodule=self.maker.ToyData(), ckpt_path=ckpt)
+        return callback
+
+    def move(self, folder: str) -> Path:
+        """The folder's last checkpoint copied elsewhere, the folder deleted (as when moved to another machine)."""
+        moved = self.tmp_path / f"{folder}.ckpt"
+        shutil.copyfile(self.tmp_path / folder / "ckpt" / "last.ckpt", moved)
+        shutil.rmtree(self.tmp_path / folder)
+        return moved
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.endswith("_time_s")}
+
+
+def test_a_checkpoint_moved_to_a_fresh_folder_recomputes_the_epoch_0_kernels_from_its_own_weights(tmp_path):
+    run = Run(tmp_path)
+    first = run.fit("first", max_epochs=2, epochs=[0, 1, 3], at_end=False)
+    assert first.done_epochs == [0, 1]
+    moved = run.move("first")
+    assert torch.load(moved, weights_only=False)["callbacks"][first.state_key]["initial_weights"].keys() == set(
+        first._record.initial_weights
+    )
+
+    with pytest.warns(UserWarning, match="missing; recomputing the epoch-0 .* from the checkpoint's epoch-0 weights"):
+        resumed = run.fit("second", max_epochs=3, ckpt=moved, epochs=[0, 1, 3], at_end=False)
+    assert resumed.done_epochs == [0, 1, 3]
+    assert json.dumps(resumed.results[:4]) == json.dumps(first.results)  # kept as they were
+    for name in ("ntk", "ck"):  # the same kernels as the first fit's: the same weights and subsets
+        torch.testing.assert_close(resumed._record.initial_kernels[name], first._record.initial_kernels[name])
+    late = [r for r in resumed.results if r["epoch"] == 3]
+    assert len(late) == 2 and all(0 < r["alignment_to_initial"] < 1 for r in late)
+    folder = tmp_path / "second" / "ak"
+    assert torch.load(folder / "afterkernel_initial_kernels.pt", weights_only=True).keys() == {"ntk", "ck"}
+    state = torch.load(tmp_path / "second" / "ckpt" / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
+    assert state["initial_kernels_file"] == str(folder / "afterkernel_initial_kernels.pt")
+    saved = json.loads((folder / "afterkernel_results.json").read_text())["results"]
+    assert [(r["epoch"], r["kernel"]) for r in saved] == [(e, k) for e in (0, 1, 3) for k in ("ntk", "ck")]
