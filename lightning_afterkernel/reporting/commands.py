@@ -18,8 +18,8 @@ def _scales_help() -> str:
     for s in SCALES.values():
         rows.append(
             f"  {s.name}: train {s.train_subset or 'all'} / test {s.test_subset or 'all'} images, kernels on "
-            f"{s.n_train}/{s.n_test}, {s.max_epochs} epochs (few = {s.few_epochs}), lr study {s.large_lr:g} "
-            f"(cap {s.lr_max_epochs} epochs), {s.seeds} seed(s)"
+            f"{s.n_train or 'all'}/{s.n_test or 'all'}, {s.max_epochs} epochs (few = {s.few_epochs}), lr study "
+            f"{s.large_lr:g} (cap {s.lr_max_epochs} epochs), {s.seeds} seed(s)"
         )
     return "\n".join(rows)
 

@@ -334,9 +334,10 @@ def test_the_full_scale_is_described_as_it_is():
     (at,) = [i for i, node in enumerate(module.body) if isinstance(node, ast.AnnAssign) and node.target.id == "SCALES"]
     doc = " ".join(module.body[at + 1].value.value.split())
     full = SCALES["full"]
-    assert full.train_subset is None and full.test_subset is None and (full.n_train, full.n_test) == (10000, 1984)
-    assert "the paper's setting (" not in doc
-    assert "10,000 of MNIST's 11,982 training and 1,984 of CIFAR-10's 2,000 test images" in doc
+    assert full.train_subset is None and full.test_subset is None and (full.n_train, full.n_test) == (None, None)
+    assert (full.max_epochs, full.few_epochs, full.n_invariance, full.seeds) == (10, 1, 1000, 3)
+    assert "the kernel SVMs train on every training image and are tested on every test image" in doc
+    assert "10 epochs at lr 0.01" in doc and "1,000 test images" in doc
 
 
 @pytest.mark.parametrize(

@@ -132,3 +132,17 @@ def test_a_given_data_root_is_read_without_download(offline, tmp_path, monkeypat
         run(args)
     assert grids == [given]
     assert fake.calls == [] and not cache.exists()
+
+
+def test_a_scale_on_whole_splits_evaluates_every_image_and_the_evidence_epochs(tmp_path):
+    """n_train/n_test None: the kernel SVMs take every training and test image; the lr 0.01 no-augmentation cells
+    also evaluate the evidence epochs (bundled MNIST 3-vs-8, no real data needed)."""
+    from lightning_afterkernel.reporting.grid import Cell, Scale, run_one
+
+    scale = Scale("whole", 120, 60, None, None, 4, 3, 1, 0.1, 2, 1, evidence_epochs=(2, 5))
+    payload = run_one(Cell("mnist", "mlp"), 0, scale, tmp_path, None)
+    rows = payload["rows"]
+    assert sorted({r["epoch"] for r in rows}) == [0, 1, 2, 3]  # evidence epoch 5 is past max_epochs
+    assert (payload["config"]["n_train"], payload["config"]["n_test"]) == (120, 60)
+    augmented = run_one(Cell("mnist", "mlp", augment=True), 0, scale, tmp_path, None)
+    assert sorted({r["epoch"] for r in augmented["rows"]}) == [0, 1, 3]
