@@ -3,6 +3,7 @@ dataloaders given to ``fit`` (``_data_source``). A Lightning release that moves 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -11,6 +12,28 @@ import pytorch_lightning as pl
 def batches_completed(trainer: pl.Trainer) -> int:
     """Training batches completed in the current epoch."""
     return trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+
+def epochs_trained(trainer: pl.Trainer) -> tuple[int | float, bool]:
+    """Epochs of training behind the weights at an epoch's end (Lightning also ends an epoch that ``max_steps`` cut
+    short) or at a checkpoint, and whether the current epoch is partial: ``current_epoch + 1`` after its last batch,
+    else fractional, with enough decimals that no partial epoch rounds to a whole one (1999 / 2000 is not 1.0)."""
+    seen, total = batches_completed(trainer), trainer.num_training_batches
+    if math.isfinite(total) and 0 < total and seen < total:
+        digits = max(3, math.ceil(math.log10(total)))
+        return round(trainer.current_epoch + seen / total, digits), True
+    return trainer.current_epoch + 1, False
+
+
+def fit_ends_here(trainer: pl.Trainer) -> bool:
+    """Whether the fit stops at the current weights, as far as can be told when a checkpoint is saved: a stop was
+    asked for (e.g. by early stopping), ``max_steps`` is reached, or the last batch of the last epoch has run."""
+    if trainer.should_stop:
+        return True
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    epochs, partial = epochs_trained(trainer)
+    return not partial and trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs
 
 
 def at_epoch_boundary(trainer: pl.Trainer) -> bool:

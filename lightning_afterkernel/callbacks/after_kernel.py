@@ -9,7 +9,6 @@ result row in :mod:`~lightning_afterkernel.callbacks.rows`, the rows' files and 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,6 +191,7 @@ class AfterKernelCallback(pl.Callback):
         self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
         self._active_kernels = list(self.kernels)
         self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
+        self._started = False  # whether on_train_start ran in this fit
         self._start_history()
 
     def _start_history(self) -> None:
@@ -253,6 +253,7 @@ class AfterKernelCallback(pl.Callback):
                 f"fit stay in {where}, and this callback starts afresh."
             )
             self._start_history()
+        self._started = False  # set at on_train_start, which Lightning skips when a resumed fit has nothing to train
         base = Path(self.dirpath) if self.dirpath else default_folder(trainer)
         self._dir = self._record.folder = base if self.name is None else base / self.name
         self._active_kernels = usable_kernels(pl_module, self.kernels)
@@ -274,10 +275,12 @@ class AfterKernelCallback(pl.Callback):
         if self._subsets is None:
             self._draw(trainer)
         check_model_and_labels(pl_module, self._subsets)  # before any training step and any kernel
+        self._started = True
         completed = trainer.current_epoch
         at_boundary = _lightning.at_epoch_boundary(trainer)
         if trainer.global_step > 0:
             self._resume(trainer, pl_module, completed, at_boundary)
+            self._carry_end(trainer, pl_module)
         if at_boundary and completed in self.epochs and completed not in self._done()[0]:
             # epoch 0 on a fresh start; on resume, an epoch whose checkpoint was saved at the boundary before
             # this callback's epoch-end evaluation ran.
@@ -287,13 +290,7 @@ class AfterKernelCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         # Lightning also calls this hook when max_steps ends an epoch early: count what really ran.
-        seen, total = _lightning.batches_completed(trainer), trainer.num_training_batches
-        partial = math.isfinite(total) and 0 < total and seen < total
-        if partial:  # enough decimals that no partial epoch rounds to a whole one (1999 / 2000 is not 1.0)
-            digits = max(3, math.ceil(math.log10(total)))
-            self._progress = round(trainer.current_epoch + seen / total, digits)
-        else:
-            self._progress = trainer.current_epoch + 1
+        self._progress, partial = _lightning.epochs_trained(trainer)
         if not partial and self._progress in self.epochs and self._progress not in self._done()[0]:
             self._evaluate(trainer, pl_module, epoch=self._progress)
 
@@ -306,6 +303,8 @@ class AfterKernelCallback(pl.Callback):
         self._evaluate(trainer, pl_module, epoch=epoch)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 and not self._started:  # resumed where its fit had ended: nothing was trained
+            self._resume_finished(trainer, pl_module)
         if not self.results:
             return
         log_results_table(trainer, self.results, self._prefix)
@@ -314,6 +313,15 @@ class AfterKernelCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return self._record.state_dict()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # The at_end evaluation runs after the fit's last checkpoint, on its weights: the checkpoint says so, and a
+        # resume that does not find that row (the results file is elsewhere) computes it again on the same weights.
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            ends = self.at_end and _lightning.fit_ends_here(trainer)
+            end = {"epoch": _lightning.epochs_trained(trainer)[0], "step": trainer.global_step}
+            state["fit_end"] = end if ends else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._record.load_state_dict(state_dict)
@@ -355,6 +363,26 @@ class AfterKernelCallback(pl.Callback):
                 f"epochs {missed} have no saved results (the checkpoint holds none for them) and their weights "
                 "are gone, so they are skipped."
             )
+
+    def _carry_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The at_end row of the fit the checkpoint comes from, computed after it on exactly these weights: when the
+        resume did not bring it (its results file moved or lost), it is computed again."""
+        end = self._record.fit_end
+        if end is not None and end["step"] == trainer.global_step and end["step"] not in self._done()[1]:
+            self._evaluate(trainer, pl_module, epoch=end["epoch"])
+
+    def _resume_finished(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A resume where the checkpoint's fit had ended (no larger max_epochs): Lightning runs no training hook, so
+        the resume is reconciled here, on the checkpoint's weights, moved back to the Trainer's device for it (its
+        teardown has moved them to the CPU)."""
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            if self._subsets is None:
+                self._draw(trainer)
+            self._resume(trainer, pl_module, trainer.current_epoch, at_boundary=True)
+            self._carry_end(trainer, pl_module)
+        finally:
+            pl_module.cpu()
 
     def _initial_kernels(self, pl_module: pl.LightningModule, weights: Any, names: list[str]) -> dict[str, Any]:
         assert self._subsets is not None

@@ -82,6 +82,8 @@ class RunRecord:
         self.initial_weights_file: str | None = None
         self.results_file: str | None = None  # the results file of the run a restored checkpoint comes from
         self.saved_images = invariance_images  # the images a restored checkpoint's scores are on
+        # {"epoch", "step"} of the at_end evaluation a restored checkpoint's fit ran on its weights, after saving it
+        self.fit_end: dict[str, Any] | None = None
 
     @property
     def n_scored(self) -> int:
@@ -158,6 +160,7 @@ class RunRecord:
         beside = str(Path(self.initial_file).with_name(INITIAL_WEIGHTS_FILENAME)) if self.initial_file else None
         self.initial_weights_file = state_dict.get("initial_weights_file", beside)
         self.initial_weights = state_dict.get("initial_weights")  # None in checkpoints from before they were kept
+        self.fit_end = state_dict.get("fit_end")  # added by the callback's on_save_checkpoint
         self.results_file = state_dict.get("results_file")
         # checked when a fit resumes, not here: validate/test load the state too
         self.saved_images = state_dict.get("invariance_images", "train")  # older checkpoints: training images

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.models import MLPClassifier
@@ -78,9 +79,10 @@ def test_a_checkpoint_of_main_at_af988fc_resumes_with_its_rows(tmp_path):
 class Run:
     """Fits of the toy task with checkpoints, each in a folder of its own."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, validation: bool = False) -> None:
         self.maker = _maker()
         self.tmp_path = tmp_path
+        self.validation = validation
 
     def fit(self, folder: str, max_epochs: int, ckpt: Path | None = None, **options) -> AfterKernelCallback:
         out = self.tmp_path / folder
@@ -97,7 +99,8 @@ class Run:
             accelerator="cpu",
         )
         model = MLPClassifier(input_shape=self.maker.SHAPE, width=48, lr=0.1)
-        trainer.fit(model, datamodule=self.maker.ToyData(), ckpt_path=ckpt)
+        data = WithValidation(self.maker) if self.validation else self.maker.ToyData()
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
         return callback
 
     def move(self, folder: str) -> Path:
@@ -135,3 +138,49 @@ def test_a_checkpoint_moved_to_a_fresh_folder_recomputes_the_epoch_0_kernels_fro
     assert state["initial_kernels_file"] == str(folder / "afterkernel_initial_kernels.pt")
     saved = json.loads((folder / "afterkernel_results.json").read_text())["results"]
     assert [(r["epoch"], r["kernel"]) for r in saved] == [(e, k) for e in (0, 1, 3) for k in ("ntk", "ck")]
+
+
+class WithValidation(pl.LightningDataModule):
+    """The toy task with a validation loader: ModelCheckpoint then saves at validation end, before the epoch-end
+    hooks (the configs' case)."""
+
+    def __init__(self, maker) -> None:
+        super().__init__()
+        self.data = maker.ToyData()
+        self.tensors, self.train_dataloader = self.data.tensors, self.data.train_dataloader
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(self.data.x_test, self.data.y_test), batch_size=16)
+
+
+@pytest.mark.parametrize("saved_at", ["epoch end", "validation end"])
+@pytest.mark.parametrize("max_epochs", [2, 3])
+def test_a_finished_fit_resumed_from_its_moved_checkpoint_keeps_every_row(tmp_path, saved_at, max_epochs):
+    """The at_end row is computed after the last checkpoint: the checkpoint says its weights end the fit, and a resume
+    that cannot find that row (the first run's folder is gone) computes it again on those weights: rows for epoch 0,
+    the scheduled epoch, the first fit's end and (to a larger max_epochs) the new end, no NaN alignment."""
+    run = Run(tmp_path, validation=saved_at == "validation end")
+    first = run.fit("first", max_epochs=2)
+    assert first.done_epochs == [0, 1, 2]
+    moved = run.move("first")
+    assert torch.load(moved, weights_only=False)["callbacks"][first.state_key]["fit_end"] == {"epoch": 2, "step": 12}
+
+    resumed = run.fit("second", max_epochs=max_epochs, ckpt=moved, verbose=True)
+    assert resumed.done_epochs == [0, 1, 2, 3][: max_epochs + 1]
+    assert [(r["epoch"], r["step"]) for r in resumed.results] == [(e, 6 * e) for e in resumed.done_epochs for _ in "ab"]
+    assert json.dumps([_comparable(r) for r in resumed.results[:6]]) == json.dumps(
+        [_comparable(r) for r in first.results]
+    )  # the first fit's end row computed again on the same weights: the same numbers
+    assert all(0 < r["alignment_to_initial"] <= 1 + 1e-9 for r in resumed.results)
+    saved = json.loads((tmp_path / "second" / "ak" / "afterkernel_results.json").read_text())["results"]
+    assert sorted({r["epoch"] for r in saved}) == resumed.done_epochs
+    assert "epoch 2" in resumed.summary_table()
+
+
+def test_a_fit_resumed_from_a_checkpoint_that_did_not_end_it_adds_no_row(tmp_path):
+    run = Run(tmp_path)
+    run.fit("first", max_epochs=1, epochs=[0, 1, 2], at_end=False)
+    state = torch.load(tmp_path / "first" / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert [s["fit_end"] for key, s in state.items() if key.startswith("AfterKernelCallback")] == [None]
+    resumed = run.fit("second", max_epochs=2, ckpt=run.move("first"), epochs=[0, 1, 2])
+    assert [(r["epoch"], r["step"]) for r in resumed.results if r["kernel"] == "ntk"] == [(0, 0), (1, 6), (2, 12)]
