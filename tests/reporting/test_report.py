@@ -192,7 +192,7 @@ def claims(root: Path) -> dict:
 
 
 def test_hard_and_soft_margin_errors_are_never_averaged(tmp_path):
-    # the CK at the end: seeds 0 and 2 have a hard margin, seed 1 has none (as results/paper's mnist-mlp-lr0.1)
+    # the CK at the end: seeds 0 and 2 have a hard margin, seed 1 has none (as results/cpu's mnist-mlp-lr0.1)
     for seed, (hard, soft) in enumerate([(0.054, None), (None, 0.076), (0.056, None)]):
         data = cell("mnist-mlp-noaug", seed)
         data["kernels"]["ck"]["end"] = kernel(hard, {}, soft=soft)
