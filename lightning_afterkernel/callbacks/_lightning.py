@@ -1,5 +1,6 @@
-"""The Lightning internals the callback reads, in one place: the fit loop's progress counters and the validation
-dataloaders given to ``fit`` (``_data_source``). A Lightning release that moves them breaks only this module."""
+"""How the callback reads the Trainer, in one place: the fit loop's progress counters and the validation dataloaders
+given to ``fit`` (``_data_source``), which are Lightning internals (a release that moves them breaks only this
+module), when the fit ends, and the DDP shard of the NTK."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 
 
 def batches_completed(trainer: pl.Trainer) -> int:
@@ -56,3 +58,10 @@ def fit_val_loader(trainer: pl.Trainer) -> Any:
     if isinstance(loaders, (list, tuple)):
         loaders = loaders[0] if loaders else None
     return loaders
+
+
+def ntk_shard(trainer: pl.Trainer) -> tuple[int, int] | None:
+    """``(rank, world_size)`` when the NTK is shared out among DDP ranks, else None."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return trainer.global_rank, trainer.world_size
+    return None

@@ -120,21 +120,17 @@ class AfterKernelCallback(pl.Callback):
             settings): each writes to ``<dirpath>/<name>``, logs under ``afterkernel/<name>/...`` and keeps its own
             checkpoint state. Two callbacks with the same name (None included) in one Trainer are an error.
 
-    Data: the subsets come from the datamodule's ``tensors(split)``, its datasets or dataloaders, or the dataloaders
-    given to ``fit`` (:mod:`~lightning_afterkernel.callbacks.sources`); any map-style dataset returning ``(x, y)``
-    with binary ``y`` works, and the global random state is left as it was, so training draws the same numbers with
-    or without the callback. The model's output and the labels are checked at fit start, before any training step:
-    one logit per example, (n,) or (n, 1), with labels 0 and 1 (or -1 and 1).
+    Data (:mod:`~lightning_afterkernel.callbacks.sources`): the datamodule's ``tensors(split)``, datasets or
+    dataloaders, or the dataloaders given to ``fit``; any map-style dataset of ``(x, y)`` works, drawn without
+    touching the global random state. At fit start, before any training step, the model must give one logit per
+    example, (n,) or (n, 1), and the labels must be 0 and 1 (or -1 and 1).
 
-    Distributed runs (DDP, any number of devices and nodes): every rank computes a cost-balanced share of the NTK and
-    one all-reduce gives every rank the exact kernel; the CK, the SVM, the analyses, logging and files are global
-    rank 0's. Every rank takes the same decisions (which epochs to evaluate, which kernels failed), so all enter the
-    same collectives (:mod:`~lightning_afterkernel.callbacks.evaluation`).
+    DDP: every rank computes a share of the NTK and one all-reduce sums them; the rest is global rank 0's, and all
+    ranks take the same decisions, so all enter the same collectives.
 
-    Resuming (``ckpt_path``): the rows live in the checkpoint, and the results file is checked against them
-    (:mod:`~lightning_afterkernel.callbacks.record`). A checkpoint saved mid-epoch resumes without evaluating: a
-    scheduled epoch whose end it skipped is announced as missed. A new fit that starts at step 0 (e.g. the same
-    callback passed to a second Trainer) starts a new history.
+    Resuming (:mod:`~lightning_afterkernel.callbacks.record`): the rows and the epoch-0 weights live in the
+    checkpoint, which resumes with every row wherever it was copied; a scheduled epoch whose weights a mid-epoch
+    checkpoint skipped is announced as missed. A new fit from step 0 starts a new history.
     """
 
     def __init__(
@@ -168,25 +164,13 @@ class AfterKernelCallback(pl.Callback):
         self.svm_kwargs = check_svm(svm, soft_margin_c)
         check_invariance(n_invariance, invariance_images)
         check_outputs(on_error, figures, save_kernels, name)
-        self.name = name
+        self.at_end, self.n_train, self.n_test, self.seed = at_end, n_train, n_test, seed
+        self.soft_margin_c, self.n_invariance, self.invariance_images = soft_margin_c, n_invariance, invariance_images
+        self.kernel_batch_size, self.implementation = kernel_batch_size, implementation
+        self.memory_budget, self.dtype = memory_budget, getattr(torch, dtype)
+        self.progress, self.dirpath, self.verbose = progress, dirpath, verbose
+        self.figures, self.save_kernels, self.on_error, self.name = figures, save_kernels, on_error, name
         self._prefix = "afterkernel" if name is None else f"afterkernel/{name}"
-        self.soft_margin_c = soft_margin_c
-        self.n_invariance = n_invariance
-        self.invariance_images = invariance_images
-        self.figures = figures
-        self.save_kernels = save_kernels
-        self.on_error = on_error
-        self.at_end = at_end
-        self.n_train = n_train
-        self.n_test = n_test
-        self.seed = seed
-        self.kernel_batch_size = kernel_batch_size
-        self.implementation = implementation
-        self.memory_budget = memory_budget
-        self.progress = progress
-        self.dtype = getattr(torch, dtype)
-        self.dirpath = dirpath
-        self.verbose = verbose
         self._kernel_options = KernelOptions(implementation, kernel_batch_size, memory_budget, self.dtype)
         self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
         self._active_kernels = list(self.kernels)
@@ -334,29 +318,13 @@ class AfterKernelCallback(pl.Callback):
         )
 
     def _resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule, completed: int, at_boundary: bool) -> None:
-        """A fit resumed from a checkpoint: its rows against the results file, the epoch-0 kernels restored, and the
-        scheduled epochs whose weights are gone announced."""
-        record = self._record
-        conflict = record.images_conflict(record.saved_images, self.results, "the checkpoint")
-        if conflict:  # before anything is computed (every rank holds the same state, so every rank raises)
-            raise ConfigurationError(conflict)
-        adopted, conflict = [], None
-        if trainer.is_global_zero:
-            adopted, conflict = record.reconcile_results_file(
-                trainer.global_step,
-                self._record.header(self._invariance_families(), self._active_kernels, trainer.lightning_module),
-            )
-        # Every rank must agree on what is done (see _done): rank 0 read the file, so it tells the others.
-        adopted, conflict = trainer.strategy.broadcast((adopted, conflict), src=0)
-        if conflict:
-            raise ConfigurationError(conflict)
-        if not trainer.is_global_zero:
-            self.results.extend(adopted)
-        if trainer.is_global_zero:
-            record.restore_initial_kernels(lambda weights, names: self._initial_kernels(pl_module, weights, names))
-        done = self.done_epochs
-        missed = [e for e in self.epochs if (e < completed or (e == completed and not at_boundary))]
-        missed = [e for e in missed if e not in done]
+        """A fit resumed from a checkpoint: the record reconciled with its files, and the scheduled epochs whose
+        weights are gone announced."""
+        self._record.resume(
+            trainer, self._header(pl_module), lambda w, names: self._initial_kernels(pl_module, w, names)
+        )
+        gone = [e for e in self.epochs if e < completed or (e == completed and not at_boundary)]
+        missed = [e for e in gone if e not in self.done_epochs]
         if missed:
             rank_zero_warn(
                 f"AfterKernelCallback: resuming at step {trainer.global_step} (epoch {completed}); scheduled "
@@ -390,12 +358,6 @@ class AfterKernelCallback(pl.Callback):
             return initial_train_kernels(pl_module, weights, self._subsets, names, self._kernel_options)
 
     # ---------------------------------------------------------------- evaluation
-    def _shard(self, trainer: pl.Trainer) -> tuple[int, int] | None:
-        """``(rank, world_size)`` when the NTK is shared out among DDP ranks, else None."""
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            return trainer.global_rank, trainer.world_size
-        return None
-
     def _display(self, trainer: pl.Trainer) -> Progress:
         return lambda label: KernelProgress(trainer, label, enabled=self.progress)
 
@@ -412,7 +374,7 @@ class AfterKernelCallback(pl.Callback):
                 self._active_kernels,
                 self._kernel_options,
                 epoch=epoch,
-                shard=self._shard(trainer),
+                shard=_lightning.ntk_shard(trainer),
                 progress=self._display(trainer),
             )
             self._judge(kernels)
@@ -462,9 +424,12 @@ class AfterKernelCallback(pl.Callback):
         log_evaluation(trainer, analysis.rows, self._prefix)
         if step == 0 and record.initial_kernels:
             record.save_initial(pl_module)
-        record.save(self._record.header(self._invariance_families(), self._active_kernels, trainer.lightning_module))
+        record.save(self._header(pl_module))
         if self.figures and analysis.grams:
             self._draw_figures(trainer, epoch, analysis)
+
+    def _header(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return self._record.header(self._invariance_families(), self._active_kernels, pl_module)
 
     def _invariance_families(self) -> tuple[str, ...]:
         """The paper's families the invariance images allow (decided once; a message for what is skipped)."""

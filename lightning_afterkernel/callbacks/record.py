@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from lightning_afterkernel._io import atomic_torch_save, atomic_write_json, finite_or_none
 from lightning_afterkernel.callbacks.evaluation import Subsets, spectrum
 from lightning_afterkernel.callbacks.rows import INVARIANCE_PREFIX, KERNEL_LABELS, ResultRow
-from lightning_afterkernel.errors import KernelError
+from lightning_afterkernel.errors import ConfigurationError, KernelError
 
 RESULTS_FILENAME = "afterkernel_results.json"
 INITIAL_KERNELS_FILENAME = "afterkernel_initial_kernels.pt"
@@ -242,15 +243,39 @@ class RunRecord:
         except OSError as err:
             rank_zero_warn(f"AfterKernelCallback: could not write {path}: {err}; the kernels are not saved.")
 
-    # ---------------------------------------------------------------- resume (rank 0)
+    # ---------------------------------------------------------------- resume
+    def resume(
+        self,
+        trainer: pl.Trainer,
+        header: Mapping[str, Any],
+        recompute: Callable[[Mapping[str, Tensor], list[str]], dict[str, Tensor]],
+    ) -> None:
+        """A fit resumed from a checkpoint, on every rank: the invariance images of the checkpoint's rows checked
+        (a :class:`ConfigurationError` before anything is computed, on every rank), the rows against the results file
+        (rank 0, which tells the other ranks the rows it kept, so that all take the same decisions), and the epoch-0
+        kernels restored (rank 0; see :meth:`restore_initial_kernels`)."""
+        conflict = self.images_conflict(self.saved_images, self.results, "the checkpoint")
+        if conflict:
+            raise ConfigurationError(conflict)
+        adopted, conflict = [], None
+        if trainer.is_global_zero:
+            adopted, conflict = self.reconcile_results_file(trainer.global_step, header)
+        adopted, conflict = trainer.strategy.broadcast((adopted, conflict), src=0)
+        if conflict:
+            raise ConfigurationError(conflict)
+        if trainer.is_global_zero:
+            self.restore_initial_kernels(recompute)
+        else:
+            self.results.extend(adopted)
+
     def reconcile_results_file(self, step: int, header: Mapping[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
-        """The results file must hold the checkpoint's rows; a corrupt, partial or stale one is rewritten from them.
-        Rows the file holds beyond them were computed after the checkpoint was saved: those on the checkpoint's own
-        weights (``step``; e.g. the ``at_end`` evaluation, which runs after the last checkpoint) are kept and
-        returned (the caller adds them to ``results`` on every rank); the others belong to weights the interruption
-        lost and are dropped (scheduled epochs are computed again on the way). The second value says why the kept
-        rows cannot join (their invariance scores are on other images); then nothing is taken in or rewritten, and
-        the caller raises."""
+        """Rank 0 on resume: the results file must hold the checkpoint's rows; a corrupt, partial or stale one is
+        rewritten from them. Rows the file holds beyond them were computed after the checkpoint was saved: those on
+        the checkpoint's own weights (``step``; e.g. the ``at_end`` evaluation, which runs after the last checkpoint)
+        are kept and returned (the caller adds them to ``results`` on every rank); the others belong to weights the
+        interruption lost and are dropped (scheduled epochs are computed again on the way). The second value says
+        why the kept rows cannot join (their invariance scores are on other images); then nothing is taken in or
+        rewritten, and the caller raises."""
         path = self._path(RESULTS_FILENAME)
         expected = json.loads(json.dumps(finite_or_none(self.results)))
         source = path  # a run resumed into a new folder (a new logger version or W&B run) reads the old file
