@@ -368,6 +368,22 @@ def fit_svm(
     }
 
 
+def _svm_and_metrics_on(
+    name: str,
+    epoch: int | float,
+    gram: Tensor,
+    k_test: Tensor,
+    subsets: Subsets,
+    initial: Tensor | None,
+    options: AnalysisOptions,
+    svm_device: str | None = None,
+) -> tuple[dict[str, Any], Tensor, Tensor]:
+    fields = fit_svm(name, epoch, gram, subsets.y_train, k_test, subsets.y_test, options, device=svm_device)
+    t0 = time.perf_counter()
+    metrics, eigenvalues = kernel_metrics(name, epoch, gram, subsets.y_train, initial)
+    return {**fields, **metrics, "analysis_time_s": time.perf_counter() - t0}, gram, eigenvalues
+
+
 def _svm_and_metrics(
     name: str,
     epoch: int | float,
@@ -381,26 +397,20 @@ def _svm_and_metrics(
     eigen-decompositions are much faster on a GPU); redone on the CPU, with a warning, when the GPU has no room.
     Returns the row fields (``analysis_time_s``: the metrics' time), the float64 train Gram and its eigenvalues."""
     k_test = k_test.to("cpu", torch.float64)
-    devices = [k_train.device, torch.device("cpu")] if k_train.device.type == "cuda" else [torch.device("cpu")]
-    for device in devices:
-        try:
-            gram = k_train.to(device, torch.float64)
-            retry = "cpu" if device.type == "cpu" and len(devices) > 1 else None  # the SVM too, whatever it asks
-            fields = fit_svm(name, epoch, gram, subsets.y_train, k_test, subsets.y_test, options, device=retry)
-            t0 = time.perf_counter()
-            metrics, eigenvalues = kernel_metrics(name, epoch, gram, subsets.y_train, initial)
-            return {**fields, **metrics, "analysis_time_s": time.perf_counter() - t0}, gram, eigenvalues
-        except torch.OutOfMemoryError as err:
-            if device.type != "cuda":
-                raise
-            gram = None
-            torch.cuda.empty_cache()
-            warnings.warn(
-                f"AfterKernelCallback: the {KERNEL_LABELS[name]} SVM and analyses at epoch {epoch} ran out of GPU "
-                f"memory ({str(err)[:160]}); doing them on the CPU.",
-                stacklevel=2,
-            )
-    raise AssertionError("unreachable: the CPU attempt returns or raises")
+    if k_train.device.type != "cuda":
+        return _svm_and_metrics_on(name, epoch, k_train.to("cpu", torch.float64), k_test, subsets, initial, options)
+    try:
+        return _svm_and_metrics_on(name, epoch, k_train.to(torch.float64), k_test, subsets, initial, options)
+    except torch.OutOfMemoryError as err:
+        problem = str(err)[:160]
+    torch.cuda.empty_cache()  # out of the except block: the failed attempt's tensors are released by now
+    warnings.warn(
+        f"AfterKernelCallback: the {KERNEL_LABELS[name]} SVM and analyses at epoch {epoch} ran out of GPU memory "
+        f"({problem}); doing them on the CPU.",
+        stacklevel=3,
+    )
+    cpu = k_train.to("cpu", torch.float64)  # the SVM on the CPU too, whatever svm={"device": ...} asks for
+    return _svm_and_metrics_on(name, epoch, cpu, k_test, subsets, initial, options, svm_device="cpu")
 
 
 def invariance_families(images: Tensor, n_invariance: int) -> tuple[tuple[str, ...], str | None]:

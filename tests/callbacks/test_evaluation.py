@@ -220,3 +220,47 @@ def test_the_model_check_accepts_one_logit_per_example_and_restores_the_modes():
     mixed = Subsets(data.x_train, data.y_train, data.x_test, 2 * data.y_test - 1)  # 0/1 and -1/1 together
     with pytest.raises(DataError, match=r"labels \[0, 1\] \(train\) and \[-1, 1\] \(test\)"):
         check_model_and_labels(model, mixed)
+
+
+class OnTheCard:
+    """Stands for a kernel on a GPU (its device says cuda) where there is none: ``to`` gives CPU tensors."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        self.kernel = kernel
+
+    def to(self, *args) -> torch.Tensor:
+        return self.kernel.to(*(a for a in args if not (isinstance(a, str) and a.startswith("cuda"))))
+
+
+def test_an_analysis_with_no_room_on_the_card_is_redone_on_the_cpu(monkeypatch):
+    """The GPU-to-CPU retry without a GPU: the SVM asked for on the card runs out of memory, the SVM and metrics are
+    redone on the CPU (the SVM too, whatever svm={"device": ...} says) with a warning, and give the CPU's answer."""
+    from lightning_afterkernel.callbacks import evaluation
+
+    model, data = mlp(), subsets()
+    kernels = compute_kernels(model, data, ["ntk"], KernelOptions(dtype=torch.float64))
+    k_train, k_test, seconds = kernels.grams["ntk"]
+    options = AnalysisOptions(svm={"device": "cuda"})
+    real, devices = evaluation.fit_svm, []
+
+    def no_room_unless_cpu(*args, device=None):
+        devices.append(device)
+        if device != "cpu":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, device=device)
+
+    monkeypatch.setattr(evaluation, "fit_svm", no_room_unless_cpu)
+    on_card = evaluation.Kernels(kernels.logits, {"ntk": (OnTheCard(k_train), k_test, seconds)}, {})
+    with pytest.warns(UserWarning, match="NTK SVM and analyses at epoch 0 ran out of GPU memory .*on the CPU"):
+        (row,) = analyse(model, data, on_card, ["ntk"], options=options).rows
+    assert devices == [None, "cpu"]
+    monkeypatch.setattr(evaluation, "fit_svm", real)
+    (expected,) = analyse(model, data, kernels, ["ntk"], options=AnalysisOptions(svm={"device": "cpu"})).rows
+    assert row.error is None and row.svm_separable == 1
+    assert [row.svm_test_acc, row.svm_n_support, row.kta] == [
+        expected.svm_test_acc,
+        expected.svm_n_support,
+        expected.kta,
+    ]
