@@ -346,7 +346,7 @@ def run_one(
     after_kernel = AfterKernelCallback(
         epochs=sorted({0, scale.few_epochs, *(e for e in evidence if e < max_epochs)}),
         at_end=True,
-        kernels=["ntk", "ck"],
+        kernels=list(KERNELS),
         n_train=scale.n_train or _split_size(dm, "train"),
         n_test=scale.n_test or _split_size(dm, "test"),
         seed=0,
