@@ -1,5 +1,5 @@
 """Kernel metrics against their formulas: alignments, CKA, kernel-target alignment, spectrum, effective rank,
-distances."""
+distances; the block-Lanczos spectrum and trace effective rank against the full ``eigvalsh`` on known spectra."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from lightning_afterkernel.kernels import (
     kernel_alignment,
     kernel_distance,
     kernel_target_alignment,
+    metrics,
 )
+from lightning_afterkernel.kernels.metrics import DENSE_MAX_N, PSD_GUARANTEE, SPECTRUM_TOLERANCE, gram_eigenspectrum
 
 
 def random_psd(n: int, seed: int) -> torch.Tensor:
@@ -229,3 +231,219 @@ def test_effective_rank_from_a_precomputed_spectrum():
         assert effective_rank(spectrum, method) == pytest.approx(effective_rank(kernel, method), rel=1e-12)
     with pytest.raises(KernelError, match="non-empty finite 1-D"):
         effective_rank(torch.tensor([1.0, float("nan")]))
+
+
+# block Lanczos (n > DENSE_MAX_N): eigenspectrum(top=k) and effective_rank(K, "trace") against the full eigvalsh
+
+N = 700
+
+
+def with_spectrum(eigenvalues: torch.Tensor, seed: int) -> torch.Tensor:
+    """Q diag(eigenvalues) Q^T with a random orthogonal Q."""
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * eigenvalues) @ q.T
+
+
+def decaying(n: int = N) -> torch.Tensor:
+    return 1.0 / torch.arange(1, n + 1, dtype=torch.float64) ** 1.5
+
+
+def clustered(n: int = N) -> torch.Tensor:
+    values = 1e-3 * decaying(n)
+    values[:8] = 1.0 - 1e-7 * torch.arange(8)  # eight top eigenvalues within 1e-6 of each other
+    values[8:20] = 0.5 + 1e-9 * torch.arange(12)  # and a second cluster straddling the top 10
+    return values
+
+
+def near_multiple_top(n: int = N) -> torch.Tensor:
+    values = 0.5 * decaying(n)
+    values[:3] = torch.tensor([1.0, 1.0 - 1e-10, 1.0 - 1e-8], dtype=torch.float64)
+    return values
+
+
+def rank_deficient(n: int = N) -> torch.Tensor:
+    values = torch.zeros(n, dtype=torch.float64)
+    values[:3] = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    return values
+
+
+SPECTRA = {"decaying": decaying, "clustered": clustered, "near_multiple_top": near_multiple_top}
+SPECTRA["rank_deficient"] = rank_deficient
+
+
+@pytest.fixture
+def lanczos_only(monkeypatch):
+    """Call it after computing the test's reference spectra: from then on, a metric that falls back to the full
+    eigvalsh of a kernel above DENSE_MAX_N fails the test."""
+    full = torch.linalg.eigvalsh
+
+    def guarded(matrix, *args, **kwargs):
+        assert len(matrix) <= DENSE_MAX_N, f"eigvalsh of a {len(matrix)} x {len(matrix)} matrix"
+        return full(matrix, *args, **kwargs)
+
+    return lambda: monkeypatch.setattr(metrics.torch.linalg, "eigvalsh", guarded)
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+@pytest.mark.parametrize("top", [1, 12, 30])
+def test_top_eigenvalues_match_the_full_spectrum(name, top, lanczos_only):
+    kernel = with_spectrum(SPECTRA[name](), seed=20)
+    exact = torch.linalg.eigvalsh(kernel).flip(0)
+    lanczos_only()
+    values = eigenspectrum(kernel, top=top)
+    assert values.dtype == torch.float64 and values.shape == (top,)
+    assert (values[:-1] >= values[1:]).all()
+    assert (values - exact[:top]).abs().max() <= SPECTRUM_TOLERANCE * exact[0]
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+def test_trace_rank_from_the_largest_eigenvalue_matches_the_full_spectrum(name, lanczos_only):
+    kernel = with_spectrum(SPECTRA[name](), seed=21)
+    exact = torch.linalg.eigvalsh(kernel)
+    full = effective_rank(exact.flip(0), "trace")
+    assert full == pytest.approx(float(kernel.trace() / exact[-1]), rel=1e-12)
+    lanczos_only()
+    assert effective_rank(kernel, "trace") == pytest.approx(full, rel=SPECTRUM_TOLERANCE)
+
+
+def test_float32_kernels_are_read_exactly(lanczos_only):
+    kernel = with_spectrum(decaying(), seed=22).float()
+    exact = torch.linalg.eigvalsh(kernel.double()).flip(0)
+    lanczos_only()
+    values = eigenspectrum(kernel, top=10)
+    assert values.dtype == torch.float64
+    assert (values - exact[:10]).abs().max() <= SPECTRUM_TOLERANCE * exact[0]
+    assert effective_rank(kernel, "trace") == pytest.approx(float(kernel.double().trace() / exact[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_tiny_kernels(n):
+    kernel = with_spectrum(torch.arange(n, 0, -1, dtype=torch.float64), seed=23)
+    exact = torch.linalg.eigvalsh(kernel).flip(0)
+    for top in range(1, n + 2):  # top > n returns all n
+        assert torch.allclose(eigenspectrum(kernel, top=top), exact[:top], rtol=0, atol=1e-12)
+    assert effective_rank(kernel, "trace") == pytest.approx(float(exact.sum() / exact[0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("negative", [-PSD_GUARANTEE, -0.5, -3.0])
+def test_kernels_far_from_psd_are_refused_without_the_full_spectrum(negative, lanczos_only):
+    values = torch.linspace(0.0, 1.0, N, dtype=torch.float64)  # a bulk from 0 to the largest, then one negative
+    values[0] = negative
+    lanczos_only()
+    with pytest.raises(KernelError, match="not positive semi-definite"):
+        effective_rank(with_spectrum(values, seed=24), "trace")
+
+
+def test_a_negative_diagonal_entry_is_refused(lanczos_only):
+    kernel = with_spectrum(decaying(), seed=25)
+    kernel[3, 3] = -1e-3 * float(kernel.diagonal().max())
+    lanczos_only()
+    with pytest.raises(KernelError, match="not positive semi-definite"):
+        effective_rank(kernel, "trace")
+
+
+def test_rounding_noise_below_the_tolerance_is_accepted(lanczos_only):
+    values = decaying()
+    values[-5:] = -1e-6  # float32-like noise, within PSD_TOLERANCE
+    kernel = with_spectrum(values, seed=26)
+    lanczos_only()
+    assert effective_rank(kernel, "trace") == pytest.approx(float(values.sum() / values[0]), rel=1e-9)
+
+
+def test_dense_route_checks_psd_exactly():
+    values = decaying(DENSE_MAX_N)
+    values[-1] = -2 * metrics.PSD_TOLERANCE
+    with pytest.raises(KernelError, match="not positive semi-definite"):
+        effective_rank(with_spectrum(values, seed=27), "trace")
+
+
+def test_lanczos_is_reproducible_and_leaves_the_global_generator_alone():
+    kernel = with_spectrum(clustered(), seed=28)
+    state = torch.get_rng_state()
+    first = eigenspectrum(kernel, top=12)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(eigenspectrum(kernel, top=12), first)
+
+
+def test_uncertified_lanczos_falls_back_to_the_full_spectrum(monkeypatch):
+    kernel = with_spectrum(decaying(), seed=29)
+    monkeypatch.setattr(metrics, "SPECTRUM_TOLERANCE", 0.0)  # no residual is ever small enough
+    with pytest.warns(UserWarning, match="did not certify"):
+        values = eigenspectrum(kernel, top=5)
+    assert torch.allclose(values, torch.linalg.eigvalsh(kernel).flip(0)[:5], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("top", [0, -1, 1.5, True, "3"])
+def test_eigenspectrum_refuses_a_bad_top(top):
+    with pytest.raises(ConfigurationError, match="top must be a positive integer"):
+        eigenspectrum(torch.eye(3), top=top)
+
+
+def test_gram_eigenspectrum_is_the_kernel_spectrum():
+    generator = torch.Generator().manual_seed(30)
+    for n, d in ((50, 7), (7, 50)):
+        features = torch.randn(n, d, generator=generator, dtype=torch.float64).float().double()
+        kernel = features @ features.T
+        values, exact = gram_eigenspectrum(features.float()), eigenspectrum(kernel)
+        assert values.dtype == torch.float64 and values.shape == (min(n, d),)
+        assert (values - exact[: min(n, d)]).abs().max() <= 1e-10 * exact[0]
+        for method in ("trace", "entropy"):
+            assert effective_rank(values, method) == pytest.approx(effective_rank(kernel, method), rel=1e-9)
+    for bad, match in (
+        (torch.ones(3), "2-D"),
+        (torch.ones(3, 0), "non-empty"),
+        (torch.full((2, 2), math.nan), "non-finite"),
+    ):
+        with pytest.raises(KernelError, match=match):
+            gram_eigenspectrum(bad)
+
+
+def test_symmetry_is_checked_across_tiles():
+    n = metrics._TILE + 76
+    kernel = with_spectrum(decaying(n), seed=31)
+    skewed = kernel.clone()
+    skewed[5, n - 3] += 1e-3 * float(kernel.abs().max())  # in an off-diagonal tile
+    with pytest.raises(KernelError, match="not symmetric"):
+        eigenspectrum(skewed, top=3)
+    slightly = kernel.clone()
+    slightly[5, n - 3] += 1e-12
+    expected = torch.linalg.eigvalsh((slightly + slightly.T) / 2).flip(0)
+    assert torch.allclose(eigenspectrum(slightly), expected, rtol=0, atol=1e-14)
+
+
+def test_blocked_passes_match_the_direct_formulas():
+    n = 2 * metrics._ROWS + 37
+    k1, k2 = random_psd(n, 32), random_psd(n, 33) + 4.0
+    centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    c1, c2 = centre @ k1 @ centre, centre @ k2 @ centre
+    cka = float((c1 * c2).sum() / (torch.linalg.matrix_norm(c1) * torch.linalg.matrix_norm(c2)))
+    frobenius = float(torch.linalg.matrix_norm(k1 - k2) / torch.linalg.matrix_norm(k2))
+    alignment = float((k1 * k2).sum() / (torch.linalg.matrix_norm(k1) * torch.linalg.matrix_norm(k2)))
+    for a, b in ((k1, k2), (k1.T, k2.T)):  # contiguous and transposed (strided) views
+        assert centered_kernel_alignment(a, b) == pytest.approx(cka, rel=1e-12)
+        assert kernel_distance(a, b, "frobenius") == pytest.approx(frobenius, rel=1e-12)
+        assert kernel_alignment(a, b) == pytest.approx(alignment, rel=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_match_the_cpu():
+    kernel = with_spectrum(clustered(), seed=34)
+    on_gpu = kernel.float().cuda()
+    cpu = eigenspectrum(kernel.float(), top=12)
+    assert eigenspectrum(on_gpu, top=12).device.type == "cuda"
+    assert (eigenspectrum(on_gpu, top=12).cpu() - cpu).abs().max() <= 2 * SPECTRUM_TOLERANCE * cpu[0]
+    assert effective_rank(on_gpu, "trace") == pytest.approx(effective_rank(kernel.float(), "trace"), rel=1e-6)
+
+
+def test_near_constant_and_near_equal_kernels_are_computed_explicitly():
+    n = 300
+    k1, k2 = random_psd(n, 35), random_psd(n, 36)
+    near_constant = k1 + 1e8  # ||HKH||^2 / ||K||^2 ~ 1e-11: the one-pass identity would keep ~5 digits
+    centre = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    c1, c2 = centre @ near_constant @ centre, centre @ k2 @ centre
+    expected = float((c1 * c2).sum() / (torch.linalg.matrix_norm(c1) * torch.linalg.matrix_norm(c2)))
+    assert centered_kernel_alignment(near_constant, k2) == pytest.approx(expected, rel=1e-9)
+    nudged = k1 + 1e-9 * k2  # ||K - R|| ~ 1e-9 ||R||: below float64's resolution of ||K||^2 - 2<K, R> + ||R||^2
+    expected = float(torch.linalg.matrix_norm(nudged - k1) / torch.linalg.matrix_norm(k1))
+    assert kernel_distance(nudged, k1, "frobenius") == pytest.approx(expected, rel=1e-6)
