@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lightning_afterkernel.callbacks import evaluation
 from lightning_afterkernel.callbacks._checks import check_model_and_labels
 from lightning_afterkernel.callbacks.evaluation import (
     AnalysisOptions,
@@ -237,7 +238,6 @@ class OnTheCard:
 def test_an_analysis_with_no_room_on_the_card_is_redone_on_the_cpu(monkeypatch):
     """The GPU-to-CPU retry without a GPU: the SVM asked for on the card runs out of memory, the SVM and metrics are
     redone on the CPU (the SVM too, whatever svm={"device": ...} says) with a warning, and give the CPU's answer."""
-    from lightning_afterkernel.callbacks import evaluation
 
     model, data = mlp(), subsets()
     kernels = compute_kernels(model, data, ["ntk"], KernelOptions(dtype=torch.float64))
@@ -264,3 +264,24 @@ def test_an_analysis_with_no_room_on_the_card_is_redone_on_the_cpu(monkeypatch):
         expected.svm_n_support,
         expected.kta,
     ]
+
+
+def test_large_kernels_take_the_trace_rank_from_lanczos_and_leave_the_entropy_rank_out(monkeypatch):
+    """Above ENTROPY_RANK_MAX_N examples no full eigendecomposition: the paper's rank from lambda_max alone (as
+    the full spectrum gives it), the figure's top eigenvalues, and the entropy rank NaN with a warning."""
+    from lightning_afterkernel.kernels import eigenspectrum
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(120, 30, generator=generator, dtype=torch.float64)
+    k_train = features @ features.mT
+    y = (torch.arange(120) % 2).long()
+    small, _ = evaluation.kernel_metrics("ntk", 1, k_train, y)
+    monkeypatch.setattr(evaluation, "ENTROPY_RANK_MAX_N", 100)
+    monkeypatch.setattr(evaluation, "SPECTRUM_TOP", 12)
+    with pytest.warns(UserWarning, match="entropy effective rank is left out"):
+        large, eigenvalues = evaluation.kernel_metrics("ntk", 1, k_train, y)
+    full = eigenspectrum(k_train)
+    assert abs(large["effective_rank"] - effective_rank(full, "trace")) < 1e-6 * small["effective_rank"]
+    assert abs(large["effective_rank"] - small["effective_rank"]) < 1e-6 * small["effective_rank"]
+    assert math.isnan(large["effective_rank_entropy"]) and not math.isnan(small["effective_rank_entropy"])
+    assert len(eigenvalues) == 12 and torch.allclose(eigenvalues, full[:12], rtol=0, atol=1e-6 * float(full[0]))
