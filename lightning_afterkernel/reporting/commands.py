@@ -8,7 +8,7 @@ import os
 
 from lightning_afterkernel.data.sources import default_cache_dir, locate_split
 from lightning_afterkernel.reporting.grid import SCALES, grid_cells, run_grid, select_cells
-from lightning_afterkernel.reporting.report import write_report
+from lightning_afterkernel.reporting.report import DEFAULT_OUT, write_report
 
 COMMANDS = ("reproduce", "report")
 
@@ -56,11 +56,16 @@ def report_parser() -> argparse.ArgumentParser:
         prog="python -m lightning_afterkernel report",
         description=(
             "Write the reproduction report (markdown tables, PNG figures, claim-by-claim verdicts) from the cell "
-            "files of a `reproduce` run (all of one scale)."
+            "files of `reproduce` runs: one folder per scale, reported side by side in the order given, each claim "
+            "judged at each scale. A folder still running is reported with what it holds (verdicts pending until "
+            "their cells are complete); an absent or empty one says so."
         ),
+        epilog="example: python -m lightning_afterkernel report results/full results/cpu",
     )
-    p.add_argument("runs", nargs="?", default="runs/paper", help="the reproduce output folder (default: runs/paper)")
-    p.add_argument("--out", default="docs/reproduction.md", help="markdown file (default: docs/reproduction.md)")
+    p.add_argument(
+        "runs", nargs="*", default=["runs/paper"], help="reproduce output folders, one scale each (default: runs/paper)"
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"markdown file (default: {DEFAULT_OUT})")
     p.add_argument("--figures-dir", default=None, help="where the PNGs go (default: <out dir>/figures)")
     return p
 

@@ -1,4 +1,5 @@
-"""The report's claim logic and markdown on synthetic cell files (no training)."""
+"""The report's claim logic and markdown on synthetic cell files (no training): one scale or several side by side,
+partial scales, the evidence against epochs and the regeneration from the command the report names."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ import ast
 import inspect
 import json
 import math
+import re
+import shlex
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from lightning_afterkernel.__main__ import run
+from lightning_afterkernel.callbacks.rows import ResultRow
 from lightning_afterkernel.errors import ConfigurationError
 from lightning_afterkernel.reporting import grid
+from lightning_afterkernel.reporting.evidence import ERRORS, epoch_table
 from lightning_afterkernel.reporting.grid import CELL_FORMAT, SCALES, load_complete, run_grid, select_cells, summarise
-from lightning_afterkernel.reporting.report import (
-    Stat,
-    error_table,
-    judge_claims,
-    kernel_table,
-    load_runs,
-    write_report,
-)
+from lightning_afterkernel.reporting.report import DATE_PREFIX, judge_claims, load_runs, write_report
+from lightning_afterkernel.reporting.scales import load_scale
+from lightning_afterkernel.reporting.stats import Stat
+from lightning_afterkernel.reporting.tables import error_table, kernel_table
 
 FAMILIES = ("globalness", "shift", "rotation", "zoom")
 
@@ -50,6 +53,7 @@ def cell(
     glob=(0.5, 0.4),
     lr: float = 0.01,
     complete: bool = True,
+    scale: str = "tiny",
 ) -> dict:
     dataset, arch = name.split("-")[:2]
     inv0 = {f: inv_init for f in FAMILIES} | {"globalness": glob[0]}
@@ -59,13 +63,13 @@ def cell(
         "complete": complete,
         "cell": name,
         "seed": seed,
-        "scale": "tiny",
+        "scale": scale,
         "config": {
             "dataset": dataset,
             "arch": arch,
             "augment": name.endswith("-aug"),
             "lr": lr,
-            "scale": {**SCALES["tiny"].__dict__},
+            "scale": asdict(SCALES[scale]),
             "target_train_loss": 0.3 if lr != 0.01 else None,
             "accelerator": "cpu",
         },
@@ -93,17 +97,17 @@ def write(root: Path, data: dict) -> Path:
     return path
 
 
-def paper_like(root: Path) -> None:
+def paper_like(root: Path, scale: str = "tiny", seeds: tuple[int, ...] = (0, 1)) -> None:
     """Cells that behave as the paper says, two seeds each."""
-    for seed in (0, 1):
+    for seed in seeds:
         for d in ("mnist", "cifar10"):
             for a in ("vgg", "mlp"):
                 glob = (0.5, 0.4) if a == "vgg" else (0.5, 0.6)
                 # the CK approximates the NTK for the VGG cells only (some but not all)
-                ck = (0.30, 0.085) if a == "vgg" else (0.30, 0.25)
-                write(root, cell(f"{d}-{a}-noaug", seed, glob=glob, ck=ck))
-                write(root, cell(f"{d}-{a}-aug", seed, glob=glob, ck=ck, inv_end=0.6 + 0.001 * seed))
-                write(root, cell(f"{d}-{a}-lr0.1", seed, glob=glob, ck=ck, ntk=(0.2, 0.06, 0.05), inv_end=0.7, lr=0.1))
+                kw = dict(glob=glob, ck=(0.30, 0.085) if a == "vgg" else (0.30, 0.25), scale=scale)
+                write(root, cell(f"{d}-{a}-noaug", seed, **kw))
+                write(root, cell(f"{d}-{a}-aug", seed, inv_end=0.6 + 0.001 * seed, **kw))
+                write(root, cell(f"{d}-{a}-lr0.1", seed, ntk=(0.2, 0.06, 0.05), inv_end=0.7, lr=0.1, **kw))
 
 
 def verdicts(root: Path) -> dict[str, str]:
@@ -157,7 +161,7 @@ def test_report_markdown_tables_claims_and_figures(tmp_path):
     text = md.read_text()
     for heading in (
         "## Claims",
-        "### Claim 1: agrees",
+        "### Claim 1 (tiny: agrees)",
         "### Claim 5",
         "### Claim LR",
         "## SVM test error (%)",
@@ -264,13 +268,13 @@ def test_cells_scored_on_training_images_are_another_protocol_and_say_so(tmp_pat
     del old["config"]["scale"]["invariance_images"]
     write(tmp_path, old)
     text = write_report(tmp_path, tmp_path / "r.md").read_text()
-    assert f"invariance scores on {SCALES['tiny'].n_invariance} training images" in text
+    assert f"| invariance scores on | {SCALES['tiny'].n_invariance} training images |" in text
     with pytest.raises(ConfigurationError, match="defined by another version"):
         run_grid(tmp_path, "tiny", seeds=1, data_root=None, cells=["mnist-vgg-noaug"], accelerator="cpu")
     new = tmp_path / "new"
     write(new, cell("mnist-mlp-noaug"))
     text = write_report(new, new / "r.md").read_text()
-    assert f"invariance scores on {SCALES['tiny'].n_invariance} test images" in text
+    assert f"| invariance scores on | {SCALES['tiny'].n_invariance} test images |" in text
 
 
 def test_report_refuses_cells_of_different_scales(tmp_path):
@@ -302,8 +306,9 @@ def test_a_partial_grid_says_what_was_not_run_and_noise_is_no_agreement(tmp_path
     c = claims(clear)["2"]
     assert c.verdict_text == "agrees (2 of 4 pairs measured; not run: VGG)"
     text = write_report(clear, tmp_path / "r.md").read_text()
-    assert "| **agrees** (2 of 4 pairs measured; not run: VGG) |" in text
-    assert "### Claim 2: agrees (2 of 4 pairs measured; not run: VGG)" in text
+    # the two VGG cells of the claim are not run: the verdict is pending, with the rule's answer so far
+    assert "| **pending**: 2 of 4 cells complete; so far agrees |" in text
+    assert "### Claim 2 (tiny: pending)" in text
 
 
 def test_claim_5_counts_the_shared_initial_kernel_once_per_pair(tmp_path):
@@ -371,3 +376,168 @@ def test_the_learning_rate_claim_never_compares_a_hard_with_a_soft_margin_error(
     (evidence,) = claim.evidence
     assert "5.0 ± 0.0% vs 2.0 ± 0.0% (soft margin) (not compared: hard vs soft margin)" in evidence
     assert "0 of 1 lower, 0 higher, 0 within noise, 1 not compared" in claim.rule
+
+
+# ------------------------------------------------------------------------------------------- several scales
+def contrary(root: Path, scale: str, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Cells where training gains nothing (claim 1 disagrees), two seeds each unless told."""
+    common = dict(ntk=(0.1, 0.1, 0.1), ck=(0.1, 0.1), inv_init=0.6, inv_end=0.5, glob=(0.4, 0.5), scale=scale)
+    for seed in seeds:
+        for d in ("mnist", "cifar10"):
+            for a in ("vgg", "mlp"):
+                write(root, cell(f"{d}-{a}-noaug", seed, **common))
+                write(root, cell(f"{d}-{a}-aug", seed, **common))
+                write(root, cell(f"{d}-{a}-lr0.1", seed, lr=0.1, **common))
+
+
+def with_rows(data: dict, by_epoch: dict[int, tuple[float, float | None, float]]) -> dict:
+    """``data`` with result rows: epoch -> (NTK SVM error, CK SVM error or None for no hard margin, network error)."""
+    rows = []
+    for epoch, (ntk, ck, net) in by_epoch.items():
+        for kernel, err in (("ntk", ntk), ("ck", ck)):
+            hard = err is not None
+            row = ResultRow(epoch, 10 * epoch, kernel, network_test_acc=1 - net, svm_separable=int(hard))
+            row.svm_test_acc, row.svm_soft_test_acc = (1 - err, math.nan) if hard else (math.nan, 0.75)
+            row.invariance = {"globalness": 0.5 + 0.01 * epoch}
+            rows.append(row.to_json())
+    return data | {"rows": rows}
+
+
+def claim_rows(text: str) -> dict[str, str]:
+    """The headline table's rows by claim key."""
+    return {line.split(" | ")[0][2:]: line for line in text.splitlines() if re.match(r"\| (\d|LR) \| ", line)}
+
+
+def section(text: str, start: str, end: str) -> str:
+    return text[text.index(start) : text.index(end, text.index(start))]
+
+
+def test_two_scales_side_by_side_each_judged_from_its_own_cells(tmp_path):
+    full, cpu = tmp_path / "full", tmp_path / "cpu"
+    contrary(full, "full")
+    paper_like(cpu, "cpu", seeds=(0, 1, 2))
+    text = write_report([full, cpu], tmp_path / "r.md").read_text()
+    assert text.index("## What was run") < text.index("## Claims")  # the first screen says what was run
+    assert f"| | **full** (`{full}`) | **cpu** (`{cpu}`) |" in text
+    assert "| done | 12 of 12 cells complete (36 of 36 runs) | 12 of 12 cells complete (36 of 36 runs) |" in text
+    f, c = SCALES["full"], SCALES["cpu"]
+    assert f"| epochs at lr 0.01 | {f.max_epochs} ('a few epochs' = 1) | {c.max_epochs} ('a few epochs' = 1) |" in text
+    assert f"| kernel SVMs trained / tested on (images) | all / all | {c.n_train:,} / {c.n_test:,} |" in text
+    assert "| networks trained / tested on (images) | whole splits | 2,000 / 1,000 |" in text
+    assert "| kernels evaluated after epochs | 0, 1, 2, 5, 10 (lr 0.01, no augmentation)" in text
+
+    rows = claim_rows(text)
+    assert list(rows) == ["1", "2", "3", "4", "5", "LR"]  # one row per claim, a column per scale
+    for (key, full_claim), cpu_claim in zip(claims(full).items(), claims(cpu).values(), strict=True):
+        assert rows[key].endswith(f"| **{full_claim.verdict}** | **{cpu_claim.verdict}** |")
+    assert rows["1"].endswith("| **disagrees** | **agrees** |")
+    assert "### Claim 1 (full: disagrees; cpu: agrees)" in text
+    assert section(text, "### Claim 1", "### Claim 2").count("Here: ") == 2  # each scale's own tally
+
+
+def test_a_partial_scale_says_what_is_missing_and_its_verdicts_are_pending(tmp_path):
+    full, absent = tmp_path / "full", tmp_path / "not_run"
+    for seed in (0, 1):
+        write(full, cell("mnist-vgg-noaug", seed, scale="full"))
+    write(full, cell("mnist-vgg-noaug", 2, scale="full", complete=False))  # the grid is running it
+    for seed in (0, 1, 2):
+        write(full, cell("mnist-mlp-noaug", seed, scale="full"))
+    scale = load_scale(full)
+    assert scale.progress() == "1 of 12 cells complete (5 of 36 runs; 1 running or interrupted)"
+    assert load_scale(absent).progress() == "no cell files yet"
+
+    text = write_report([full, absent], tmp_path / "r.md").read_text()
+    assert "- 2 of 3 seeds: mnist-vgg-noaug (seed 2 running or interrupted)\n" in text
+    (pending,) = [line for line in text.splitlines() if line.startswith("- pending: ")]
+    assert set(pending[len("- pending: ") :].split(", ")) == {c.name for c in grid.grid_cells(SCALES["full"])} - {
+        "mnist-vgg-noaug",
+        "mnist-mlp-noaug",
+    }
+    rows = claim_rows(text)
+    # claim 1 reads the four no-augmentation cells: one complete, one with 2 of 3 seeds
+    assert rows["1"].endswith(
+        "| **pending**: 1 of 4 cells complete, 1 partly; so far agrees | **pending**: no cell files yet |"
+    )
+    assert rows["4"].endswith("| **pending**: 1 of 8 cells complete, 1 partly | **pending**: no cell files yet |")
+    assert "| mnist-vgg-noaug | 2 of 3 | 10.0 ± 0.0 |" in text and "| mnist-mlp-noaug | 3 | " in text
+    assert f"Scale: `{absent}`: no complete cell yet." in text
+    assert "| done | 1 of 12 cells complete (5 of 36 runs; 1 running or interrupted) | no cell files yet |" in text
+
+
+def test_no_complete_cell_in_any_folder_says_what_to_run_and_a_folder_is_named_once(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigurationError, match="reproduce --out"):
+        write_report([tmp_path / "empty", tmp_path / "absent"], tmp_path / "r.md")
+    paper_like(tmp_path / "cpu", "cpu")
+    with pytest.raises(ConfigurationError, match="named twice"):
+        write_report([tmp_path / "cpu", tmp_path / "cpu" / ".." / "cpu"], tmp_path / "r.md")
+
+
+def evidence_folder(root: Path, scale: str, paper: bool, seeds: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Every cell (as the paper says, or contrary), with rows at epochs 0, 1, 2, 5, 10 in the no-augmentation ones:
+    NTK error 10% at epoch 0 less 1 point per epoch and 0.1 point per seed; the CK has no hard margin at epoch 0
+    (soft-margin error 25%) and 5% after; the network 50% less 4 points per epoch."""
+    (paper_like if paper else contrary)(root, scale, seeds)
+    for seed in seeds:
+        for name in ("mnist-vgg-noaug", "mnist-mlp-noaug", "cifar10-vgg-noaug", "cifar10-mlp-noaug"):
+            path = root / name / f"seed{seed}" / "cell.json"
+            errors = {e: (0.1 - 0.01 * e - 0.001 * seed, None if e == 0 else 0.05, 0.5 - 0.04 * e) for e in EPOCHS}
+            path.write_text(json.dumps(with_rows(json.loads(path.read_text()), errors)))
+
+
+EPOCHS = (0, 1, 2, 5, 10)
+
+
+def test_the_evidence_against_epochs_comes_from_the_rows_and_stands_beside_a_disagreeing_claim(tmp_path):
+    full, cpu = tmp_path / "full", tmp_path / "cpu"
+    evidence_folder(full, "full", paper=False)  # claim 1 disagrees at the full scale
+    evidence_folder(cpu, "cpu", paper=True)  # and agrees at the cpu scale
+    runs = load_runs(full)
+    table = epoch_table(runs, ERRORS)
+    assert table[0] == "| pair | measure | epoch 0 | epoch 1 | epoch 2 | epoch 5 | epoch 10 |"
+    assert len(table) == 2 + 4 * len(ERRORS)  # every pair, NTK, CK and network rows
+    ntk_row = table[2].split(" | ")
+    assert ntk_row[:2] == ["| mnist-vgg", "NTK SVM"]
+    for i, epoch in enumerate(EPOCHS):  # the rows' errors, not the cell summaries'
+        expected = Stat([0.1 - 0.01 * epoch - 0.001 * seed for seed in (0, 1, 2)]).fmt(100, 1)
+        assert ntk_row[2 + i].strip(" |") == expected
+    assert table[3].split(" | ")[2] == "25.0 ± 0.0 (s)"  # soft-margin CK at epoch 0, marked
+    assert table[4].split(" | ")[2:4] == [Stat([0.5] * 3).fmt(100, 1), Stat([0.46] * 3).fmt(100, 1)]
+
+    text = write_report([full, cpu], tmp_path / "docs" / "r.md").read_text()
+    claim1 = section(text, "### Claim 1", "### Claim 2")
+    assert (
+        "Evidence at the full scale: NTK SVM test error and the network's own test error (%) against epochs" in claim1
+    )
+    assert "Evidence at the cpu scale" not in claim1  # claim 1 agrees there
+    assert f"| mnist-vgg | NTK SVM | {' | '.join(c.strip() for c in ntk_row[2:])}" in claim1
+    assert "](figures/reproduction_epochs.png)" in claim1
+    appendix = text[text.index("## Appendix") :]
+    assert appendix.count("| pair | measure | epoch 0 |") == 2  # every pair at both scales
+    assert (tmp_path / "docs" / "figures" / "reproduction_epochs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_names_the_command_that_regenerates_it_identically(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    evidence_folder(Path("full"), "full", paper=False, seeds=(0, 1))  # partial: 2 of 3 seeds
+    paper_like(Path("cpu"), "cpu", seeds=(0, 1, 2))
+    run(["report", "full", "cpu", "--out", "docs/r.md"])
+    assert "wrote docs/r.md" in capsys.readouterr().out
+    first = Path("docs/r.md").read_text()
+    figures = {p.name: p.read_bytes() for p in Path("docs/figures").glob("*.png")}
+    assert len(figures) == 3
+    (command,) = re.findall(r"Generated by `([^`]+)`", first)
+    assert command == "python -m lightning_afterkernel report full cpu --out docs/r.md"
+
+    shutil.rmtree("docs")
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "lightning_afterkernel", "report"]
+    run(argv[3:])
+    second = Path("docs/r.md").read_text()
+
+    def undated(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith(DATE_PREFIX)]
+
+    assert len(undated(first)) == len(first.splitlines()) - 1  # one date line
+    assert undated(second) == undated(first)
+    assert {p.name: p.read_bytes() for p in Path("docs/figures").glob("*.png")} == figures
