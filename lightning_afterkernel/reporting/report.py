@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ DATE_PREFIX = "Date: "
 """The report's date line: the only line that differs when the report is regenerated from the same cell files."""
 NOT_AGREEING = ("disagrees", "partly agrees", "inconclusive")
 """Verdicts shown beside their evidence against epochs."""
+EPOCHS_FIGURE_CLAIM = "1"
+"""The claim whose evidence against epochs is also shown as the errors-against-epochs figure."""
 
 
 def report_command(roots: Sequence[str | Path], out: str | Path, figures_dir: str | Path | None) -> str:
@@ -160,14 +162,14 @@ def claim_section(scales: list[ScaleRuns], judged: list[ScaleClaim], epochs_figu
             lines += ["", *(f"- {e}" for e in j.claim.evidence)] if j.claim.evidence else ["", "- no cells measured"]
         evidence = _evidence_against_epochs(scale, j)
         lines += evidence
-        shown |= bool(evidence) and claim.key == "1"
+        shown |= bool(evidence) and claim.key == EPOCHS_FIGURE_CLAIM
     if shown and epochs_figure:
         lines += ["", f"![{Path(epochs_figure).stem}]({epochs_figure})"]
     return lines
 
 
 # ------------------------------------------------------------------------------------------- tables
-def _per_scale(scales: list[ScaleRuns], table: Any) -> list[str]:
+def _per_scale(scales: list[ScaleRuns], table: Callable[[ScaleRuns], list[str]]) -> list[str]:
     """``table(scale)`` under a line naming each scale; a scale without complete cells says so."""
     lines = []
     for scale in scales:
