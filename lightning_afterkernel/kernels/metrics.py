@@ -107,25 +107,56 @@ def centered_kernel_alignment(k1: Tensor, k2: Tensor) -> float:
     return float((ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0))
 
 
-def kernel_target_alignment(kernel: Tensor, y: Tensor) -> float:
-    r"""Kernel-target alignment :math:`A(K, yy^\top) = y^\top K y / (n \|K\|_F)` (Cristianini et al. 2001),
-    with labels :math:`y \in \{-1, 1\}^n`; labels in {0, 1} are mapped to :math:`2y - 1`."""
+def kernel_target_alignment(kernel: Tensor, y: Tensor, num_classes: int | None = None) -> float:
+    r"""Kernel-target alignment :math:`A(K, T) = \langle K, T\rangle_F / (\|K\|_F \|T\|_F)` of the kernel with the
+    labels' target kernel T (Cristianini et al. 2001).
+
+    - ``num_classes=None`` (two classes): :math:`T = yy^\top`, :math:`A = y^\top K y / (n \|K\|_F)`, with labels
+      :math:`y \in \{-1, 1\}^n`; labels in {0, 1} are mapped to :math:`2y - 1`.
+    - ``num_classes=k`` (k >= 2; integer labels 0..k-1): centred one-hot targets, :math:`T = Y_c Y_c^\top` with
+      :math:`Y_c = \mathrm{onehot}(y) - 1/k` (n x k), :math:`A = \mathrm{tr}(Y_c^\top K Y_c) / (\|K\|_F
+      \|Y_c^\top Y_c\|_F)` (:func:`_class_target_alignment`). For k = 2, :math:`Y_c Y_c^\top = yy^\top / 2` with
+      :math:`y = 2 \cdot \mathrm{label} - 1`: the two-class value.
+    """
     k = _square(kernel, "kernel")
     if not isinstance(y, Tensor) or y.ndim != 1:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ConfigurationError(f"y must be a 1-D tensor of labels in {{0, 1}} or {{-1, 1}}; got {shape}.")
     if len(y) != len(k):
         raise KernelError(f"kernel is {len(k)} x {len(k)} but y has {len(y)} labels; give one label per row.")
+    norm = torch.linalg.matrix_norm(k)
+    if num_classes is not None:
+        return _class_target_alignment(k, y, num_classes, norm)
     y = y.detach().to(device=k.device, dtype=torch.float64)
     values = set(y.unique().tolist())
     if values <= {0.0, 1.0}:
         y = 2 * y - 1
     elif not values <= {-1.0, 1.0}:
-        raise ConfigurationError(f"y must hold labels in {{0, 1}} or {{-1, 1}}; got the values {sorted(values)}.")
-    norm = torch.linalg.matrix_norm(k)
+        raise ConfigurationError(
+            f"y must hold labels in {{0, 1}} or {{-1, 1}}; got the values {sorted(values)} (for k classes "
+            "labelled 0..k-1, pass num_classes=k)."
+        )
     if norm == 0:
         raise KernelError("kernel-target alignment is undefined for a zero kernel; kernel is all zeros.")
     return float((y @ k @ y / (len(y) * norm)).clamp(-1.0, 1.0))
+
+
+def _class_target_alignment(k: Tensor, y: Tensor, num_classes: int, norm: Tensor) -> float:
+    """:func:`kernel_target_alignment` with centred one-hot targets of ``num_classes`` classes (``norm``: ||K||_F)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigurationError(f"num_classes={num_classes!r} must be an integer >= 2, or None for two classes.")
+    labels = y.detach().to(k.device)
+    whole = labels.dtype != torch.bool and (not labels.is_floating_point() or bool((labels == labels.round()).all()))
+    if not whole or not bool(((labels >= 0) & (labels < num_classes)).all()):
+        found = sorted(set(labels.tolist()))[:12]
+        raise ConfigurationError(
+            f"with num_classes={num_classes}, y must hold integer labels 0..{num_classes - 1}; got the values {found}."
+        )
+    if norm == 0:
+        raise KernelError("kernel-target alignment is undefined for a zero kernel; kernel is all zeros.")
+    targets = torch.nn.functional.one_hot(labels.long(), num_classes).to(torch.float64) - 1.0 / num_classes
+    target_norm = torch.linalg.matrix_norm(targets.mT @ targets)  # ||Y Y^T||_F = ||Y^T Y||_F
+    return float(((targets * (k @ targets)).sum() / (norm * target_norm)).clamp(-1.0, 1.0))
 
 
 def eigenspectrum(kernel: Tensor, top: int | None = None) -> Tensor:
