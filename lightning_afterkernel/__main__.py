@@ -8,8 +8,8 @@ EXTRA_HELP = (
     "Paper reproduction (besides LightningCLI's subcommands below):\n"
     "  reproduce   run the paper grid:\n"
     "              python -m lightning_afterkernel reproduce --out runs/paper [--scale tiny|cpu|full]\n"
-    "  report      write docs/reproduction.md from its results:\n"
-    "              python -m lightning_afterkernel report runs/paper\n"
+    "  report      write docs/reproduction.md from one or more scales' results, side by side:\n"
+    "              python -m lightning_afterkernel report results/full results/cpu\n"
     "  (each takes --help)\n"
 )
 
