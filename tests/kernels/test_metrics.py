@@ -268,8 +268,12 @@ def rank_deficient(n: int = N) -> torch.Tensor:
     return values
 
 
-SPECTRA = {"decaying": decaying, "clustered": clustered, "near_multiple_top": near_multiple_top}
-SPECTRA["rank_deficient"] = rank_deficient
+SPECTRA = {
+    "decaying": decaying,
+    "clustered": clustered,
+    "near_multiple_top": near_multiple_top,
+    "rank_deficient": rank_deficient,
+}
 
 
 @pytest.fixture
