@@ -118,8 +118,25 @@ def usable_kernels(model: nn.Module, kernels: Sequence[str]) -> list[str]:
     return [k for k in kernels if k != "ck"]
 
 
+def check_ntk_outputs(ntk_outputs: object) -> str | int:
+    if isinstance(ntk_outputs, int) and not isinstance(ntk_outputs, bool) and ntk_outputs >= 0:
+        return ntk_outputs
+    if ntk_outputs == "trace":
+        return "trace"
+    if ntk_outputs == "full":
+        raise ConfigurationError(
+            "ntk_outputs='full' gives a (k, k) block of kernel values per pair of examples, and the SVMs and kernel "
+            "metrics need one value per pair: use 'trace' (the sum of the k logits' kernels) or an int c (the kernel "
+            "of logit c); compute the full blocks with empirical_ntk(model, x, outputs='full') yourself."
+        )
+    raise ConfigurationError(
+        f"ntk_outputs={ntk_outputs!r} must be 'trace' (for a model with k logits, the sum over the logits of each "
+        "logit's NTK; for one logit, its NTK) or an int c >= 0 (the NTK of logit c)."
+    )
+
+
 BINARY_LABELS = ({0, 1}, {-1, 1})
-"""The label sets the SVMs and the network's accuracy read as two classes."""
+"""The label sets the SVMs and the network's accuracy read as two classes when the model has one logit."""
 
 
 def _outputs(model: nn.Module, x: Tensor) -> object:
@@ -131,34 +148,72 @@ def _outputs(model: nn.Module, x: Tensor) -> object:
         return model(x.to(device, dtype))
 
 
-def check_model_and_labels(model: nn.Module, subsets: Subsets, n: int = 4) -> None:
-    """Refuse, before any training step, what the kernels, the SVMs and the network's accuracy cannot use: the
-    model's output on the first ``n`` training examples must be one logit per example, shape (n,) or (n, 1)
-    (:class:`ModelError` otherwise), and the kernel subsets' labels two classes, 0 and 1 (or -1 and 1), both in the
-    train subset (:class:`DataError` otherwise)."""
-    x = subsets.x_train[:n]
+def _logits(model: nn.Module, x: Tensor) -> int:
+    """The number of logits per example of the model's output on ``x``: 1 for (n,) or (n, 1), k for (n, k)."""
     out = _outputs(model, x)
-    if not isinstance(out, Tensor) or tuple(out.shape) not in ((len(x),), (len(x), 1)):
-        found = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"type {type(out).__name__}"
-        raise ModelError(
-            f"AfterKernelCallback: {type(model).__name__} returns {found} on {len(x)} training examples; the kernels "
-            f"need one logit per example, shape ({len(x)},) or ({len(x)}, 1) (a binary classifier's logit). Make "
-            "forward return it, e.g. `self.head(h).squeeze(-1)` with a head of one output."
-        )
+    n = len(x)
+    if isinstance(out, Tensor) and out.is_floating_point() and out.ndim in (1, 2) and len(out) == n:
+        return 1 if out.ndim == 1 else out.shape[1]
+    found = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"type {type(out).__name__}"
+    raise ModelError(
+        f"AfterKernelCallback: {type(model).__name__} returns {found} on {n} training examples; the kernels "
+        f"need one logit per example, shape ({n},) or ({n}, 1) (a binary classifier's logit), or k logits per "
+        f"example, shape ({n}, k) (a k-class classifier's). Make forward return them, e.g. `self.head(h)` with a "
+        "head of k outputs."
+    )
+
+
+def _check_labels(subsets: Subsets, k: int) -> None:
+    """The labels a model with ``k`` logits can be judged on (see :func:`check_model_and_labels`)."""
     for split, y in (("train", subsets.y_train), ("test", subsets.y_test)):
         if y.is_floating_point():
             raise DataError(
                 f"AfterKernelCallback: the {split} subset's labels are not whole numbers (e.g. "
-                f"{[round(v, 4) for v in y[:4].tolist()]}); the SVM needs class labels 0 and 1 (or -1 and 1)."
+                f"{[round(v, 4) for v in y[:4].tolist()]}); the SVM needs class labels "
+                + ("0 and 1 (or -1 and 1)." if k == 1 else f"0..{k - 1}.")
             )
     train, test = (set(torch.unique(y).tolist()) for y in (subsets.y_train, subsets.y_test))
-    if len(train) != 2:
+    if len(train) < 2 or (k == 1 and len(train) > 2):
+        wanted = "two classes" if k == 1 else "at least two classes"
+        advice = "Use a binary dataset, a larger n_train, or another seed."
+        if len(train) > 2:
+            advice = f"One logit serves two classes: give the model one logit per class (num_classes={len(train)})."
         raise DataError(
             f"AfterKernelCallback: the {len(subsets.y_train)}-example train subset has labels {sorted(train)}; the SVM "
-            "needs two classes. Use a binary dataset, a larger n_train, or another seed."
+            f"needs {wanted}. {advice}"
         )
-    if not any(train | test <= labels for labels in BINARY_LABELS):
+    if k == 1 and not any(train | test <= labels for labels in BINARY_LABELS):
         raise DataError(
             f"AfterKernelCallback: the kernel subsets have labels {sorted(train)} (train) and {sorted(test)} (test); "
             "two classes labelled 0 and 1 (or -1 and 1) are supported. Map the dataset's classes to 0 and 1."
         )
+    outside = sorted(label for label in train | test if not 0 <= label < k)
+    if k > 1 and outside:
+        raise DataError(
+            f"AfterKernelCallback: the model has {k} logits, so its classes are labelled 0..{k - 1}, but the kernel "
+            f"subsets hold the labels {outside[:10]}. Label the classes 0..{k - 1} in the order of the logits, or "
+            "give the model one logit per class."
+        )
+    unseen = sorted(test - train)
+    if unseen:
+        raise DataError(
+            f"AfterKernelCallback: the test subset holds classes {unseen[:10]} that the {len(subsets.y_train)}-example "
+            "train subset lacks, so the SVM cannot predict them. Raise n_train or change seed."
+        )
+
+
+def check_model_and_labels(model: nn.Module, subsets: Subsets, ntk_outputs: str | int = "trace", n: int = 4) -> int:
+    """Refuse, before any training step, what the kernels, the SVMs and the network's accuracy cannot use, and
+    return the model's number of logits k. The model's output on the first ``n`` training examples must be one logit
+    per example, (n,) or (n, 1), or k logits, (n, k) (:class:`ModelError` otherwise), and ``ntk_outputs`` a logit of
+    it (:class:`ConfigurationError`). The kernel subsets' labels must be whole numbers, with at least two classes in
+    the train subset and every test class among them; one logit: two classes, 0 and 1 (or -1 and 1); k logits:
+    labels 0..k-1 (:class:`DataError` otherwise)."""
+    k = _logits(model, subsets.x_train[:n])
+    if isinstance(ntk_outputs, int) and ntk_outputs >= k:
+        raise ConfigurationError(
+            f"AfterKernelCallback: ntk_outputs={ntk_outputs} is not a logit of {type(model).__name__}, which has "
+            f"{k} (0 to {k - 1}); use 'trace' or an int below {k}."
+        )
+    _check_labels(subsets, k)
+    return k

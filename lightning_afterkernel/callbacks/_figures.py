@@ -77,8 +77,9 @@ def kernel_heatmaps(
     labels_text: Mapping[str, str],
     class_names: Mapping[int, str],
 ) -> Path:
-    """The train Gram matrices, cosine-normalised (K_ij / sqrt(K_ii K_jj)), rows and columns sorted by class;
-    one panel per kernel, on the first :data:`HEATMAP_MAX_EXAMPLES` examples, one colour scale."""
+    """The train Gram matrices, cosine-normalised (K_ij / sqrt(K_ii K_jj)), rows and columns sorted by class (named
+    by ``class_names``, else ``y=<label>``); one panel per kernel, on the first :data:`HEATMAP_MAX_EXAMPLES`
+    examples, one colour scale."""
     n = min(len(labels), HEATMAP_MAX_EXAMPLES)
     y = labels[:n].long()
     order = torch.sort(y, stable=True).indices
@@ -90,21 +91,31 @@ def kernel_heatmaps(
         d = k.diagonal().clamp(min=torch.finfo(torch.float64).tiny).sqrt()
         cosines[name] = (k / d[:, None] / d[None, :]).clamp(-1, 1).numpy()
     low = min(0.0, *(float(c.min()) for c in cosines.values()))
-    fig, axes = _figure(len(grams), 4.0, 4.3, left=0.7, right=1.1, gap=0.5, top=0.65)
+    names = [class_names.get(c, f"y={c}") for c in classes]
+    # Many classes: small names, upright on the y axis (of the first panel only) and turned on the x axis, with room
+    # for the longest; two: the names along the axes.
+    many = len(classes) > 2
+    room = 0.065 * max(map(len, names)) if many else 0.0  # inches
+    height = 4.3 + room
+    fig, axes = _figure(
+        len(grams), 4.0 + room / len(grams), height, left=0.7 + room, right=1.1, gap=0.5, top=0.65, bottom=0.6 + room
+    )
     edges = [sum(counts[: i + 1]) - 0.5 for i in range(len(counts) - 1)]
     centres = [sum(counts[:i]) + c / 2 - 0.5 for i, c in enumerate(counts)]
-    names = [class_names.get(c, f"y={c}") for c in classes]
-    for ax, (name, cosine) in zip(axes, cosines.items(), strict=True):
+    x_style: dict[str, Any] = {"rotation": 90, "fontsize": "small"} if many else {}
+    y_style: dict[str, Any] = {"fontsize": "small"} if many else {"rotation": 90, "va": "center"}
+    for i, (ax, (name, cosine)) in enumerate(zip(axes, cosines.items(), strict=True)):
         image = ax.imshow(cosine, cmap="viridis", vmin=low, vmax=1.0, interpolation="nearest")
         for edge in edges:
-            ax.axhline(edge, color="white", linewidth=1.2)
-            ax.axvline(edge, color="white", linewidth=1.2)
-        ax.set_xticks(centres, names)
-        ax.set_yticks(centres, names, rotation=90, va="center")
+            ax.axhline(edge, color="white", linewidth=0.6 if many else 1.2)
+            ax.axvline(edge, color="white", linewidth=0.6 if many else 1.2)
+        ax.set_xticks(centres, names, **x_style)
+        ax.set_yticks(centres, names if i == 0 or not many else [], **y_style)
         ax.set_title(labels_text.get(name, name))
         ax.set_xlabel("training examples, by class")
     axes[0].set_ylabel("training examples, by class")
-    cax = fig.add_axes((1 - 0.95 / fig.get_figwidth(), 0.6 / 4.3, 0.15 / fig.get_figwidth(), 1 - 1.35 / 4.3))
+    width = fig.get_figwidth()
+    cax = fig.add_axes((1 - 0.95 / width, (0.6 + room) / height, 0.15 / width, 1 - (1.35 + room) / height))
     fig.colorbar(image, cax=cax, label="K(x, x') / sqrt(K(x, x) K(x', x'))")
     fig.suptitle(f"Train kernel (cosine-normalised, {n} examples), {_epoch_label(epoch)}")
     return _save(fig, path)

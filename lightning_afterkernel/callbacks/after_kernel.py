@@ -22,6 +22,7 @@ from lightning_afterkernel.callbacks._checks import (
     check_invariance,
     check_kernels,
     check_model_and_labels,
+    check_ntk_outputs,
     check_outputs,
     check_schedule,
     check_svm,
@@ -39,7 +40,13 @@ from lightning_afterkernel.callbacks.evaluation import (
     initial_train_kernels,
     invariance_families,
 )
-from lightning_afterkernel.callbacks.outputs import default_folder, draw_figures, log_evaluation, log_results_table
+from lightning_afterkernel.callbacks.outputs import (
+    class_names,
+    default_folder,
+    draw_figures,
+    log_evaluation,
+    log_results_table,
+)
 from lightning_afterkernel.callbacks.progress import KernelProgress
 from lightning_afterkernel.callbacks.record import RESULTS_FILENAME, RunRecord
 from lightning_afterkernel.callbacks.rows import KernelName
@@ -64,6 +71,11 @@ class AfterKernelCallback(pl.Callback):
     *initial kernel*; later it is the *after kernel*. A metric that is undefined for a kernel (e.g. a CK with a zero
     feature vector) is NaN, with a warning; training goes on.
 
+    Multi-class models (k logits per example, (n, k), labels 0..k-1) get the same rows and keys: the NTK of
+    ``ntk_outputs``, one-vs-rest SVMs (``svm_n_support``: the union of the k problems' support vectors,
+    ``svm_min_margin``: the smallest of their margins), the network's accuracy from the argmax of its logits, and
+    the kernel-target alignment with centred one-hot targets.
+
     Outputs in the output folder (``dirpath``): ``afterkernel_results.json`` (every row),
     ``afterkernel_initial_kernels.pt`` (the epoch-0 train kernels, for resuming), with ``figures=True`` PNGs in
     ``figures/`` (``kernel_heatmap_epoch_<e>.png``, ``eigenspectrum_epoch_<e>.png``, ``invariance.png``,
@@ -78,6 +90,10 @@ class AfterKernelCallback(pl.Callback):
         at_end: also compute once training ends (if that point is not already in ``epochs``).
         kernels: any of ``"ntk"`` (empirical NTK) and ``"ck"`` (conjugate kernel; needs the model
             to define ``features(x)``, otherwise it is skipped with a message).
+        ntk_outputs: the NTK of a model with k logits: ``"trace"`` (the sum over the logits of each logit's NTK) or
+            an int c (the NTK of logit c, checked against k at fit start); one logit: its NTK either way.
+            ``"full"`` (a (k, k) block per pair of examples) is refused: the SVMs and metrics need one value per
+            pair.
         n_train: size of the fixed training subset the SVM is trained on.
         n_test: size of the fixed test subset it is evaluated on.
         seed: seed of the subset draw (independent of the global RNG, so training is unaffected).
@@ -123,7 +139,8 @@ class AfterKernelCallback(pl.Callback):
     Data (:mod:`~lightning_afterkernel.callbacks.sources`): the datamodule's ``tensors(split)``, datasets or
     dataloaders, or the dataloaders given to ``fit``; any map-style dataset of ``(x, y)`` works, drawn without
     touching the global random state. At fit start, before any training step, the model must give one logit per
-    example, (n,) or (n, 1), and the labels must be 0 and 1 (or -1 and 1).
+    example, (n,) or (n, 1), with labels 0 and 1 (or -1 and 1), or k logits, (n, k), with labels 0..k-1; the
+    figures name the classes by the datamodule's ``class_names`` when it has them.
 
     DDP: every rank computes a share of the NTK and one all-reduce sums them; the rest is global rank 0's, and all
     ranks take the same decisions, so all enter the same collectives.
@@ -156,10 +173,12 @@ class AfterKernelCallback(pl.Callback):
         save_kernels: bool = False,
         on_error: Literal["raise", "warn"] = "raise",
         name: str | None = None,
+        ntk_outputs: int | str = "trace",
     ) -> None:
         super().__init__()
         self.epochs = check_schedule(epochs, at_end)
         self.kernels = check_kernels(kernels)
+        self.ntk_outputs = check_ntk_outputs(ntk_outputs)
         check_computation(n_train, n_test, dtype, kernel_batch_size, implementation, memory_budget)
         self.svm_kwargs = check_svm(svm, soft_margin_c)
         check_invariance(n_invariance, invariance_images)
@@ -171,10 +190,11 @@ class AfterKernelCallback(pl.Callback):
         self.progress, self.dirpath, self.verbose = progress, dirpath, verbose
         self.figures, self.save_kernels, self.on_error, self.name = figures, save_kernels, on_error, name
         self._prefix = "afterkernel" if name is None else f"afterkernel/{name}"
-        self._kernel_options = KernelOptions(implementation, kernel_batch_size, memory_budget, self.dtype)
+        self._kernel_options = KernelOptions(implementation, kernel_batch_size, memory_budget, self.dtype, ntk_outputs)
         self._dir: Path | None = None  # resolved in setup on every rank (log_dir is a collective under DDP)
         self._active_kernels = list(self.kernels)
         self._class_names: dict[int, str] = {}  # label -> class name for the figures, when the datamodule says
+        self._logits = 1  # the model's logits per example, found at fit start
         self._started = False  # whether on_train_start ran in this fit
         self._start_history()
 
@@ -204,6 +224,8 @@ class AfterKernelCallback(pl.Callback):
         key = dict(kernels=self.kernels, n_train=self.n_train, n_test=self.n_test, seed=self.seed)
         if self.name is not None:  # left out when unset: checkpoints of unnamed callbacks keep their key
             key["name"] = self.name
+        if self.ntk_outputs != "trace":  # likewise
+            key["ntk_outputs"] = self.ntk_outputs
         return self._generate_state_key(**key)
 
     @property
@@ -241,9 +263,7 @@ class AfterKernelCallback(pl.Callback):
         base = Path(self.dirpath) if self.dirpath else default_folder(trainer)
         self._dir = self._record.folder = base if self.name is None else base / self.name
         self._active_kernels = usable_kernels(pl_module, self.kernels)
-        dm = trainer.datamodule
-        plus, minus = getattr(dm, "plus_class", None), getattr(dm, "minus_class", None)
-        self._class_names = {0: f"{minus} (y=0)", 1: f"{plus} (y=1)"} if None not in (plus, minus) else {}
+        self._class_names = class_names(trainer.datamodule)
         if has_data(trainer):
             self._draw(trainer)  # sizes larger than the data fail before training
         if self.epochs and trainer.max_epochs not in (None, -1) and self.epochs[-1] > trainer.max_epochs:
@@ -258,7 +278,7 @@ class AfterKernelCallback(pl.Callback):
             return
         if self._subsets is None:
             self._draw(trainer)
-        check_model_and_labels(pl_module, self._subsets)  # before any training step and any kernel
+        self._logits = check_model_and_labels(pl_module, self._subsets, self.ntk_outputs)  # before any step or kernel
         self._started = True
         completed = trainer.current_epoch
         at_boundary = _lightning.at_epoch_boundary(trainer)
@@ -347,6 +367,7 @@ class AfterKernelCallback(pl.Callback):
         try:
             if self._subsets is None:
                 self._draw(trainer)
+            self._logits = check_model_and_labels(pl_module, self._subsets, self.ntk_outputs)
             self._resume(trainer, pl_module, trainer.current_epoch, at_boundary=True)
             self._carry_end(trainer, pl_module)
         finally:
@@ -406,7 +427,7 @@ class AfterKernelCallback(pl.Callback):
             record.keep_initial(kernels.grams)
         families = self._invariance_families()
         options = AnalysisOptions(
-            self.svm_kwargs, self.soft_margin_c, families, self.n_invariance, self.invariance_images
+            self.svm_kwargs, self.soft_margin_c, families, self.n_invariance, self.invariance_images, self._classes
         )
         analysis = analyse(
             pl_module,
@@ -429,7 +450,13 @@ class AfterKernelCallback(pl.Callback):
             self._draw_figures(trainer, epoch, analysis)
 
     def _header(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return self._record.header(self._invariance_families(), self._active_kernels, pl_module)
+        families, kernels = self._invariance_families(), self._active_kernels
+        return self._record.header(families, kernels, pl_module, self._logits, self.ntk_outputs)
+
+    @property
+    def _classes(self) -> int | None:
+        """k for a model with k logits (its classes' centred one-hot targets); None for one logit."""
+        return None if self._logits == 1 else self._logits
 
     def _invariance_families(self) -> tuple[str, ...]:
         """The paper's families the invariance images allow (decided once; a message for what is skipped)."""
@@ -474,6 +501,7 @@ class AfterKernelCallback(pl.Callback):
             soft_margin_c=self.soft_margin_c,
             n_invariance=self._record.n_scored,
             invariance_images=self.invariance_images,
+            num_classes=self._classes,
         )
 
     @rank_zero_only

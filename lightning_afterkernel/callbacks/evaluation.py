@@ -1,14 +1,18 @@
 """The evaluation as plain functions: the kernels of the subsets, then their SVMs and analyses.
 
-No Trainer is needed: a model (any module returning one logit per example), the :class:`Subsets` and options go
-in, values come out. :func:`compute_kernels` is the part every rank runs: the network's outputs, the NTK (under
-DDP each rank computes a cost-balanced share, ``shard=(rank, world_size)`` of
-:func:`~lightning_afterkernel.kernels.empirical_ntk_train_test`, and one all-reduce sums them into the exact
-kernel on every rank) and the CK (rank 0); failures are returned by stage, and under DDP every rank learns which
-stages failed anywhere (one small all-reduce), so all ranks take the same path through the collectives. The
-:func:`analyse` part is rank 0's and uses no collectives: the hard-margin SVM with its soft-margin fallback, the
-metrics, the NTK-CK comparison and the invariance scores, in float64 where the kernel is (redone on the CPU when a
-GPU has no room for them).
+No Trainer is needed: a model (any module returning one logit per example, or k logits: (n, k)), the
+:class:`Subsets` and options go in, values come out. With k logits the NTK is that of ``KernelOptions.outputs``
+(``"trace"``: the sum of the logits' kernels; c: logit c's), the SVMs are one-vs-rest, the network's prediction is
+the argmax of its logits and the kernel-target alignment has centred one-hot targets.
+
+:func:`compute_kernels` is the part every rank runs: the network's outputs, the NTK (under DDP each rank computes a
+cost-balanced share, ``shard=(rank, world_size)`` of
+:func:`~lightning_afterkernel.kernels.empirical_ntk_train_test`, and one all-reduce sums them into the exact kernel
+on every rank) and the CK (rank 0); failures are returned by stage, and under DDP every rank learns which stages
+failed anywhere (one small all-reduce), so all ranks take the same path through the collectives. The :func:`analyse`
+part is rank 0's and uses no collectives: the hard-margin SVM with its soft-margin fallback, the metrics, the NTK-CK
+comparison and the invariance scores, in float64 where the kernel is (redone on the CPU when a GPU has no room for
+them).
 """
 
 from __future__ import annotations
@@ -69,12 +73,14 @@ class Subsets:
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """How the kernels are computed (see :func:`~lightning_afterkernel.kernels.empirical_ntk`)."""
+    """How the kernels are computed (see :func:`~lightning_afterkernel.kernels.empirical_ntk`; ``outputs``: which
+    NTK of a model with k logits, ``"trace"`` or a logit index)."""
 
     implementation: str = "auto"
     batch_size: int | None = None
     memory_budget: int | str | None = None
     dtype: torch.dtype = torch.float32
+    outputs: str | int = "trace"
 
 
 @dataclass(frozen=True)
@@ -86,13 +92,15 @@ class AnalysisOptions:
     families: tuple[str, ...] = ()  # invariance families scored (empty: none)
     n_invariance: int = 0  # images the scores average over
     invariance_images: str = "test"  # whose: the "test" or the "train" subset's
+    num_classes: int | None = None  # k for a model with k logits (centred one-hot targets); None: one logit
 
 
 @dataclass
 class Kernels:
-    """An evaluation's kernels, the same decisions on every rank: the network's logits on the test subset (None when
-    not finite), per kernel (K(train, train), K(test, train), seconds), and the failed stages (``"network"`` or a
-    kernel name) with their messages; ``out_of_memory`` are the failures that ran out of memory."""
+    """An evaluation's kernels, the same decisions on every rank: the network's logits on the test subset, (n,) or
+    (n, k) (None when not finite), per kernel (K(train, train), K(test, train), seconds), and the failed stages
+    (``"network"`` or a kernel name) with their messages; ``out_of_memory`` are the failures that ran out of
+    memory."""
 
     logits: Tensor | None
     grams: dict[str, tuple[Tensor, Tensor, float]]
@@ -112,13 +120,14 @@ class Analysis:
 
 # ---------------------------------------------------------------- kernels (every rank)
 def network_logits(model: nn.Module, x: Tensor, epoch: int | float) -> Tensor:
-    """The network's logits on ``x`` (eval mode, no grad, flattened, on the CPU); a :class:`KernelError` when they
-    are not finite."""
+    """The network's logits on ``x`` (eval mode, no grad, on the CPU): (n,) for one logit per example, (n, k) for k;
+    a :class:`KernelError` when they are not finite."""
     param = next(model.parameters())
     with torch.no_grad(), eval_mode(model):
         inputs = x.to(param.device, param.dtype if x.is_floating_point() else x.dtype)
-        logits = model(inputs).reshape(-1).float().cpu()
-    bad = int((~torch.isfinite(logits)).sum())
+        out = model(inputs)
+        logits = (out.reshape(-1) if out.ndim == 1 or out.shape[1] == 1 else out).float().cpu()
+    bad = int((~torch.isfinite(logits.reshape(len(logits), -1))).any(1).sum())
     if bad:
         raise KernelError(
             f"the network's outputs at epoch {epoch} are not finite on {bad} of the {len(logits)} kernel test "
@@ -147,6 +156,7 @@ def compute_kernel(
                 model,
                 subsets.x_train,
                 subsets.x_test,
+                outputs=options.outputs,
                 implementation=options.implementation,
                 memory_budget=options.memory_budget,
                 progress=report,
@@ -294,10 +304,16 @@ def spectrum(k_train: Tensor) -> Tensor:
 
 
 def kernel_metrics(
-    name: str, epoch: int | float, k_train: Tensor, y_train: Tensor, initial: Tensor | None = None
+    name: str,
+    epoch: int | float,
+    k_train: Tensor,
+    y_train: Tensor,
+    initial: Tensor | None = None,
+    num_classes: int | None = None,
 ) -> tuple[dict[str, float], Tensor]:
     """Alignment, CKA and relative distance to the epoch-0 kernel ``initial`` (NaN without it), kernel-target
-    alignment and the effective ranks of ``k_train``; and its eigenvalues (on the CPU)."""
+    alignment (centred one-hot targets of ``num_classes`` classes; None: two classes) and the effective ranks of
+    ``k_train``; and its eigenvalues (on the CPU)."""
     label = KERNEL_LABELS[name]
     out = dict.fromkeys(("alignment_to_initial", "cka_to_initial", "distance_to_initial"), math.nan)
     if initial is not None:
@@ -311,7 +327,9 @@ def kernel_metrics(
         out["distance_to_initial"] = _metric(
             f"the {label} distance to the initial kernel", epoch, kernel_distance, k_train, k0, "frobenius"
         )
-    out["kta"] = _metric(f"the {label} kernel-target alignment", epoch, kernel_target_alignment, k_train, y_train)
+    out["kta"] = _metric(
+        f"the {label} kernel-target alignment", epoch, kernel_target_alignment, k_train, y_train, num_classes
+    )
     eigenvalues = spectrum(k_train)
     if len(eigenvalues) == len(k_train):  # the whole spectrum: both ranks from it
         out["effective_rank"] = _metric(f"the {label} effective rank", epoch, effective_rank, eigenvalues, "trace")
@@ -399,7 +417,7 @@ def _svm_and_metrics_on(
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     fields = fit_svm(name, epoch, gram, subsets.y_train, k_test, subsets.y_test, options, device=svm_device)
     t0 = time.perf_counter()
-    metrics, eigenvalues = kernel_metrics(name, epoch, gram, subsets.y_train, initial)
+    metrics, eigenvalues = kernel_metrics(name, epoch, gram, subsets.y_train, initial, options.num_classes)
     return {**fields, **metrics, "analysis_time_s": time.perf_counter() - t0}, gram, eigenvalues
 
 
@@ -465,7 +483,9 @@ def score_invariance(
     )
     try:
         if name == "ntk":
-            common.update(implementation=options.implementation, memory_budget=options.memory_budget)
+            common.update(
+                outputs=options.outputs, implementation=options.implementation, memory_budget=options.memory_budget
+            )
             with progress("after kernel: NTK invariance") as report:
                 scores = invariance_scores(model, images, families, kernel="ntk", progress=report, **common)
         else:
@@ -477,6 +497,14 @@ def score_invariance(
         )
         return dict.fromkeys(families, math.nan)
     return {family: scores[family] for family in families}
+
+
+def network_accuracy(logits: Tensor, y: Tensor) -> float:
+    """The network's accuracy from its logits: one logit, (n,), predicts the positive class (label 1) where it is
+    positive; k logits, (n, k), predict the label of the largest."""
+    if logits.ndim == 2:
+        return float((logits.argmax(1) == y).double().mean())
+    return float(((logits > 0) == (y > 0)).double().mean())
 
 
 def _pair_metrics(grams: Mapping[str, Tensor], epoch: int | float) -> tuple[float, float]:
@@ -509,9 +537,7 @@ def analyse(
     options = options or AnalysisOptions()
     kernel_options = kernel_options or KernelOptions()
     initial = initial or {}
-    network_acc = math.nan
-    if kernels.logits is not None:
-        network_acc = float(((kernels.logits > 0) == (subsets.y_test > 0)).double().mean())
+    network_acc = math.nan if kernels.logits is None else network_accuracy(kernels.logits, subsets.y_test)
     rows, grams, spectra = [], {}, {}
     for name in names:
         row = ResultRow(epoch=epoch, step=step, kernel=name, network_test_acc=network_acc)

@@ -27,6 +27,21 @@ def default_folder(trainer: pl.Trainer) -> Path:
     return root
 
 
+def class_names(datamodule: Any) -> dict[int, str]:
+    """Label -> class name for the figures, from the datamodule: a ``BinaryPairDataModule``'s ``"3 (y=0)"`` and
+    ``"8 (y=1)"`` (its class ids), else its ``class_names`` in label order (``"cat (y=0)"`` for two classes, the
+    names alone for more); empty when it says nothing."""
+    plus, minus = getattr(datamodule, "plus_class", None), getattr(datamodule, "minus_class", None)
+    if None not in (plus, minus):
+        return {0: f"{minus} (y=0)", 1: f"{plus} (y=1)"}
+    names = getattr(datamodule, "class_names", None)
+    if not isinstance(names, list | tuple) or not names:
+        return {}
+    if len(names) == 2:
+        return {label: f"{name} (y={label})" for label, name in enumerate(names)}
+    return {label: str(name) for label, name in enumerate(names)}
+
+
 def log_evaluation(trainer: pl.Trainer, rows: Sequence[ResultRow], prefix: str) -> None:
     """One evaluation's metrics (:func:`~lightning_afterkernel.callbacks.rows.logged_metrics`) to every logger, at
     the global step."""

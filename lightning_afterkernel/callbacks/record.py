@@ -91,10 +91,17 @@ class RunRecord:
         """Images the invariance scores are averaged over."""
         return min(self.n_invariance, self.n_test if self.invariance_images == "test" else self.n_train)
 
-    def header(self, families: Sequence[str], kernels: Sequence[str], model: nn.Module) -> dict[str, Any]:
+    def header(
+        self,
+        families: Sequence[str],
+        kernels: Sequence[str],
+        model: nn.Module,
+        logits: int = 1,
+        ntk_outputs: str | int = "trace",
+    ) -> dict[str, Any]:
         """The settings at the top of the results file: the invariance ``families`` scored, the ``kernels``
-        computed and the model's class."""
-        return {
+        computed and the model's class; for a model with k > 1 ``logits``, k and the NTK's ``ntk_outputs``."""
+        header = {
             "n_train": self.n_train,
             "n_test": self.n_test,
             "seed": self.seed,
@@ -104,6 +111,9 @@ class RunRecord:
             "kernels": list(kernels),
             "model": type(model).__name__,
         }
+        if logits > 1:
+            header.update(logits=logits, ntk_outputs=ntk_outputs)
+        return header
 
     # ---------------------------------------------------------------- rows
     @property

@@ -45,10 +45,13 @@ def summary_table(
     soft_margin_c: float | None,
     n_invariance: int,
     invariance_images: str,
+    num_classes: int | None = None,
 ) -> str:
     """Kernel x epoch -> SVM test accuracy, beside the network's own test accuracy, then the kernel analyses
     (kernel-target alignment, effective rank, change from the initial kernel, invariance scores) of the rows
-    ``results`` of ``kernels``; the invariance scores on ``n_invariance`` ``invariance_images`` images."""
+    ``results`` of ``kernels``; the invariance scores on ``n_invariance`` ``invariance_images`` images.
+    ``num_classes``: k for a model with k logits (one-vs-rest SVMs above two classes, centred one-hot targets in the
+    kernel-target alignment); None for one logit."""
     rows = [ResultRow.from_dict(r) for r in results]
     epochs = sorted({r.epoch for r in rows})
     by_key = {(r.epoch, r.kernel): r for r in rows}
@@ -73,6 +76,8 @@ def summary_table(
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
     title = f"After-kernel summary: test accuracy on {n_test} test examples (SVM trained on {n_train})"
+    if num_classes is not None and num_classes > 2:
+        title = title[:-1] + f"; {num_classes} classes, one-vs-rest)"
     table = [title, rule, fmt.format(*header), rule] + [fmt.format(*r) for r in lines] + [rule]
     table += [fmt.format(*r) for r in extra] + [rule]
     if any(r.separable is False for r in rows):
@@ -80,8 +85,9 @@ def summary_table(
             "(soft): no hard-margin SVM exists for that kernel; soft-margin SVM "
             f"(C={soft_margin_c}, normalised kernel) accuracy instead."
         )
+    targets = "y'Ky / (n ||K||)" if num_classes is None else "<K, YY'> / (||K|| ||YY'||), Y the centred one-hot labels"
     note = (
-        f"Kernel analyses on the {n_train} training examples: kernel-target alignment y'Ky / (n ||K||), "
+        f"Kernel analyses on the {n_train} training examples: kernel-target alignment {targets}, "
         "effective rank tr K / max eigenvalue, alignment <K, K0> / (||K|| ||K0||) and relative change "
         "||K - K0|| / ||K0|| from the epoch-0 kernel K0"
     )

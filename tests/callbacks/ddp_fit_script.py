@@ -1,11 +1,11 @@
 """Run by the DDP tests: a CPU (gloo) fit with AfterKernelCallback, in float64, on ``DEVICES`` processes
 (n_train=300 > the engine's 256-row strips, so the ranks have work to share).
 
-Usage: python ddp_fit_script.py OUT_DIR [DEVICES [MAX_EPOCHS [resume|checkpoint]]]. The callback writes to OUT_DIR
-(kernels saved); every rank writes OUT_DIR/rank<r>.json with the shards it computed (to show that each did its
-share), rank 0 also its results and the final weights (OUT_DIR/final.pt). With "checkpoint", a ModelCheckpoint
-saves OUT_DIR/ckpt/last.ckpt at validation end (before the callback's epoch-end evaluation); with "resume", the
-fit resumes from it.
+Usage: python ddp_fit_script.py OUT_DIR [DEVICES [MAX_EPOCHS [resume|checkpoint|3class]]]. The callback writes to
+OUT_DIR (kernels saved); every rank writes OUT_DIR/rank<r>.json with the shards it computed (to show that each did
+its share), rank 0 also its results and the final weights (OUT_DIR/final.pt). With "checkpoint", a ModelCheckpoint
+saves OUT_DIR/ckpt/last.ckpt at validation end (before the callback's epoch-end evaluation); with "resume", the fit
+resumes from it. With "3class", the labels are 0, 1, 2 and the model has three logits (the NTK their trace).
 """
 
 import json
@@ -41,10 +41,12 @@ def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> Af
     evaluation.empirical_ntk_train_test = recording
     try:
         pl.seed_everything(0)
-        loader = DataLoader(TensorDataset(toy_inputs(), torch.arange(400) % 2), batch_size=50)
+        classes = 3 if mode == "3class" else 2
+        loader = DataLoader(TensorDataset(toy_inputs(), torch.arange(400) % classes), batch_size=50)
+        resuming = mode in ("resume", "checkpoint")
         callback = AfterKernelCallback(
-            epochs=[0, 1] if not mode else [0, 1, 2],
-            at_end=not mode,
+            epochs=[0, 1, 2] if resuming else [0, 1],
+            at_end=not resuming,
             n_train=300,
             n_test=40,
             n_invariance=8,
@@ -66,7 +68,7 @@ def main(out: Path, devices: int = 2, max_epochs: int = 2, mode: str = "") -> Af
             enable_model_summary=False,
             default_root_dir=out,
         )
-        model = MLPClassifier(input_shape=(1, 8, 8), width=16)
+        model = MLPClassifier(input_shape=(1, 8, 8), width=16, num_classes=1 if classes == 2 else classes)
         trainer.fit(model, loader, loader, ckpt_path=str(out / "ckpt" / "last.ckpt") if mode == "resume" else None)
     finally:
         evaluation.empirical_ntk_train_test = engine

@@ -427,16 +427,17 @@ class Steps(pl.Callback):
 
 
 @pytest.mark.parametrize(
-    ("kernels", "shape"), [(["ntk"], (2,)), (["ck"], (2,)), (["ntk", "ck"], (2,)), (["ntk", "ck"], (2, 3))]
+    ("kernels", "shape"), [(["ntk"], (2, 3)), (["ck"], (2, 1)), (["ntk", "ck"], (2, 3)), (["ntk", "ck"], (1, 1, 1))]
 )
 def test_an_output_the_kernels_cannot_use_is_refused_before_any_training_step(tmp_path, kernels, shape):
     """With epochs=[1] nothing would be computed before a whole epoch has trained: the model is checked at fit start,
-    for every kernel choice (kernels=['ck'] used to fail with a bare RuntimeError from the network-accuracy line)."""
+    for every kernel choice (kernels=['ck'] used to fail with a bare RuntimeError from the network-accuracy line).
+    (n,), (n, 1) and (n, k) are logits (test_multiclass.py); more dimensions are not."""
     steps = Steps()
     cb = small_callback(epochs=[1], kernels=kernels)
     trainer = make_trainer(tmp_path, [steps, cb], max_epochs=2)
     expected = re.escape(f"ManyLogits returns shape (4, {', '.join(map(str, shape))}) on 4 training examples")
-    with pytest.raises(ModelError, match=expected + r".*one logit per example, shape \(4,\) or \(4, 1\)"):
+    with pytest.raises(ModelError, match=expected + r".*one logit per example, shape \(4,\) or \(4, 1\).*\(4, k\)"):
         trainer.fit(ManyLogits(shape), datamodule=ToyData())
     assert steps.batches == 0 and trainer.global_step == 0 and cb.results == []
 

@@ -216,8 +216,10 @@ def test_the_model_check_accepts_one_logit_per_example_and_restores_the_modes():
     column = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))  # (n, 1), labels -1/1
     check_model_and_labels(column, Subsets(data.x_train, 2 * data.y_train - 1, data.x_test, 2 * data.y_test - 1))
     pair = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    with pytest.raises(ModelError, match=r"Sequential returns shape \(3, 2\) on 3 training examples"):
-        check_model_and_labels(pair, data, n=3)
+    assert check_model_and_labels(pair, data, n=3) == 2  # two logits, labels 0/1
+    grid = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 6), torch.nn.Unflatten(1, (2, 3)))
+    with pytest.raises(ModelError, match=r"Sequential returns shape \(3, 2, 3\) on 3 training examples"):
+        check_model_and_labels(grid, data, n=3)
     mixed = Subsets(data.x_train, data.y_train, data.x_test, 2 * data.y_test - 1)  # 0/1 and -1/1 together
     with pytest.raises(DataError, match=r"labels \[0, 1\] \(train\) and \[-1, 1\] \(test\)"):
         check_model_and_labels(model, mixed)
