@@ -282,3 +282,40 @@ def test_image_class_data_module_as_data(tmp_path):
     assert callback.done_epochs == [0, 1]
     assert all(r["svm_test_acc"] > 0.8 for r in callback.results if r["kernel"] == "ntk")
     assert 0.0 <= float(cli.trainer.callback_metrics["val_acc"]) <= 1.0
+
+
+TEN_CLASS_CONFIGS = ["mnist10_quick", "mnist10_vgg", "cifar10_10class_vgg"]
+
+
+@pytest.mark.parametrize("name", TEN_CLASS_CONFIGS)
+def test_the_ten_class_configs_take_every_class_with_ten_logits(name, tmp_path):
+    """Parsed and instantiated, not run (cifar10_10class_vgg needs torchvision's CIFAR-10 download)."""
+    cli = main(["--config", str(REPO / "configs" / f"{name}.yaml"), "--trainer.logger=false"], run=False)
+    assert type(cli.datamodule) is ImageClassDataModule and cli.datamodule.classes == list(range(10))
+    assert cli.datamodule.dataset == ("cifar10" if name.startswith("cifar") else "mnist")
+    whole = name.endswith("_vgg")  # the paper-scale configs train on the whole splits
+    assert (cli.datamodule.train_subset, cli.datamodule.test_subset) == ((None, None) if whole else (2000, 1000))
+    assert isinstance(cli.model, VGGClassifier if whole else MLPClassifier) and cli.model.head.out_features == 10
+    callback = after_kernel_callback(cli)
+    assert callback.ntk_outputs == "trace" and callback.kernels == ["ntk", "ck"]
+    (checkpoint,) = cli.trainer.checkpoint_callbacks
+    assert Path(checkpoint.dirpath).parts[-3:] == ("runs", name, "checkpoints") and checkpoint.save_last
+
+
+@pytest.mark.real_data
+def test_the_quick_ten_class_config_runs_on_real_mnist(tmp_path, shared_data, capsys):
+    cfg = yaml.safe_load((REPO / "configs" / "mnist10_quick.yaml").read_text())
+    cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(tmp_path / "run" / "checkpoints")
+    cfg["data"]["init_args"].update(root=str(shared_data), download=False)
+    path = tmp_path / "mnist10_quick.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = main(["fit", "--config", str(path), "--trainer.max_epochs", "1"])
+    out = capsys.readouterr().out
+    assert "(SVM trained on 1000; 10 classes, one-vs-rest)" in out and "network itself" in out
+    callback = after_kernel_callback(cli)
+    assert callback.done_epochs == [0, 1]
+    assert all(r["svm_test_acc"] >= 0.8 for r in callback.results if r["kernel"] == "ntk")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
