@@ -427,7 +427,13 @@ class AfterKernelCallback(pl.Callback):
             record.keep_initial(kernels.grams)
         families = self._invariance_families()
         options = AnalysisOptions(
-            self.svm_kwargs, self.soft_margin_c, families, self.n_invariance, self.invariance_images, self._classes
+            self.svm_kwargs,
+            self.soft_margin_c,
+            families,
+            self.n_invariance,
+            self.invariance_images,
+            self._classes,
+            self.figures,
         )
         analysis = analyse(
             pl_module,

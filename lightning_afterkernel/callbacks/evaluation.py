@@ -93,6 +93,7 @@ class AnalysisOptions:
     n_invariance: int = 0  # images the scores average over
     invariance_images: str = "test"  # whose: the "test" or the "train" subset's
     num_classes: int | None = None  # k for a model with k logits (centred one-hot targets); None: one logit
+    figures: bool = True  # whether the spectrum figure is drawn (above ENTROPY_RANK_MAX_N only it needs the top)
 
 
 @dataclass
@@ -293,14 +294,15 @@ SPECTRUM_TOP = 256
 """Eigenvalues drawn in the spectrum figure of a kernel too large for its whole spectrum."""
 
 
-def spectrum(k_train: Tensor) -> Tensor:
+def spectrum(k_train: Tensor, figure: bool = True) -> Tensor:
     """The eigenvalues of a train kernel, once per kernel and evaluation, for the effective ranks and the figure:
     all of them up to :data:`~lightning_afterkernel.kernels.metrics.ENTROPY_RANK_MAX_N` examples (``eigvalsh``,
-    O(n^3)), else the :data:`SPECTRUM_TOP` largest (block Lanczos, O(n^2) per step: at the paper's n = 11,982 a
-    full decomposition took ~40 s per kernel on 2 CPU cores)."""
+    O(n^3)), else, for the ``figure`` only, the :data:`SPECTRUM_TOP` largest (block Lanczos, O(n^2) per step: at the
+    paper's n = 11,982 a full decomposition took ~40 s per kernel on 2 CPU cores, the top 256 tens of seconds), and
+    none without it (an empty tensor)."""
     if len(k_train) <= ENTROPY_RANK_MAX_N:
         return eigenspectrum(k_train)
-    return eigenspectrum(k_train, top=SPECTRUM_TOP)
+    return eigenspectrum(k_train, top=SPECTRUM_TOP) if figure else k_train.new_empty(0, dtype=torch.float64)
 
 
 def kernel_metrics(
@@ -310,10 +312,11 @@ def kernel_metrics(
     y_train: Tensor,
     initial: Tensor | None = None,
     num_classes: int | None = None,
+    figure: bool = True,
 ) -> tuple[dict[str, float], Tensor]:
     """Alignment, CKA and relative distance to the epoch-0 kernel ``initial`` (NaN without it), kernel-target
     alignment (centred one-hot targets of ``num_classes`` classes; None: two classes) and the effective ranks of
-    ``k_train``; and its eigenvalues (on the CPU)."""
+    ``k_train``; and its eigenvalues (on the CPU; see :func:`spectrum` for which, and ``figure``)."""
     label = KERNEL_LABELS[name]
     out = dict.fromkeys(("alignment_to_initial", "cka_to_initial", "distance_to_initial"), math.nan)
     if initial is not None:
@@ -330,7 +333,7 @@ def kernel_metrics(
     out["kta"] = _metric(
         f"the {label} kernel-target alignment", epoch, kernel_target_alignment, k_train, y_train, num_classes
     )
-    eigenvalues = spectrum(k_train)
+    eigenvalues = spectrum(k_train, figure)
     if len(eigenvalues) == len(k_train):  # the whole spectrum: both ranks from it
         out["effective_rank"] = _metric(f"the {label} effective rank", epoch, effective_rank, eigenvalues, "trace")
         out["effective_rank_entropy"] = _metric(
@@ -417,7 +420,9 @@ def _svm_and_metrics_on(
 ) -> tuple[dict[str, Any], Tensor, Tensor]:
     fields = fit_svm(name, epoch, gram, subsets.y_train, k_test, subsets.y_test, options, device=svm_device)
     t0 = time.perf_counter()
-    metrics, eigenvalues = kernel_metrics(name, epoch, gram, subsets.y_train, initial, options.num_classes)
+    metrics, eigenvalues = kernel_metrics(
+        name, epoch, gram, subsets.y_train, initial, options.num_classes, options.figures
+    )
     return {**fields, **metrics, "analysis_time_s": time.perf_counter() - t0}, gram, eigenvalues
 
 

@@ -287,3 +287,6 @@ def test_large_kernels_take_the_trace_rank_from_lanczos_and_leave_the_entropy_ra
     assert abs(large["effective_rank"] - small["effective_rank"]) < 1e-6 * small["effective_rank"]
     assert math.isnan(large["effective_rank_entropy"]) and not math.isnan(small["effective_rank_entropy"])
     assert len(eigenvalues) == 12 and torch.allclose(eigenvalues, full[:12], rtol=0, atol=1e-6 * float(full[0]))
+    with pytest.warns(UserWarning, match="entropy effective rank is left out"):
+        without_figure, none = evaluation.kernel_metrics("ntk", 1, k_train, y, figure=False)
+    assert without_figure["effective_rank"] == large["effective_rank"] and len(none) == 0
