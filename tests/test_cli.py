@@ -311,7 +311,11 @@ def test_the_quick_ten_class_config_runs_on_real_mnist(tmp_path, shared_data, ca
     cfg["data"]["init_args"].update(root=str(shared_data), download=False)
     path = tmp_path / "mnist10_quick.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cli = main(["fit", "--config", str(path), "--trainer.max_epochs", "1"])
+    wandb.finish()  # a W&B run an earlier test left open would be taken over instead of a new offline run
+    try:
+        cli = main(["fit", "--config", str(path), "--trainer.max_epochs", "1"])
+    finally:
+        wandb.finish()
     out = capsys.readouterr().out
     assert "(SVM trained on 1000; 10 classes, one-vs-rest)" in out and "network itself" in out
     callback = after_kernel_callback(cli)

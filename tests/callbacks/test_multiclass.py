@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import wandb
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.loggers.logger import Logger
@@ -27,6 +28,7 @@ from lightning_afterkernel.callbacks.evaluation import network_accuracy
 from lightning_afterkernel.callbacks.outputs import class_names
 from lightning_afterkernel.data import BinaryPairDataModule, ImageClassDataModule
 from lightning_afterkernel.errors import ConfigurationError, DataError, ModelError
+from lightning_afterkernel.invariance import invariance_scores
 from lightning_afterkernel.kernels import empirical_ntk_train_test, kernel_target_alignment
 from lightning_afterkernel.models import MLPClassifier
 from lightning_afterkernel.svm import HardMarginSVM
@@ -242,6 +244,9 @@ def test_a_three_class_fit_evaluates_its_ntk_with_one_vs_rest_svms(tmp_path, ntk
         assert row["svm_n_support"] == svm.n_support_ and row["svm_min_margin"] == pytest.approx(svm.min_margin_)
         assert row["kta"] == pytest.approx(kernel_target_alignment(gram, y_train, num_classes=K), rel=1e-12)
     assert final["ntk"]["svm_test_acc"] > 0.9
+    scores = invariance_scores(model, x_test[:8], ["shift", "rotation"], kernel="ntk", outputs=ntk_outputs)
+    assert final["ntk"]["invariance_shift"] == pytest.approx(scores["shift"], rel=1e-5)
+    assert final["ntk"]["invariance_rotation"] == pytest.approx(scores["rotation"], rel=1e-5)
     with torch.no_grad():
         expected = float((model(x_test).argmax(1) == y_test).double().mean())
     assert final["ntk"]["network_test_acc"] == final["ck"]["network_test_acc"] == expected > 0.5
@@ -344,7 +349,10 @@ def test_ten_class_mnist_in_a_plain_trainer_with_offline_wandb(tmp_path, shared_
     dm = ImageClassDataModule(dataset="mnist", root=str(shared_data), train_subset=1000, test_subset=500)
     cb = AfterKernelCallback(epochs=[0], n_train=1000, n_test=500, n_invariance=50, figures=False)
     logger = WandbLogger(project="afterkernel-tests", save_dir=str(tmp_path), offline=True)
-    make_trainer(tmp_path, [cb], max_epochs=2, logger=logger).fit(MLPClassifier(num_classes=10), datamodule=dm)
+    try:
+        make_trainer(tmp_path, [cb], max_epochs=2, logger=logger).fit(MLPClassifier(num_classes=10), datamodule=dm)
+    finally:
+        wandb.finish()  # (a W&B run left open is taken over by the next WandbLogger, in other tests)
 
     ntk = [r for r in cb.results if r["kernel"] == "ntk"]
     assert [r["epoch"] for r in ntk] == [0, 2]
