@@ -20,7 +20,7 @@ audited and takes the general path.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,44 +38,67 @@ AUDIT_SEED = 20210521
 """Seed of the audit's weights (a private generator: the global random state is not touched)."""
 
 
-def audit_capture(
+@dataclass
+class Probe:
+    """The capture of the first :data:`AUDIT_EXAMPLES` examples in float64: what the engine reads the layers'
+    shapes and needs from (``captured``, one list per logit; ``eps``: whether the added zeros were needed), and what
+    the audit checks."""
+
+    state: dict[str, Tensor]
+    fixed: dict[str, Tensor]
+    x: Tensor
+    captured: list[list[tuple[Tensor, Tensor] | None]]
+    eps: bool
+
+
+def probe_capture(
     model: nn.Module,
     trainable: dict[str, Tensor],
     fixed: dict[str, Tensor],
     layers: list[st.Layer],
     x: Tensor,
     select: Outputs | None = None,
-) -> None:
-    """Raise :class:`~._structured.Unsupported` naming the first trainable tensor whose gradient the capture
-    (with the forms already chosen for ``layers``, and the logits and layout of ``select``; None: the model's one
-    logit) does not reproduce exactly on ``x[:AUDIT_EXAMPLES]``."""
-    x = x[:AUDIT_EXAMPLES]
+) -> Probe:
+    """Capture ``x[:AUDIT_EXAMPLES]`` in float64 for the logits of ``select`` (None: the model's one logit); a model
+    that cannot run in float64 raises :class:`~._structured.Unsupported` (unproven is not exact)."""
     select = select or Outputs(1, None, False, False)
     try:
         state = {name: _float64(t) for name, t in trainable.items()}
         fixed = {name: _float64(t) for name, t in fixed.items()}
-        x = _float64(x.detach())
-        generator = torch.Generator().manual_seed(AUDIT_SEED)
-        weights = torch.randn(len(x), select.count, generator=generator, dtype=torch.float64).to(x.device)
-        truth = _autograd(model, state, fixed, x, weights, select)
-        captured, _ = st.capture_any(model, {**state, **fixed}, layers, x, logits=select.logits)
-        blank = st.new_factors(layers, captured[0], len(x), weights, select.count, select.stacked)
-        factors = st.factors(layers, captured, blank)
+        x = _float64(x[:AUDIT_EXAMPLES].detach())
+        captured, eps = st.capture_any(model, {**state, **fixed}, layers, x, logits=select.logits)
     except (RuntimeError, NotImplementedError, TypeError) as err:  # e.g. an operator without a float64 kernel
         raise st.Unsupported(f"the capture could not be audited in float64 ({type(err).__name__}: {err})") from err
+    return Probe(state, fixed, x, captured, eps)
+
+
+def audit_capture(model: nn.Module, probe: Probe, layers: list[st.Layer], select: Outputs | None = None) -> None:
+    """Raise :class:`~._structured.Unsupported` naming the trainable tensor whose gradient the ``probe``'s capture,
+    in the forms already chosen for ``layers`` (and the layout of ``select``), misses most, if that is more than
+    :data:`AUDIT_TOLERANCE` of the whole gradient."""
+    select = select or Outputs(1, None, False, False)
+    x, captured = probe.x, probe.captured
+    generator = torch.Generator().manual_seed(AUDIT_SEED)
+    weights = torch.randn(len(x), select.count, generator=generator, dtype=torch.float64).to(x.device)
+    try:
+        truth = _autograd(model, probe.state, probe.fixed, x, weights, select)
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        raise st.Unsupported(f"the capture could not be audited in float64 ({type(err).__name__}: {err})") from err
+    blank = st.new_factors(layers, captured[0], len(x), weights, select.count, select.stacked)
+    factors = st.factors(layers, captured, blank)
     implied: dict[str, Tensor] = {}
     for c in range(select.count):
         for name, part in _implied(layers, factors.logit(c), weights[:, c]).items():
             implied[name] = implied[name] + part if name in implied else part
-    errors, sizes = {}, []
-    for name, reference in truth.items():
-        got = implied.get(name, torch.zeros_like(reference))
-        errors[name] = float((got - reference).norm())
-        sizes.append(max(float(got.norm()), float(reference.norm())))
-    scale = math.hypot(*sizes)  # the size of the whole gradient, which the kernel's accuracy is relative to
-    for name, error in errors.items():
-        if error > AUDIT_TOLERANCE * scale:
-            raise st.Unsupported(_reason(name, layers, captured[0], error / max(float(truth[name].norm()), 1e-300)))
+    names = list(truth)
+    reference = torch.stack([truth[name].square().sum() for name in names])
+    got = torch.stack([implied[name].square().sum() if name in implied else reference.new_zeros(()) for name in names])
+    missed = torch.stack([(implied.get(name, 0) - truth[name]).square().sum() for name in names])
+    scale = float(torch.maximum(reference, got).sum().sqrt())  # the whole gradient's size, the kernel's scale
+    worst = int(missed.argmax())
+    if float(missed[worst].sqrt()) > AUDIT_TOLERANCE * scale:
+        share = float(missed[worst].sqrt()) / max(float(reference[worst].sqrt()), 1e-300)
+        raise st.Unsupported(_reason(names[worst], layers, captured[0], share))
 
 
 def _float64(tensor: Tensor) -> Tensor:
@@ -104,7 +127,8 @@ def _implied(layers: list[st.Layer], factors: st.Factors, weights: Tensor) -> di
         shapes = [getattr(layer.module, key.rsplit(".", 1)[-1]).shape for key in keys]
         if layer.structured:
             left, right = next(pairs)
-            summed = torch.einsum("b,btp,btd->pd", weights, right, left)  # sum_i w_i R_i^T L_i; bias: last column
+            weighted = (right * weights[:, None, None]).flatten(0, 1)  # sum_i w_i R_i^T L_i; bias: last column
+            summed = weighted.mT @ left.flatten(0, 1)
             parts = [summed[:, : left.shape[-1] - (layer.bias is not None)]]
             if layer.bias is not None:
                 parts.append(summed[:, -1])

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import _structured as st
-from lightning_afterkernel.kernels._audit import audit_capture
+from lightning_afterkernel.kernels._audit import audit_capture, probe_capture
 from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
 from lightning_afterkernel.kernels._gram import paired as paired_rows
 from lightning_afterkernel.kernels._model import (
@@ -385,22 +385,23 @@ def _engine(
         return _Engine(model, trainable, fixed, select, None, sizes)
     try:
         layers = st.plan(model, set(trainable))
-        with st.recording_calls(model) as called:
-            probe, eps = st.capture_any(model, {**trainable, **fixed}, layers, x1[:2], logits=select.logits)
+        with st.recording_calls(model) as called:  # (the probe is in float64: the audit checks it)
+            probe = probe_capture(model, trainable, fixed, layers, x1, select)
         force = "materialised" if implementation == "materialised" else None
         pairs, examples = workload
         if select.stacked:  # a row per example and logit
             pairs, examples = pairs * select.count**2, examples * select.count
         widen = 1 if select.stacked else select.count
-        st.choose_forms(layers, probe[0], pairs, examples, force=force, widen=widen)
-        audit_capture(model, trainable, fixed, layers, x1, select)
+        st.choose_forms(layers, probe.captured[0], pairs, examples, force=force, widen=widen)
+        audit_capture(model, probe, layers, select)
     except st.Unsupported as why:
         if implementation != "auto":
             raise _unsupported_error(implementation, why) from why
         _warn_fallback(why)
         return _Engine(model, trainable, fixed, select, None, sizes)
     obstacle = st.concurrency_obstacle(model, called)
-    return _Engine(model, trainable, fixed, select, (layers, probe, x1), sizes, eps=eps, obstacle=obstacle)
+    structured = (layers, probe.captured, x1[: len(probe.x)])  # (the probe's own examples)
+    return _Engine(model, trainable, fixed, select, structured, sizes, eps=probe.eps, obstacle=obstacle)
 
 
 def _unsupported_error(implementation: str, why: Exception) -> ModelError:
@@ -451,9 +452,9 @@ class _Engine:
         else:
             self.layers, probe, x1 = structured
             self.n_jac = sum(st.n_materialised(layer) for layer in self.layers if not layer.structured)
-            blank = st.new_factors(self.layers, probe[0], len(x1[:2]), tensor, s, select.stacked)
+            self.probe_x = x1
+            blank = st.new_factors(self.layers, probe[0], len(self.probe_x), tensor, s, select.stacked)
             self.sample = st.factors(self.layers, probe, blank)
-            self.probe_x = x1[:2]
             self.replica_list = [(model, self.layers)]
             if x1.device.type == "cpu":
                 self.workers = capture_workers(obstacle)

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from lightning_afterkernel.errors import ModelError
 from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, empirical_ntk_views, reference_ntk
-from lightning_afterkernel.kernels._audit import AUDIT_EXAMPLES, audit_capture
+from lightning_afterkernel.kernels._audit import AUDIT_EXAMPLES, audit_capture, probe_capture
 
 FALLBACK = "general per-example-gradient path"
 
@@ -283,7 +283,7 @@ def test_the_audit_passes_every_supported_form_and_leaves_the_global_random_stat
         for layer in layers:
             layer.structured = structured and layer.kind != "batchnorm"
         state = torch.get_rng_state()
-        audit_capture(model, trainable, fixed, layers, x)
+        audit_capture(model, probe_capture(model, trainable, fixed, layers, x), layers)
         assert torch.equal(torch.get_rng_state(), state)
     assert AUDIT_EXAMPLES <= len(x)
 
