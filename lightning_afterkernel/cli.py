@@ -2,7 +2,8 @@
 
 A thin :class:`~pytorch_lightning.cli.LightningCLI`. The model is any ``LightningModule`` class path (the configs
 use :class:`~lightning_afterkernel.models.VGGClassifier` and :class:`~lightning_afterkernel.models.MLPClassifier`;
-the callback needs one logit per example), the data any ``LightningDataModule`` class path, by default
+the callback needs one logit per example, or k logits with labels 0..k-1), the data any ``LightningDataModule``
+class path, by default
 :class:`~lightning_afterkernel.data.BinaryPairDataModule` (whose options a config may give without a
 ``class_path``; :class:`~lightning_afterkernel.data.ImageClassDataModule` serves other classes). When the data module
 has an ``input_shape`` and the model an ``input_shape`` argument, the model's follows the data's. A parse error

@@ -25,7 +25,7 @@ class KernelError(AfterKernelError, ValueError):
 
 
 class ModelError(AfterKernelError, ValueError):
-    """The model cannot be used as asked (e.g. no scalar output, no ``features`` method)."""
+    """The model cannot be used as asked (e.g. an output that is not logits per example, no ``features`` method)."""
 
 
 class SolverError(AfterKernelError, RuntimeError):

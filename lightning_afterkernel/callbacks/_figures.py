@@ -139,7 +139,9 @@ def eigenspectra(
             ax.loglog(rank.numpy(), values.numpy(), linestyle=style, label=_epoch_label(epoch))
         for axis in (ax.xaxis, ax.yaxis):  # labels on the decades only: minor labels crowd a narrow range
             axis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{labels_text.get(name, name)} eigen-spectrum (train, n = {n})")
+        shown = max(len(values) for values in by_epoch.values())
+        top = "" if shown >= n else f"top {shown}, "  # (above ENTROPY_RANK_MAX_N: the largest eigenvalues only)
+        ax.set_title(f"{labels_text.get(name, name)} eigen-spectrum (train, {top}n = {n})")
         ax.set_xlabel("index i (descending)")
         ax.set_ylabel(r"eigenvalue $\lambda_i / \lambda_1$")
         ax.grid(True, which="major", alpha=0.3)

@@ -37,7 +37,8 @@ def kernel_cosines(
     n x n product; memory O(k n) images and (k + 1)^2 n kernel values.
 
     Args:
-        model: a scalar-output network (``"ntk"``) or one with a ``features`` method (``"ck"``).
+        model: a network with one logit or k logits per example (``"ntk"``; with k logits the kernel of the
+            ``outputs`` kernel option, the trace by default) or one with a ``features`` method (``"ck"``).
         x: images (n, C, H, W).
         transforms: maps of (n, C, H, W) batches to batches of the same shape.
         kernel: ``"ntk"`` (:func:`~lightning_afterkernel.kernels.empirical_ntk`) or ``"ck"``

@@ -25,13 +25,22 @@ EPOCHS_PNG = "reproduction_epochs.png"
 STAGE_LABELS = {"initial": "initial kernel", "few": "after a few epochs", "end": "after kernel (end)"}
 
 
-def _pyplot() -> Any:
-    import matplotlib
+class _Figures:
+    """The two pyplot calls the figures make, on plain :class:`~matplotlib.figure.Figure` objects, so that writing
+    the report never switches the process's matplotlib backend (e.g. a notebook's)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+    @staticmethod
+    def get_cmap(name: str) -> Any:
+        import matplotlib
+
+        return matplotlib.colormaps[name]
 
 
 def _layout(fig: Any, bottom: float, top: float = 0.35) -> None:
@@ -50,7 +59,7 @@ def draw_figures(scales: list[tuple[str, Runs]], figures_dir: Path) -> list[Path
     """The figures of the scales that have cell files, (label, runs) each: :data:`SVM_ERROR_PNG` (NTK SVM error,
     initial vs after), :data:`INVARIANCE_PNG` (NTK invariance, initial vs after) and, where some scale has a
     no-augmentation cell, :data:`EPOCHS_PNG` (kernel SVM and network test errors against epochs)."""
-    plt = _pyplot()
+    plt = _Figures()
     figures_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         _save(_svm_error_figure(plt, scales), figures_dir / SVM_ERROR_PNG),
@@ -58,7 +67,6 @@ def draw_figures(scales: list[tuple[str, Runs]], figures_dir: Path) -> list[Path
     ]
     if any(evaluated_epochs(runs) for _, runs in scales):
         paths.append(_save(_epochs_figure(plt, scales), figures_dir / EPOCHS_PNG))
-    plt.close("all")
     return paths
 
 

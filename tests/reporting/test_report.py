@@ -541,3 +541,18 @@ def test_the_report_names_the_command_that_regenerates_it_identically(tmp_path, 
     assert len(undated(first)) == len(first.splitlines()) - 1  # one date line
     assert undated(second) == undated(first)
     assert {p.name: p.read_bytes() for p in Path("docs/figures").glob("*.png")} == figures
+
+
+def test_writing_the_report_leaves_the_matplotlib_backend_alone(tmp_path):
+    """The figures are plain Figure objects: a notebook's (or a test's) backend is not switched to Agg."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        paper_like(tmp_path / "runs")
+        write_report(tmp_path / "runs", tmp_path / "docs" / "reproduction.md")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "docs" / "figures" / "reproduction_svm_error.png").stat().st_size > 0
+    finally:
+        matplotlib.use(before)
