@@ -1,8 +1,9 @@
-"""What each piece of the engine's CPU-speed machinery buys, measured interleaved in one process.
+"""What each piece of the engine's CPU machinery (``kernels/_cpu.py``) buys, measured interleaved in one process.
 
 Each variant switches ONE mechanism off (or all of them) and times ``empirical_ntk`` of the paper's models on random
-MNIST-shaped images beside the default engine, interleaved, median of ``--repeats``. A mechanism is worth keeping
-only where switching it off costs at least 10% (issue 20). Run on a quiet machine (no other process on the cores).
+MNIST-shaped images beside the default engine, interleaved, median of ``--repeats``; ``cpu_workers_1`` is the
+one option, ``AFTERKERNEL_CPU_WORKERS=1`` (no workers side by side, hence no NNPACK input gradients on a
+multi-thread torch). Run on a quiet machine (no other process on the cores).
 
     python benchmarks/cpu_machinery.py [--repeats 5] [--sizes 1000 2000] [--variants ...]
 """
@@ -19,15 +20,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from lightning_afterkernel.kernels import _gram, _layouts, _structured, empirical, empirical_ntk
+from lightning_afterkernel.kernels import _cpu, empirical_ntk
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
 
 @contextlib.contextmanager
 def _setting(owner: object, name: str, value: object) -> Iterator[None]:
-    if not hasattr(owner, name):  # (a mechanism already removed: nothing to switch off)
-        yield
-        return
     saved = getattr(owner, name)
     setattr(owner, name, value)
     try:
@@ -53,20 +51,18 @@ def _env(name: str, value: str) -> Iterator[None]:
 def _all_off() -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for variant, switch in VARIANTS.items():
-            if variant not in ("default", "all_off"):
+            if variant.startswith(("no_", "serial_")):
                 stack.enter_context(switch())
         yield
 
 
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "default": contextlib.nullcontext,
-    "serial_capture": lambda: _env("AFTERKERNEL_CAPTURE_WORKERS", "1"),
-    "serial_gram": lambda: _setting(empirical, "CONCURRENT_GRAM_WIDTH", 10**12),
-    "contiguous_conv_grads": lambda: _env("AFTERKERNEL_CONV_FORMAT", "contiguous"),
-    "no_nnpack_input_grads": lambda: _setting(_structured, "NNPACK_INPUT_GRADS", False),
-    "no_channels_last_pool": lambda: _setting(_layouts, "MIN_CHANNELS", 10**9),
-    "no_cache_sized_chunks": lambda: _setting(empirical, "CPU_CHUNK_BYTES", 10**15),
-    "no_column_blocks": lambda: _setting(_gram, "COLUMN_BLOCK", 10**9),
+    "serial_capture": lambda: _setting(_cpu, "MAX_AUTO_WORKERS", 1),
+    "serial_gram": lambda: _setting(_cpu, "CONCURRENT_GRAM_WIDTH", 10**12),
+    "no_nnpack_input_grads": lambda: _setting(_cpu, "nnpack_input_grads_available", lambda: False),
+    "no_cache_sized_chunks": lambda: _setting(_cpu, "CPU_CHUNK_BYTES", 10**15),
+    "cpu_workers_1": lambda: _env(_cpu.WORKERS_VARIABLE, "1"),
     "all_off": _all_off,
 }
 

@@ -35,7 +35,7 @@ import torch
 from torch.func import functional_call, jacrev, vmap
 
 from lightning_afterkernel.kernels import empirical_ntk, empirical_ntk_train_test, reference_ntk
-from lightning_afterkernel.kernels.empirical import _tf32
+from lightning_afterkernel.kernels._settings import tf32
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -220,7 +220,7 @@ def full_split(root: str, device: str, repeats: int, tutorial: bool, profile: bo
             _profile(lambda m=model: empirical_ntk_train_test(m, x_train, x_test), device)
         for variant, allow in [("tutorial", False), ("tutorial_tf32", True)] if tutorial else []:
             try:
-                with _tf32(torch.device(device), allow):
+                with tf32(torch.device(device), allow):
                     tutorial_ntk(model, x_train[:64], x_test[:16])  # warm-up
                     _peak_reset(device)
                     t_seconds, kernels = median_time(
@@ -318,7 +318,7 @@ def main() -> None:
         (arch, "cifar10", args.cifar_n) for arch in ("mlp", "vgg")
     ]:
         if n:  # the tutorial in exact fp32, like the engine (PyTorch's default: TF32 cuDNN convolutions)
-            with _tf32(torch.device(args.device), False):
+            with tf32(torch.device(args.device), False):
                 rows["compare"].append(compare(arch, data, n, args.repeats, args.device, args.reference_n))
             save()
     for spec in args.scaling_models if args.scaling else []:

@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import entk  # noqa: E402
 
 from lightning_afterkernel.data import BinaryPairDataModule  # noqa: E402
-from lightning_afterkernel.kernels import _gram, empirical, empirical_ntk, empirical_ntk_train_test, reference_ntk  # noqa: E402
+from lightning_afterkernel.kernels import _gram, empirical_ntk, empirical_ntk_train_test, reference_ntk  # noqa: E402
 from lightning_afterkernel.kernels import _structured as st  # noqa: E402
+from lightning_afterkernel.kernels._settings import tf32  # noqa: E402
 
 
 def err(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -94,7 +95,7 @@ def routes_on_random(dev: str, n: int) -> None:
     for on in (True, False):
         with gemm_convolutions(on):
             cells.append(f"{'im2col' if on else 'cuDNN + correction'} {err(empirical_ntk(model, x), k64)}")
-    with empirical._tf32(torch.device(dev), allow=False):  # IEEE float32, as the engine (cuDNN defaults to TF32)
+    with tf32(torch.device(dev), allow=False):  # IEEE float32, as the engine (cuDNN defaults to TF32)
         cells.append(f"tutorial {err(entk.tutorial_ntk(model, x, x), k64)}")
     print(f"vgg cifar10 random n={n}: " + ", ".join(cells), flush=True)
 

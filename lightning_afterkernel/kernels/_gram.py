@@ -13,12 +13,6 @@ from lightning_afterkernel.kernels._structured import Factors
 
 TILE_TEMP_BYTES = 64 * 2**20
 """Cap on the temporaries of one structured layer's tile with T > 1 positions (b1 T x b2 T matrices)."""
-COLUMN_BLOCK = 256
-"""On CPU, columns of a strip that all structured layers with T = 1 add their terms to before the next block: the
-block and the two products of each layer (256 KiB each for 256-row strips in float32) stay in a core's L2
-cache. On the paper's MLP at n = 2,000 (2-core AMD EPYC, 1 MiB L2 per core) this took the Gram matrix from
-58 ms to 56 ms in the VM's fast phases and from 100 ms to 69 ms in its slow ones, when whole-strip products
-(2 MB each) lost the shared L3 cache to other tenants; 128-column blocks were slower in both (62, 98 ms)."""
 SMALL_PRODUCT = 16
 """A product of materialised factors with fewer rows than this on either side is summed in blocks of
 :data:`K_BLOCK` parameters (:func:`_factor_product`)."""
@@ -38,11 +32,8 @@ def gram(f1: Factors, f2: Factors, out: Tensor) -> Tensor:
     vectors, patches = [], []
     for (l1, r1), (l2, r2) in zip(f1.pairs, f2.pairs, strict=True):
         (vectors if l1.shape[1] == 1 else patches).append((l1, r1, l2, r2))
-    block = COLUMN_BLOCK if out.device.type == "cpu" else max(1, out.shape[1])  # GPUs: fewest launches
-    for start in range(0, out.shape[1], block):  # all T = 1 layers on one block while it is in the cache
-        cols = slice(start, start + block)
-        for l1, r1, l2, r2 in vectors:
-            out[:, cols].addcmul_(_product(l1[:, 0], l2[cols, 0]), _product(r1[:, 0], r2[cols, 0]))
+    for l1, r1, l2, r2 in vectors:
+        out.addcmul_(_product(l1[:, 0], l2[:, 0]), _product(r1[:, 0], r2[:, 0]))
     for l1, r1, l2, r2 in patches:
         t = l1.shape[1]
         b1, b2 = len(l1), len(l2)

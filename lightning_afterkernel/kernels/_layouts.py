@@ -1,6 +1,6 @@
-"""Operators re-done inside the capture: convolutions computed directly (im2col times the weight) where PyTorch's
-may not be direct ones, max-pooling channels-last on CPU, and on CPU convolutions' input gradients by NNPACK (see
-:class:`CaptureMode`).
+"""Operators re-done inside the capture for accuracy: convolutions computed directly (im2col times the weight) where
+PyTorch's may not be direct ones, or made exact over all-zero patches (see :class:`CaptureMode`, which also takes
+the CPU's NNPACK input gradients from :mod:`._cpu`).
 
 *Convolutions where PyTorch's may not be direct.* The float32 kernel of a ReLU network is only as close to the
 float64 one as its forward pass's rounding lets ReLU gates and max-pool choices agree, and convolution
@@ -34,30 +34,18 @@ convolutions are direct and return the bias exactly over all-zero patches, as a 
   coarser rounding elsewhere). On an H200 cuDNN's with it gave the full split 3.0e-5 from float64, as im2col and
   as the tutorial's exact-float32 kernel, in 0.87 s instead of 1.17-1.30 s, and matched the tutorial on random
   images, where im2col lost a max-pool near-tie.
-
-*Max-pooling channels-last on CPU.* PyTorch's CPU max-pooling in NCHW runs a scalar loop per output element; in
-channels-last it is vectorised over the channels. On the paper's VGG (2-core AMD EPYC, one thread) a 2 x 2 pool
-of 35 x 38 x 28 x 28 float32 activations took 5.6 ms NCHW and 0.6 ms channels-last, 0.35 ms for the
-conversion: the pooling was ~7% of the kernel's capture. Max-pooling only selects, so the values, the indices
-(flat ``h * W + w`` per plane in both layouts, first maximum in the window's scan order, NaN propagating) and
-the gradients (PyTorch's own NCHW backward, scattering with those indices) are bitwise those of the NCHW
-operator; the tests check it.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-MIN_CHANNELS = 4
-"""Fewer channels leave the vectorised loop little to do: with 1-3 channels channels-last was 1.2-1.4x slower
-(35 x C x 28 x 28 and 32 x 32, float32 and float64), from 4 channels 1.3-4x faster."""
-_SIGNATURE = inspect.signature(F.max_pool2d_with_indices)
 _CONV_SIGNATURE = inspect.signature(lambda input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1: 0)
 _DTYPES = (torch.float32, torch.float64)
 _PLAIN = (Tensor, nn.Parameter)
@@ -200,167 +188,38 @@ def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-class _MaxPool2dChannelsLast(torch.autograd.Function):
-    """``max_pool2d_with_indices`` computed in channels-last; NCHW output, indices and input gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode: bool) -> tuple[Tensor, Tensor]:
-        args = (kernel, stride, padding, dilation, ceil_mode)
-        out, indices = torch._C._nn.max_pool2d_with_indices(x.contiguous(memory_format=torch.channels_last), *args)
-        out, indices = out.contiguous(), indices.contiguous()
-        ctx.save_for_backward(x, indices)
-        ctx.args = args
-        ctx.mark_non_differentiable(indices)
-        return out, indices
-
-    @staticmethod
-    def backward(ctx, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, indices = ctx.saved_tensors
-        grad_input = torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, indices)
-        return (grad_input, None, None, None, None, None)
-
-
-def nnpack_input_grads_available() -> bool:
-    """Whether this PyTorch has NNPACK for this CPU (used by :class:`CaptureMode`'s ``nnpack_input_grads``)."""
-    try:
-        return bool(torch._nnpack_available())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[tuple[int, int], Tensor] | None:
-    """The input-gradient padding and the weight of an ``F.conv2d`` call that :class:`_Conv2dNNPACKInputGrad`
-    handles, or None: a float32 CPU input of two examples or more that requires a gradient, a frozen 3 x 3
-    weight and bias, stride 1, dilation 1, one group, padding 0-2 (so the input gradient is a 3 x 3 convolution
-    with padding 2 - p, as large as the input), and an input size for which NNPACK picks its 16 x 16 FFT tiles
-    (:func:`fft_tiles`)."""
-    a = _conv_call(args, kwargs)
-    x, weight, bias = a["input"], a["weight"], a["bias"]
-    if not (
-        type(x) is Tensor
-        and x.ndim == 4
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.requires_grad
-        and len(x) >= 2  # one example: NNPACK's per-image path, whose tiles were 13x less accurate (2.7e-6)
-        and type(weight) is Tensor
-        and tuple(weight.shape[-2:]) == (3, 3)
-        and not weight.requires_grad
-        and (bias is None or not bias.requires_grad)
-        and a["groups"] == 1
-        and _pair(a["stride"]) == (1, 1)
-        and _pair(a["dilation"]) == (1, 1)
-    ):
-        return None
-    padding = a["padding"]
-    pads = {"valid": (0, 0), "same": (1, 1)}.get(padding) if isinstance(padding, str) else _pair(padding)
-    if pads is None or not all(0 <= p <= 2 for p in pads) or not fft_tiles(*x.shape[-2:]):
-        return None
-    return (2 - pads[0], 2 - pads[1]), weight
-
-
-def fft_tiles(height: int, width: int) -> bool:
-    """Whether NNPACK computes a 3 x 3 convolution with an output of this size by 16 x 16 FFT tiles (its rule:
-    when 8 x 8 tiles would be more than 4 times as many) rather than by Winograd's 8 x 8 ones. Only the FFT's
-    gradients are as accurate as oneDNN's: 1.6-3.1e-7 against 0.9-2.2e-7 from float64 (relative Frobenius;
-    sizes 14-56, 3-128 channels), where the Winograd tiles gave 1.6-3.2e-6 (sizes 6-20)."""
-    return math.ceil(height / 6) * math.ceil(width / 6) > 4 * math.ceil(height / 14) * math.ceil(width / 14)
-
-
-class _Conv2dNNPACKInputGrad(torch.autograd.Function):
-    """``F.conv2d`` itself (oneDNN) forward; its input gradient by NNPACK's FFT convolution of the output
-    gradient with the flipped, transposed kernel (see :class:`CaptureMode`)."""
-
-    @staticmethod
-    def forward(ctx, func, args: tuple, kwargs: dict, pads: tuple[int, int], x: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(weight)  # (so that a change in place before the backward is an error, as in PyTorch's)
-        ctx.pads = pads
-        return func(x.detach(), *args[1:], **kwargs)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (weight,) = ctx.saved_tensors
-        flipped = weight.transpose(0, 1).flip(-2, -1).contiguous()
-        try:
-            grad_input = torch._nnpack_spatial_convolution(
-                grad.contiguous(), flipped, grad.new_zeros(flipped.shape[0]), list(ctx.pads), [1, 1]
-            )
-        except RuntimeError:  # NNPACK refused (e.g. out of memory for its workspace): oneDNN's, as without the mode
-            grad_input = F.conv_transpose2d(grad, weight, padding=(2 - ctx.pads[0], 2 - ctx.pads[1]))
-        return (None, None, None, None, grad_input, None)
-
-
 class CaptureMode(TorchFunctionMode):
     """The capture's operators: with ``gemm_convolutions``, ``F.conv2d`` (and so ``nn.Conv2d``) on 4-D
     float32/float64 inputs as im2col patches times the weight (:func:`_conv2d_gemm`), outside autocast; with
     ``exact_zero_patches``, the other such convolutions exact over all-zero patches (:func:`_conv2d`); with
-    ``nnpack_input_grads``, the input gradients of float32 CPU 3 x 3 convolutions by NNPACK
-    (:class:`_Conv2dNNPACKInputGrad`); with ``pool_channels_last``, ``F.max_pool2d`` (and so ``nn.MaxPool2d``)
-    on a contiguous 4-D float32/float64 CPU tensor with at least :data:`MIN_CHANNELS` channels in channels-last.
-    Every other call, and every call under ``vmap``/``grad`` inside the forward, is PyTorch's own.
-
-    *NNPACK input gradients.* The forward convolutions stay oneDNN's: their rounding decides which ReLU gates
-    and max-pool choices flip between float32 and float64, and it is the tutorial method's rounding too. The
-    backward only carries gradients through decisions already made, so there any accurate algorithm will do.
-    NNPACK's FFT convolution (PyTorch's own CPU convolution when oneDNN is off), of the output gradient with the
-    flipped, transposed kernel, took 0.6x the time of oneDNN's input gradient for the paper's VGG layers on
-    MNIST (35 examples, one thread: 38 -> 38 channels at 28 x 28 7.1-7.6 ms against 12.0 ms; 38 -> 76 and
-    76 -> 76 at 14 x 14 2.4 and 4.4-4.9 ms against 4.4 and 7.3 ms), with the same error against float64
-    (2.2-2.5e-7 against 2.0-2.1e-7, relative Frobenius; the FFT's error is relative to the largest values in
-    each 16 x 16 tile rather than to each entry, so an entry 1e4 times smaller than its tile's largest came out
-    2e-4 from float64, normwise nothing); on that VGG the whole kernel took 6.5% less time.
-    oneDNN pads channels to blocks of 16 (38 to 48), NNPACK does not. NNPACK has one thread pool per process,
-    sized by the thread count of its first caller and locked while it runs: the capture asks for these
-    gradients only on threads with one intra-op thread (the concurrent capture's workers on a 2-core CPU), where
-    the pool, created there, runs each call in its caller's thread."""
+    ``conv2d`` (used without the other two: on CPU, :func:`._cpu.nnpack_conv2d`), ``conv2d(func, args, kwargs)``
+    for every ``F.conv2d`` call, which returns the output, or None to leave the call to PyTorch. Every other call,
+    and every call under ``vmap``/``grad`` inside the forward, is PyTorch's own."""
 
     def __init__(
         self,
-        pool_channels_last: bool = False,
         exact_zero_patches: bool = True,
-        nnpack_input_grads: bool = False,
         gemm_convolutions: bool = False,
+        conv2d: Callable[[Callable, tuple, dict], Tensor | None] | None = None,
     ) -> None:
         super().__init__()
-        self.pool_channels_last, self.exact_zero_patches = pool_channels_last, exact_zero_patches
-        self.gemm_convolutions = gemm_convolutions
-        # (availability also initialises NNPACK, which its convolution needs)
-        self.nnpack_input_grads = (
-            nnpack_input_grads and not (exact_zero_patches or gemm_convolutions) and nnpack_input_grads_available()
-        )
+        self.exact_zero_patches, self.gemm_convolutions, self.conv2d = exact_zero_patches, gemm_convolutions, conv2d
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        x = args[0] if args else kwargs.get("input")
-        if func is F.conv2d and _plain_float(x):
-            if self.gemm_convolutions and not torch.is_autocast_enabled(x.device.type):
-                out = _conv2d_gemm(args, kwargs)
+        if func is F.conv2d:
+            x = args[0] if args else kwargs.get("input")
+            if _plain_float(x):
+                if self.gemm_convolutions and not torch.is_autocast_enabled(x.device.type):
+                    out = _conv2d_gemm(args, kwargs)
+                    if out is not None:
+                        return out
+                if self.exact_zero_patches:
+                    return _conv2d(func, args, kwargs)
+            if self.conv2d is not None:
+                out = self.conv2d(func, args, kwargs)
                 if out is not None:
                     return out
-            if self.exact_zero_patches:
-                return _conv2d(func, args, kwargs)
-        if (
-            self.nnpack_input_grads
-            and func is F.conv2d
-            and args
-            and not _under_functorch()
-            and not torch.is_autocast_enabled("cpu")  # (NNPACK takes float32 gradients only)
-        ):
-            geometry = _nnpack_geometry(args, kwargs)
-            if geometry is not None:
-                pads, weight = geometry
-                return _Conv2dNNPACKInputGrad.apply(func, args, kwargs, pads, args[0], weight)
-        if self.pool_channels_last and (func is F.max_pool2d or func is F.max_pool2d_with_indices):
-            bound = _SIGNATURE.bind(*args, **kwargs)
-            bound.apply_defaults()
-            a = bound.arguments
-            x = a["input"]
-            if _eligible(x):
-                stride = a["kernel_size"] if a["stride"] is None or _empty(a["stride"]) else a["stride"]
-                pooled = _MaxPool2dChannelsLast.apply(
-                    x, a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]
-                )
-                return pooled if a["return_indices"] or func is F.max_pool2d_with_indices else pooled[0]
         return func(*args, **kwargs)
 
 
@@ -368,32 +227,11 @@ def _plain_float(x: object) -> bool:
     return not _under_functorch() and type(x) is Tensor and x.ndim == 4 and x.dtype in _DTYPES
 
 
-def _eligible(x: object) -> bool:
-    return (
-        not _under_functorch()  # vmap/grad over the call (the Function has no functorch rules)
-        and type(x) is Tensor
-        and x.ndim == 4
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and x.shape[1] >= MIN_CHANNELS
-        and x.is_contiguous()
-    )
-
-
 def _under_functorch() -> bool:
     peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
     return peek is None or peek() is not None
 
 
-def _empty(value: object) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 0
-
-
 def uses_conv(model: nn.Module) -> bool:
     """Whether ``model`` has an ``nn.Conv2d`` (only then may the capture correct convolutions)."""
     return any(isinstance(module, nn.Conv2d) for module in model.modules())
-
-
-def uses_max_pool(model: nn.Module) -> bool:
-    """Whether ``model`` has an ``nn.MaxPool2d`` (only then does the capture pool channels-last)."""
-    return any(isinstance(module, nn.MaxPool2d) for module in model.modules())

@@ -40,14 +40,10 @@ parameter read outside its module's own call) is caught by the audit of :mod:`._
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from time import perf_counter
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +51,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError
-from lightning_afterkernel.kernels._layouts import (
-    CaptureMode,
-    inexact_convolutions,
-    nnpack_input_grads_available,
-    uses_conv,
-    uses_max_pool,
-)
+from lightning_afterkernel.kernels._cpu import conv2d_input_grads
+from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_convolutions, uses_conv
 from lightning_afterkernel.kernels._model import check_logits
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-NNPACK_INPUT_GRADS = True
-"""Whether the capture may take convolutions' input gradients from NNPACK on CPU (see
-:class:`~._layouts.CaptureMode`; only where they are as accurate as oneDNN's and faster)."""
 GEMM_CONVOLUTIONS = True
 """Whether the capture computes convolutions as im2col patches times the weight wherever PyTorch's own may
 not be direct ones (any device but a CPU with oneDNN; see :class:`~._layouts.CaptureMode`) and the device type is
@@ -82,25 +70,8 @@ CPUs without oneDNN keep im2col: NNPACK's tiles with the correction alone were 6
 ELEMENTWISE_COST = 4.0
 """Cost of one elementwise multiply-accumulate on an n x n tile, in units of one matmul multiply-add
 (elementwise work is memory-bound); used when choosing a layer's form."""
-
-
 GROUPED_CONV_DEVICES = ("cpu",)
 """Devices on which per-example convolution weight gradients come from one grouped convolution."""
-FORMAT_TRIALS = 2
-"""Timed chunks in each memory format before a convolution shape keeps the faster one (the first of each is
-not counted: it includes oneDNN's set-up for the shape)."""
-CHANNELS_LAST_MARGIN = 0.9
-"""channels_last is kept only when it took at most this share of the contiguous format's time."""
-MIN_TIMED_CHUNK = 8
-"""Smaller chunks (the engine's 2-example probe) are neither timed nor used to decide."""
-CONV_FORMAT_VARIABLE = "AFTERKERNEL_CONV_FORMAT"
-"""Environment variable pinning that format: ``contiguous`` or ``channels_last`` (default ``auto``: timed)."""
-_CONV_FORMATS = {"auto": None, "contiguous": False, "channels_last": True}
-_CHANNELS_LAST: dict[tuple, bool] = {}
-"""The memory format chosen for each convolution shape in this process (see :func:`_conv_weight_grads`)."""
-_FORMAT_TIMES: dict[tuple, dict[bool, list[float]]] = {}
-"""Seconds per example of each format's timed chunks, for the shapes not yet decided."""
-_FORMAT_LOCK = threading.Lock()
 
 
 class Unsupported(Exception):
@@ -307,22 +278,13 @@ def capture_logits(
         # the contiguous (NCHW) format whatever the caller's strides (see the module docstring).
         inp = x.detach() if eps else x.detach().requires_grad_(True)
         inp = inp.clone(memory_format=torch.contiguous_format)
-        pool_channels_last = x.device.type == "cpu" and uses_max_pool(model)
         conv = uses_conv(model)
         exact_zero_patches = conv and inexact_convolutions(x.device)
         gemm = exact_zero_patches and GEMM_CONVOLUTIONS and x.device.type not in LIBRARY_CONVOLUTION_DEVICES
-        nnpack = (
-            conv
-            and NNPACK_INPUT_GRADS
-            and not exact_zero_patches
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and torch.get_num_threads() == 1  # see CaptureMode: NNPACK's one thread pool is sized by its first caller
-            and nnpack_input_grads_available()
-        )
+        input_grads = conv2d_input_grads(x) if conv and not exact_zero_patches else None  # (CPU speed)
         # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)
-        work = pool_channels_last or exact_zero_patches or nnpack
-        mode = CaptureMode(pool_channels_last, exact_zero_patches, nnpack, gemm) if work else None
+        work = exact_zero_patches or input_grads is not None
+        mode = CaptureMode(exact_zero_patches, gemm, input_grads) if work else None
         with mode or nullcontext():
             out = functional_call(model, state, (inp,))
         k = check_logits(out, x)
@@ -380,89 +342,6 @@ def capture_any(
     return capture_logits(model, state, layers, x, logits, eps=True), True
 
 
-STATELESS_FORWARD = "afterkernel_stateless_forward"
-"""A class that sets this attribute to True in its own body (a subclass does not inherit the promise) declares
-that its forward keeps no state outside its own attributes between calls and reaches its submodules only through
-them, so that chunks may be captured concurrently on replicas of it (see :func:`concurrency_obstacle`)."""
-_HOOK_TABLES = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-)
-
-
-@contextmanager
-def recording_calls(model: nn.Module) -> Iterator[list[int]]:
-    """Within the block, the ``id`` of every module of ``model`` that is called is appended to the list yielded.
-    (Ids, and a hook that ``torch.compile`` does not trace: a compiled model's tracer fails on hooks that keep
-    module objects.)"""
-    called: list[int] = []
-
-    @torch.compiler.disable
-    def record(module: nn.Module, args: tuple) -> None:
-        called.append(id(module))
-
-    handles = [module.register_forward_pre_hook(record) for module in model.modules()]
-    try:
-        yield called
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def concurrency_obstacle(model: nn.Module, called: list[int]) -> str | None:
-    """Why chunks of ``model`` may not be captured concurrently without the user's word for it, or None.
-
-    A forward may keep state where a replica shares it with the original (a list of activations, a hook that
-    is a bound method of the model, a closure), and then two threads read each other's values: no check on
-    finished results can rule that out. So concurrency is automatic only when every module ``called`` in a
-    forward (see :func:`recording_calls`) is a class of ``torch.nn`` itself or declares :data:`STATELESS_FORWARD`,
-    and none has hooks of the user's; their forwards reach only their own submodules, so the modules called
-    do not depend on the data."""
-    modules = {id(module): (name, module) for name, module in model.named_modules(remove_duplicate=False)}
-    for key in dict.fromkeys(called):
-        name, module = modules[key]
-        cls, name = type(module), name or "<root>"
-        built_in = cls.__module__.startswith("torch.nn.") and not cls.__module__.startswith("torch.nn.parallel")
-        if not (built_in or cls.__dict__.get(STATELESS_FORWARD) is True):  # (DataParallel/DDP forwards keep state)
-            return f"module {name} ({cls.__name__}) has a forward of its own"
-        if any(getattr(module, table, None) for table in _HOOK_TABLES):
-            return f"module {name} ({cls.__name__}) has hooks"
-    return None
-
-
-def replicate(model: nn.Module, layers: list[Layer]) -> tuple[nn.Module, list[Layer]]:
-    """A replica of ``model`` for a concurrent capture, and ``layers`` mapped onto it.
-
-    Every module of the tree is a new object of the same class whose attribute dictionary is a copy of the
-    original's, and whose ``_parameters``, ``_buffers``, ``_modules`` and hook tables (every dict attribute) are
-    copies too: :func:`capture` can then register hooks on it and ``functional_call`` swap its tensors while
-    another thread does the same on the original. Parameters, buffers and every other attribute value are
-    shared, not copied (no tensor memory). A module reached twice (a shared submodule) is one replica. The
-    caller must check that the replica computes what the original does (see ``_Engine``): a forward that
-    reaches the original's modules some other way (e.g. through a plain list) would escape the replica."""
-    replicas: dict[int, nn.Module] = {}
-
-    def copy_module(module: nn.Module) -> nn.Module:
-        if id(module) in replicas:
-            return replicas[id(module)]
-        clone = object.__new__(type(module))
-        replicas[id(module)] = clone
-        state = {key: copy.copy(value) if isinstance(value, dict) else value for key, value in vars(module).items()}
-        state["_modules"] = {
-            name: None if child is None else copy_module(child) for name, child in module._modules.items()
-        }
-        clone.__dict__.update(state)
-        return clone
-
-    replica = copy_module(model)
-    modules = dict(replica.named_modules(remove_duplicate=False))
-    return replica, [replace(layer, module=modules[layer.name]) for layer in layers]
-
-
 # ------------------------------------------------------------------ per-layer forms
 def _patches(layer: Layer, a: Tensor) -> Tensor:
     """im2col of a Conv2d input: (b, C_in k_h k_w, T), padding (of any mode) applied first."""
@@ -477,9 +356,9 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
     """Per-example Conv2d weight gradients, (b, C_out C_in / groups k_h k_w) or (b, C_out, C_in / groups, k_h, k_w).
 
     On the devices in :data:`GROUPED_CONV_DEVICES` (oneDNN on CPU): the weight gradient of one convolution
-    whose groups are the examples (what ``vmap`` does for convolutions, without its copies), in the memory
-    format that is faster for the layer's shape (:func:`_grouped_weight_grads`). Elsewhere (cuDNN is slow with
-    thousands of groups): im2col patches and one batched matmul, G_i^T P_i."""
+    whose groups are the examples (what ``vmap`` does for convolutions, without its copies), in the contiguous
+    format. Elsewhere (cuDNN is slow with thousands of groups): im2col patches and one batched matmul,
+    G_i^T P_i."""
     conv = layer.module
     b = len(a)
     if a.device.type not in GROUPED_CONV_DEVICES:
@@ -492,58 +371,9 @@ def _conv_weight_grads(layer: Layer, a: Tensor, g: Tensor) -> Tensor:
         pad = conv._reversed_padding_repeated_twice
         a = F.pad(a, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
         padding = (0, 0)
-    key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups)
-    key += (tuple(a.shape[1:]), a.dtype, a.device.type)
-    channels_last = _pinned_format()
-    if channels_last is None:
-        channels_last = _CHANNELS_LAST.get(key)
-    if channels_last is not None or b < MIN_TIMED_CHUNK:
-        return _grouped_weight_grads(conv, a, g, padding, bool(channels_last))
-    with _FORMAT_LOCK:
-        times = _FORMAT_TIMES.setdefault(key, {False: [], True: []})
-        channels_last = len(times[True]) < len(times[False])  # alternate: contiguous, channels_last, ...
-    start = perf_counter()
-    result = _grouped_weight_grads(conv, a, g, padding, channels_last)
-    seconds = (perf_counter() - start) / b
-    with _FORMAT_LOCK:  # threads may time the same shape at once: decide once, when both formats have enough
-        times[channels_last].append(seconds)
-        if key not in _CHANNELS_LAST and all(len(trials) >= FORMAT_TRIALS for trials in times.values()):
-            best = {fmt: min(trials[1:]) for fmt, trials in times.items()}
-            _CHANNELS_LAST[key] = best[True] <= CHANNELS_LAST_MARGIN * best[False]
-            _FORMAT_TIMES.pop(key, None)
-    return result
-
-
-def _pinned_format() -> bool | None:
-    """The memory format pinned by :data:`CONV_FORMAT_VARIABLE` (True: channels_last), or None (timed)."""
-    value = os.environ.get(CONV_FORMAT_VARIABLE, "auto").strip().lower()
-    if value not in _CONV_FORMATS:
-        raise ConfigurationError(
-            f"{CONV_FORMAT_VARIABLE}={value!r} is not a memory format for the per-example convolution "
-            f"gradients; use one of {', '.join(_CONV_FORMATS)} (or unset it for 'auto')."
-        )
-    return _CONV_FORMATS[value]
-
-
-def _grouped_weight_grads(conv: nn.Conv2d, a: Tensor, g: Tensor, padding: tuple, channels_last: bool) -> Tensor:
-    """The per-example weight gradients as one grouped convolution's, with the examples as groups.
-
-    oneDNN's speed for such a convolution depends on the memory format in ways no simple rule captures (on the
-    2-core AMD EPYC used for ``docs/benchmarks.md``, channels_last was 0.5-0.7x the time for 37-38 channels at
-    28 x 28 or 32 x 32, but 1.2-2.9x for 14 x 14, 64 channels, or float64), so :func:`_conv_weight_grads`
-    times both on the first chunks of each shape and keeps the faster one for the rest of the process. The two
-    formats' gradients differ by rounding only (~1e-7 relative in float32), but a kernel is then bitwise
-    repeatable only within a process after the choice; pin the format with :data:`CONV_FORMAT_VARIABLE` for
-    bitwise-repeatable kernels across calls, processes and ranks."""
-    b = len(a)
-    inputs = a.reshape(1, b * a.shape[1], *a.shape[2:])
-    grads = g.reshape(1, b * conv.out_channels, *g.shape[2:])
-    if channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-        grads = grads.contiguous(memory_format=torch.channels_last)
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grads,
-        inputs,
+        g.reshape(1, b * conv.out_channels, *g.shape[2:]),
+        a.reshape(1, b * a.shape[1], *a.shape[2:]),
         a.new_empty(b * conv.out_channels, *conv.weight.shape[1:]),
         None,
         list(conv.stride),
@@ -554,7 +384,7 @@ def _grouped_weight_grads(conv: nn.Conv2d, a: Tensor, g: Tensor, padding: tuple,
         b * conv.groups,
         [False, True, False],
     )
-    return grad_weight.view(b, conv.out_channels, *conv.weight.shape[1:])  # channels_last stays a view
+    return grad_weight.view(b, conv.out_channels, *conv.weight.shape[1:])
 
 
 def _normalised(layer: Layer, a: Tensor) -> Tensor:

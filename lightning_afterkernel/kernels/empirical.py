@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vmap
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
+from lightning_afterkernel.kernels import _cpu
 from lightning_afterkernel.kernels import _structured as st
 from lightning_afterkernel.kernels._audit import audit_capture, probe_capture
 from lightning_afterkernel.kernels._gram import default_budget, gram, parse_memory_budget
@@ -36,6 +32,7 @@ from lightning_afterkernel.kernels._model import (
     scalar_logit,
     swap,
 )
+from lightning_afterkernel.kernels._settings import eager, tf32
 
 Implementation = Literal["auto", "structured", "materialised", "vmap"]
 OutputMode = Literal["trace", "full"] | int
@@ -47,42 +44,6 @@ CAPTURE_SHARE = 0.25
 RESIDENT_SHARE = 0.35
 """Share of the memory budget for each of the two sets of factors held at once (row panel, column group)."""
 MAX_CHUNK = 4096
-CPU_CHUNK_BYTES = 32 * 2**20
-"""On CPU a capture chunk's activations and output gradients are kept within about this many bytes (the
-last-level cache's size), so that each layer's forward, backward and per-example gradients find their
-operands in the cache: on the paper's VGG (~0.9 MB of activations per example, so 35-example chunks) the kernel
-at n = 1,000 took 2.27-2.29 s instead of 2.45 s with 227-example chunks (median of 6, interleaved; the
-convolutions 10% and the elementwise ReLU/pooling work 2.4x faster). The MLP's tiny activations leave its
-chunks as large as before."""
-MIN_CPU_CHUNK = 8
-"""Smallest capture chunk chosen for the cache (per-call overheads dominate below it)."""
-CAPTURE_WORKERS_VARIABLE = "AFTERKERNEL_CAPTURE_WORKERS"
-"""Environment variable: how many capture chunks run at once on CPU, each in its own thread on its own replica
-of the model with ``torch.get_num_threads() // workers`` intra-op threads. Unset: one per torch thread (up to
-:data:`MAX_AUTO_WORKERS`) for models built from ``torch.nn`` classes and classes that declare
-``afterkernel_stateless_forward`` (the paper's models), one otherwise; set, it is the user's word that the
-model's forward may run on replicas side by side (no state kept in lists, closures or hooks bound to the
-model). The small convolutions, poolings and copies of one chunk keep two threads busy poorly, so whole
-chunks side by side, one thread each, are faster (see ``docs/benchmarks.md``). Each chunk runs the serial
-path's operations; in float32 its rounding may differ slightly (one intra-op thread splits sums unlike two)."""
-MAX_AUTO_WORKERS = 8
-"""Most workers chosen without the variable (measured on 2 cores only; more threads each get several
-intra-op threads)."""
-_CONCURRENT_CAPTURE = threading.Lock()
-"""Held while chunks are captured or strips computed concurrently: the thread count the workers change is
-process-wide, so a second engine (another thread's call) works serially meanwhile instead of interleaving the
-changes."""
-CONCURRENT_GRAM_WIDTH = 8192
-"""On CPU, when the materialised factors are at least this wide (the paper's VGG: 91,542 columns; its MLP, whose
-layers are structured: 95), the strips of the Gram matrix are cut in half by rows and computed side by side by
-:data:`GRAM_WORKERS` threads with their share of torch's threads. On the 2-core AMD EPYC of
-``docs/benchmarks.md`` a 1,000 x 95,267 factor matrix's upper triangle took 0.64 s that way against 0.76 s in
-256-row strips on both threads (median of 7, interleaved): a matrix product on one thread runs closer to the
-core's peak than one split between two, and half-height strips halve the diagonal blocks' unneeded triangles.
-Narrow factors (the MLP's structured layers, many small products per strip) were slower on one thread each."""
-GRAM_WORKERS = 2
-"""Strips computed side by side at most (each with ``torch.get_num_threads() // 2`` intra-op threads): measured on
-2 cores only, and a strip's two halves keep two workers busy however few the strips."""
 OOM_RETRIES = 4
 """Out-of-memory retries, each with half the memory budget, strip height and batch size."""
 Progress = Callable[[int, int], None]
@@ -161,7 +122,7 @@ def empirical_ntk(
         paired: return the vector :math:`K(x_1[i], x_2[i])` (needs n1 == n2) instead of a matrix, at the cost
             of n1 + n2 per-example gradients (n1 when ``x2`` is None: the diagonal).
         batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget (and, on
-            CPU, from the cache: ``CPU_CHUNK_BYTES``).
+            CPU, from the cache: ``_cpu.CPU_CHUNK_BYTES``).
         memory_budget: working memory in bytes, or a string such as ``"1GiB"``; ``None``: half the free
             GPU memory, or a quarter of the available RAM on CPU.
         dtype: floating dtype of the computation, its accumulation and the result (float32 by default).
@@ -308,7 +269,7 @@ def _compute(
         budget = budget or default_budget(x1.device)
         general = implementation == "vmap"
         tile, failures = TILE, 0
-        with _tf32(x1.device, allow_tf32), _eager():
+        with tf32(x1.device, allow_tf32), eager():
             while True:
                 try:
                     sizes = _Sizes(batch_size, budget, tile, shard)
@@ -385,7 +346,7 @@ def _engine(
         return _Engine(model, trainable, fixed, select, None, sizes)
     try:
         layers = st.plan(model, set(trainable))
-        with st.recording_calls(model) as called:  # (the probe is in float64: the audit checks it)
+        with _cpu.recording_calls(model) as called:  # (the probe is in float64: the audit checks it)
             probe = probe_capture(model, trainable, fixed, layers, x1, select)
         force = "materialised" if implementation == "materialised" else None
         pairs, examples = workload
@@ -399,7 +360,7 @@ def _engine(
             raise _unsupported_error(implementation, why) from why
         _warn_fallback(why)
         return _Engine(model, trainable, fixed, select, None, sizes)
-    obstacle = st.concurrency_obstacle(model, called)
+    obstacle = _cpu.concurrency_obstacle(model, called)
     structured = (layers, probe.captured, x1[: len(probe.x)])  # (the probe's own examples)
     return _Engine(model, trainable, fixed, select, structured, sizes, eps=probe.eps, obstacle=obstacle)
 
@@ -437,7 +398,7 @@ class _Engine:
         self.budget, self.shard, self.tile = sizes.budget, sizes.shard, sizes.tile
         self.block = (select.count, select.count) if select.stacked else ()  # trailing dims of a kernel entry
         self.eps = eps  # capture with zeros added to the outputs (see ``_structured``), once the probe needed it
-        self.workers = 1  # threads capturing chunks at once (CPU, structured engine)
+        workers = 1  # capture workers side by side (CPU, structured engine)
         tensor = next(iter(trainable.values()))
         self.like = tensor  # results and factors take its dtype and device, never the inputs' (e.g. integer ids)
         itemsize, s = tensor.element_size(), select.count
@@ -455,9 +416,9 @@ class _Engine:
             self.probe_x = x1
             blank = st.new_factors(self.layers, probe[0], len(self.probe_x), tensor, s, select.stacked)
             self.sample = st.factors(self.layers, probe, blank)
-            self.replica_list = [(model, self.layers)]
             if x1.device.type == "cpu":
-                self.workers = capture_workers(obstacle)
+                workers = _cpu.capture_workers(obstacle)
+            self.replicas = _cpu.Replicas(model, self.layers, workers, self._probe_tensors)
             self.example_bytes = _factor_bytes(self.sample) // len(self.sample)
             live = [io for io in probe[0] if io is not None]
             activations = sum(a[:1].numel() + (1 + s) * g[:1].numel() for a, g in live)
@@ -467,16 +428,16 @@ class _Engine:
                 if io is not None and layer.kind == "conv2d"
             )
             work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
-        chunk = min(MAX_CHUNK, max(1, sizes.budget * CAPTURE_SHARE // (work * self.workers)))  # chunks side by side
+        chunk = min(MAX_CHUNK, max(1, sizes.budget * CAPTURE_SHARE // (work * workers)))  # chunks side by side
         if structured is not None and x1.device.type == "cpu":
-            chunk = min(chunk, max(MIN_CPU_CHUNK, CPU_CHUNK_BYTES // max(1, activations * itemsize)))
+            chunk = min(chunk, _cpu.cache_chunk(activations * itemsize))
         self.chunk = sizes.batch_size or int(chunk)
         self.resident = max(1, int(sizes.budget * RESIDENT_SHARE // max(1, self.example_bytes)))
 
     # ----------------------------------------------------------- factors
     def factors(self, x: Tensor) -> st.Factors:
-        """Factors of all rows of ``x``, captured in chunks of ``self.chunk`` examples (on CPU, by up to
-        ``self.workers`` threads at once: see :data:`CAPTURE_WORKERS_VARIABLE`)."""
+        """Factors of all rows of ``x``, captured in chunks of ``self.chunk`` examples (on CPU, by several workers
+        side by side: see :class:`~._cpu.Replicas`)."""
         out = st.empty_factors(self.sample, len(x))
         chunks = [slice(start, start + self.chunk) for start in range(0, len(x), self.chunk)]
         if self.layers is None:
@@ -489,15 +450,11 @@ class _Engine:
                     block = torch.cat([g.reshape(b, s, -1) for g in grads.values()], dim=2)
                     out.rows(rows).jac.copy_(block.reshape(out.rows(rows).jac.shape))
             return out
-        replicas = self._replicas(min(self.workers, len(chunks))) if _plain_thread_state(x) else self.replica_list[:1]
-        if len(replicas) > 1 and _CONCURRENT_CAPTURE.acquire(blocking=False):
-            try:
-                self._capture_concurrently(replicas, x, chunks, out)
-            finally:
-                _CONCURRENT_CAPTURE.release()
-            return out
-        for rows in chunks:  # one worker, or another thread's engine is capturing concurrently right now
-            self._capture(self.model, self.layers, x[rows], out.rows(rows))
+
+        def work(model: nn.Module, layers: list[st.Layer], rows: slice) -> None:
+            self._capture(model, layers, x[rows], out.rows(rows))
+
+        self.replicas.capture(x, chunks, work)
         return out
 
     def _capture(self, model: nn.Module, layers: list[st.Layer], x: Tensor, block: st.Factors) -> None:
@@ -506,65 +463,12 @@ class _Engine:
         self.eps = self.eps or eps  # once one chunk needed the zeros, later chunks start with them
         st.factors(layers, captured, block)
 
-    def _capture_concurrently(
-        self, replicas: list[tuple[nn.Module, list[st.Layer]]], x: Tensor, chunks: list[slice], out: st.Factors
-    ) -> None:
-        """Each chunk captured by whichever of ``len(replicas)`` threads is free, on its own replica of the
-        model, with ``torch.get_num_threads() // len(replicas)`` intra-op threads each (restored afterwards;
-        other threads' torch calls meanwhile get that count too). The chunks are the serial path's, computed
-        the same way; the first error is raised once every thread has stopped, and a failure stops the chunks
-        not yet started."""
-        free: queue.SimpleQueue = queue.SimpleQueue()
-        for replica in replicas:
-            free.put(replica)
-        failed = threading.Event()
-
-        def work(rows: slice) -> None:
-            if failed.is_set():
-                return
-            model, layers = free.get()
-            try:
-                torch.set_num_threads(per_worker)
-                with autograd_enabled():
-                    self._capture(model, layers, x[rows], out.rows(rows))
-            except BaseException:
-                failed.set()
-                raise
-            finally:
-                free.put((model, layers))
-
-        with _workers(len(replicas), "afterkernel-capture") as (pool, per_worker):
-            try:
-                for future in [pool.submit(work, rows) for rows in chunks]:
-                    future.result()
-            except BaseException:  # e.g. KeyboardInterrupt here: the chunks not yet started are skipped
-                failed.set()
-                raise
-
-    def _replicas(self, count: int) -> list[tuple[nn.Module, list[st.Layer]]]:
-        """The model and up to ``count - 1`` replicas (:func:`~._structured.replicate`), each checked to give
-        the model's factors bitwise; a replica that does not (its forward escapes it) ends concurrency."""
-        while len(self.replica_list) < count:
-            try:
-                replica, layers = st.replicate(self.model, self.layers)
-                agrees = self._replica_agrees(replica, layers)
-            except Exception:  # e.g. a forward that looks its module up in a registry: the serial path works
-                agrees = False
-            if not agrees:
-                self.workers = 1
-                break
-            self.replica_list.append((replica, layers))
-        return self.replica_list[: max(1, min(count, self.workers))]
-
-    def _replica_agrees(self, replica: nn.Module, layers: list[st.Layer]) -> bool:
-        """Whether the replica's factors of the probe's examples are bitwise the model's, computed now (the
-        per-example convolution gradients' memory format may have been chosen since the probe)."""
-        blocks = []
-        for model, its_layers in ((self.model, self.layers), (replica, layers)):
-            block = st.empty_factors(self.sample, len(self.sample))
-            self._capture(model, its_layers, self.probe_x, block)  # an error: see _replicas
-            blocks.append(_tensors(block))
-        return all(torch.equal(a, b) for a, b in zip(*blocks, strict=True))
+    def _probe_tensors(self, model: nn.Module, layers: list[st.Layer]) -> list[Tensor]:
+        """The factors of the probe's examples captured now on ``model`` (the original or a replica) in the
+        engine's dtype, for :class:`~._cpu.Replicas`' check."""
+        block = st.empty_factors(self.sample, len(self.sample))
+        self._capture(model, layers, self.probe_x, block)
+        return _tensors(block)
 
     # ----------------------------------------------------------- kernels
     def run(self, x1: Tensor, x2: Tensor | None, paired: bool, progress: Progress | None) -> Tensor:
@@ -764,48 +668,13 @@ class _Engine:
         upper: bool = False,
     ) -> Iterator[None]:
         """Compute and ``write`` K(rows, cols) for each job (the factors of two resident blocks starting at
-        ``offset1`` and ``offset2``), yielding once per job done, in order. Each ``write`` touches its own
-        entries of the result. Wide factors on CPU: each job cut in two by rows and the halves computed side
-        by side (:data:`CONCURRENT_GRAM_WIDTH`); with ``upper`` (strips of the upper triangle), a strip that
-        starts on the diagonal has halves that start on it too."""
-        workers = min(GRAM_WORKERS, torch.get_num_threads())
-        wide = f1.jac is not None and f1.jac.device.type == "cpu" and f1.jac.shape[1] >= CONCURRENT_GRAM_WIDTH
-        # (structured layers with T > 1 positions take up to TILE_TEMP_BYTES of temporaries per strip: one at a time)
-        small_temporaries = all(left.shape[1] == 1 for left, _ in f1.pairs)
-        concurrent = wide and small_temporaries and workers > 1 and _plain_thread_state(f1.jac)
-        if not concurrent or not _CONCURRENT_CAPTURE.acquire(False):
-            for rows, cols in jobs:
-                write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
-                yield
-            return
-        try:
-            with _workers(workers, "afterkernel-gram") as (pool, per_worker):
+        ``offset1`` and ``offset2``), yielding once per job done, in order (on CPU, wide factors' strips in parts
+        side by side: see :func:`~._cpu.strips`; ``upper``: strips of the upper triangle)."""
 
-                def work(rows: slice, cols: slice) -> None:
-                    torch.set_num_threads(per_worker)
-                    write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
+        def run(rows: slice, cols: slice) -> None:
+            write(rows, cols, self._tile(f1, f2, rows, cols, offset1, offset2))
 
-                parts = []
-                for rows, cols in jobs:
-                    halves = _chunks(rows.stop - rows.start, max(1, (rows.stop - rows.start + 1) // 2))
-                    parts.append([])
-                    for half in halves:
-                        sub = slice(rows.start + half.start, rows.start + half.stop)
-                        starts_on_diagonal = upper and cols.start == rows.start and half.start > 0
-                        sub_cols = slice(sub.start, cols.stop) if starts_on_diagonal else cols
-                        parts[-1].append(pool.submit(work, sub, sub_cols))
-                try:
-                    for futures in parts:
-                        for future in futures:
-                            future.result()
-                        yield
-                except BaseException:
-                    for futures in parts:
-                        for future in futures:
-                            future.cancel()
-                    raise
-        finally:
-            _CONCURRENT_CAPTURE.release()
+        return _cpu.strips(jobs, run, f1, upper)
 
     @staticmethod
     def _tile(f1: st.Factors, f2: st.Factors, rows: slice, cols: slice, offset1: int, offset2: int) -> Tensor:
@@ -818,19 +687,6 @@ class _Engine:
             return tile
         s = block1.logits  # rows (i, a) by columns (j, b) -> (i, j, a, b)
         return tile.view(len(block1), s, len(block2), s).permute(0, 2, 1, 3)
-
-
-@contextmanager
-def _workers(count: int, name: str) -> Iterator[tuple[ThreadPoolExecutor, int]]:
-    """A pool of ``count`` threads and the intra-op thread count each should set, its share of torch's. On exit
-    (once every thread has stopped) the caller's count is set again: ``torch.set_num_threads`` sets the calling
-    thread's count and the default of threads started later, and the workers' must not become that default."""
-    threads = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(count, thread_name_prefix=name) as pool:
-            yield pool, max(1, threads // count)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _per_example_gradients(model: nn.Module, fixed: State, select: Outputs) -> Callable:
@@ -857,43 +713,12 @@ def _length(x: object) -> int:
     return len(x) if isinstance(x, Tensor) and x.ndim else 0
 
 
-def _plain_thread_state(x: Tensor) -> bool:
-    """No autocast, torch-function or dispatch mode, or saved-tensor hooks in this thread: worker threads start
-    without them, so a capture under any of them stays in this thread (and computes what the caller asked)."""
-    try:
-        return not (
-            torch.is_autocast_enabled(x.device.type)
-            or torch._C._is_torch_function_mode_enabled()
-            or _current_dispatch_mode() is not None
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        )
-    except (AttributeError, TypeError, RuntimeError):  # another torch: no concurrency rather than a guess
-        return False
-
-
 def _tensors(factors: st.Factors) -> list[Tensor]:
     return ([] if factors.jac is None else [factors.jac]) + [t for pair in factors.pairs for t in pair]
 
 
 def _factor_bytes(factors: st.Factors) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(factors))
-
-
-def capture_workers(obstacle: str | None) -> int:
-    """Threads capturing chunks at once on CPU: :data:`CAPTURE_WORKERS_VARIABLE` if set (the user's word that
-    the model's forward is safe to run on replicas side by side), else one per torch thread up to
-    :data:`MAX_AUTO_WORKERS` when there is no ``obstacle`` (see :func:`~._structured.concurrency_obstacle`),
-    else 1."""
-    value = os.environ.get(CAPTURE_WORKERS_VARIABLE, "").strip()
-    if not value:
-        threads = min(MAX_AUTO_WORKERS, torch.get_num_threads())
-        return 1 if threads < 2 or obstacle is not None else threads
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise ConfigurationError(
-        f"{CAPTURE_WORKERS_VARIABLE}={value!r} must be a positive number of threads (1: capture chunk after "
-        "chunk, each with all of torch's threads), or unset (one per torch thread)."
-    )
 
 
 def _shard_blocks(n: int, shard: tuple[int, int]) -> list[slice]:
@@ -939,94 +764,3 @@ def _progress(progress: bool | Progress) -> Progress | None:
             bar.close()
 
     return update
-
-
-class _ProcessSetting:
-    """A process-wide setting that overlapping engine calls (from several threads, or nested) hold together: the
-    first to enter saves the current value and sets the engine's, the last to leave restores it. A save and
-    restore per call would restore it under another thread's running call, and leave that call's value behind
-    for good. A call that needs another value than the one held waits until the holders are done (in another
-    thread), or (in a thread that holds it already) raises."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._changed = threading.Condition()
-        self._holders: list[int] = []  # thread ids, one per call holding it
-        self._value: object = None
-        self._restore: Callable[[], None] | None = None
-
-    @contextmanager
-    def held(self, value: object, apply: Callable[[object], Callable[[], None]]) -> Iterator[None]:
-        """Hold the setting at ``value``; ``apply(value)`` sets it and returns what restores the previous one."""
-        me = threading.get_ident()
-        with self._changed:
-            while self._holders and self._value != value:
-                if me in self._holders:
-                    raise ConfigurationError(
-                        f"a kernel computed inside another (e.g. from its progress callback) asks for {self.name}="
-                        f"{value!r} while the outer one holds {self._value!r}; use the same setting for both."
-                    )
-                self._changed.wait()
-            if not self._holders:
-                self._restore, self._value = apply(value), value
-            self._holders.append(me)
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._holders.remove(me)
-                if not self._holders:
-                    restore, self._restore, self._value = self._restore, None, None
-                    self._changed.notify_all()
-                    restore()
-
-
-_STANCE = _ProcessSetting("dynamo's stance")
-_TF32 = _ProcessSetting("allow_tf32")
-
-
-def _force_eager(stance: object) -> Callable[[], None]:
-    setter = torch.compiler.set_stance(stance)  # (set now; its __exit__ sets the previous stance again)
-    return lambda: setter.__exit__(None, None, None)
-
-
-@contextmanager
-def _eager() -> Iterator[None]:
-    """``torch.compile``d modules and functions run eagerly inside (dynamo's "force_eager" stance, process-wide:
-    compiled code in other threads runs eagerly meanwhile; the previous stance is set again when the last
-    overlapping call ends). The capture's hooks record layer outputs and take gradients with respect to them; in
-    a graph compiled with AOT autograd (``backend="aot_eager"`` or the default inductor) those outputs are
-    siblings of the logit, not on its path, so their gradients came out None and the kernel wrong (0.23 relative
-    error on a small MLP). The kernel needs no compilation: each chunk is one forward and backward."""
-    with _STANCE.held("force_eager", _force_eager):
-        yield
-
-
-@contextmanager
-def _tf32(device: torch.device, allow: bool) -> Iterator[None]:
-    """On CUDA, TF32 in matmuls and cuDNN convolutions exactly when ``allow`` (process-wide while any kernel is
-    computed; see :class:`_ProcessSetting`). cuDNN convolutions default to TF32, which would cost the kernel
-    about three decimal digits."""
-    if device.type != "cuda":
-        yield
-        return
-    with _TF32.held(bool(allow), _set_tf32):
-        yield
-
-
-def _set_tf32(allow: object) -> Callable[[], None]:
-    settings = [
-        (torch.backends.cuda.matmul, "fp32_precision", "tf32" if allow else "ieee"),
-        (torch.backends.cudnn.conv, "fp32_precision", "tf32" if allow else "ieee"),
-    ]
-    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch < 2.9: the older switches
-        settings = [(torch.backends.cuda.matmul, "allow_tf32", allow), (torch.backends.cudnn, "allow_tf32", allow)]
-    saved = [getattr(owner, name) for owner, name, _ in settings]
-    for owner, name, value in settings:
-        setattr(owner, name, value)
-
-    def restore() -> None:
-        for (owner, name, _), value in zip(settings, saved, strict=True):
-            setattr(owner, name, value)
-
-    return restore

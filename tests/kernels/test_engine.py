@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import warnings
@@ -15,7 +14,9 @@ from torch import nn
 from lightning_afterkernel.errors import ConfigurationError, KernelError, ModelError
 from lightning_afterkernel.kernels import (
     _audit,
+    _cpu,
     _gram,
+    _settings,
     _structured,
     empirical,
     empirical_ntk,
@@ -160,172 +161,14 @@ def test_conv_weight_gradients_by_im2col_equal_the_grouped_convolution(monkeypat
     assert relative_error(im2col, reference_ntk(model, x)) < 1e-10
 
 
-class _Always(dict):
-    """A format table that answers ``value`` for every convolution shape."""
-
-    def __init__(self, value: bool) -> None:
-        super().__init__()
-        self.value = value
-
-    def get(self, key, default=None):
-        return self.value
-
-
-@pytest.mark.parametrize("name", ["conv_strided_padded", "conv_grouped_dilated", "conv_same_reflect_circular"])
-def test_conv_weight_gradients_in_channels_last_equal_the_contiguous_format(monkeypatch, name):
-    make, shape = MODELS[name]
-    model = make()
-    x = torch.randn(6, *shape)
-    kernels = {}
-    for channels_last in (False, True):
-        monkeypatch.setattr(_structured, "_CHANNELS_LAST", _Always(channels_last))
-        kernels[channels_last] = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
-    assert relative_error(kernels[True], kernels[False]) < 1e-12
-    assert relative_error(kernels[True], reference_ntk(model, x)) < 1e-10
-
-
-def _timed_formats(monkeypatch, seconds: dict[bool, float | list[float]]) -> list[bool]:
-    """Fresh format tables, a fake clock advancing ``seconds[channels_last]`` per example and call (a list: one
-    value per call, the last one repeated), and the list of formats that
-    :func:`_structured._grouped_weight_grads` is called with."""
-    monkeypatch.delenv(_structured.CONV_FORMAT_VARIABLE, raising=False)
-    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "1")  # chunks in order, on one fake clock
-    monkeypatch.setattr(_structured, "_CHANNELS_LAST", {})
-    monkeypatch.setattr(_structured, "_FORMAT_TIMES", {})
-    clock, used = [0.0], []
-    schedule = {fmt: list(value) if isinstance(value, list) else [value] for fmt, value in seconds.items()}
-    original = _structured._grouped_weight_grads
-
-    def grouped(conv, a, g, padding, channels_last):
-        used.append(channels_last)
-        if len(a) >= _structured.MIN_TIMED_CHUNK:
-            times = schedule[channels_last]
-            clock[0] += (times.pop(0) if len(times) > 1 else times[0]) * len(a)
-        return original(conv, a, g, padding, channels_last)
-
-    monkeypatch.setattr(_structured, "_grouped_weight_grads", grouped)
-    monkeypatch.setattr(_structured, "perf_counter", lambda: clock[0])
-    return used
-
-
-@pytest.mark.parametrize(
-    ("seconds", "chosen"),
-    [({False: 2.0, True: 1.0}, True), ({False: 1.0, True: 2.0}, False), ({False: 1.0, True: 0.95}, False)],
-    ids=["channels_last_faster", "contiguous_faster", "within_the_margin"],
-)
-def test_each_convolution_shape_keeps_the_memory_format_timed_faster(monkeypatch, seconds, chosen):
-    used = _timed_formats(monkeypatch, seconds)
-    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 25, 1))
-    x = torch.randn(48, 2, 5, 5)
-    kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
-    trials = 2 * _structured.FORMAT_TRIALS
-    # the 2-example probe and the audit are not timed; then the formats alternate until each is timed
-    # FORMAT_TRIALS times
-    assert used[2 : 2 + trials] == [False, True] * _structured.FORMAT_TRIALS
-    assert used[2 + trials :] == [chosen] * (6 - trials)
-    assert list(_structured._CHANNELS_LAST.values()) == [chosen] and not _structured._FORMAT_TIMES
-    assert relative_error(kernel, reference_ntk(model, x)) < 1e-10  # rows from both formats
-    used.clear()
-    empirical_ntk(model, x[:16], implementation="materialised", batch_size=8, dtype=torch.float64)
-    assert used == [chosen] * 4  # the choice holds for later calls in the process
-
-
-@pytest.mark.parametrize(
-    ("seconds", "chosen"),
-    [
-        ({False: [1.0, 3.0, 4.0], True: [100.0, 2.0, 5.0]}, True),  # first calls (set-up) ignored, then the minimum
-        ({False: [100.0, 2.0, 5.0], True: [1.0, 3.0, 4.0]}, False),
-    ],
-    ids=["channels_last_faster_after_setup", "contiguous_faster_after_setup"],
-)
-def test_the_choice_ignores_each_formats_first_timing_and_takes_the_minimum(monkeypatch, seconds, chosen):
-    monkeypatch.setattr(_structured, "FORMAT_TRIALS", 3)
-    used = _timed_formats(monkeypatch, seconds)
-    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
-    empirical_ntk(model, torch.randn(64, 2, 5, 5), implementation="materialised", batch_size=8)
-    assert used[2:8] == [False, True] * 3 and used[8:] == [chosen] * 2
-    assert list(_structured._CHANNELS_LAST.values()) == [chosen]
-
-
-def test_threads_timing_the_same_shape_at_once_decide_once(monkeypatch):
-    """Two threads may both pick channels_last before either records its time: the lists become uneven, and
-    the choice waits until each format has its trials (this raised 'min() arg is an empty sequence')."""
-    _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
-    barrier, waits, lock = threading.Barrier(2, timeout=30), [], threading.Lock()
-    timed = _structured._grouped_weight_grads
-
-    def grouped(conv, a, g, padding, channels_last):
-        if channels_last and len(a) >= _structured.MIN_TIMED_CHUNK:
-            with lock:
-                waits.append(1)
-                first_two = len(waits) <= 2
-            if first_two:
-                barrier.wait()  # both threads inside their first channels_last chunk at once
-        return timed(conv, a, g, padding, channels_last)
-
-    monkeypatch.setattr(_structured, "_grouped_weight_grads", grouped)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 1))
-    x = torch.randn(48, 3, 16, 16)
-    started, results, errors = threading.Event(), [], []
-
-    def work(first: bool) -> None:
-        try:
-            if not first:
-                started.wait(30)
-            results.append(empirical_ntk(copy.deepcopy(model), x, implementation="materialised", batch_size=8))
-        except Exception as err:  # reported below
-            errors.append(err)
-
-    original_times = _structured._FORMAT_TIMES
-
-    class Signal(dict):  # tells the second thread to start once the first has timed a contiguous chunk
-        def setdefault(self, key, default):
-            value = dict.setdefault(self, key, default)
-            if value[False]:
-                started.set()
-            return value
-
-    monkeypatch.setattr(_structured, "_FORMAT_TIMES", Signal(original_times))
-    threads = [threading.Thread(target=work, args=(first,)) for first in (True, False)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
-    assert len(results) == 2 and len(_structured._CHANNELS_LAST) == 1
-    assert relative_error(results[0], reference_ntk(model, x)) < 1e-5
-
-
-@pytest.mark.parametrize(("value", "channels_last"), [("contiguous", False), ("channels_last", True)])
-def test_the_environment_pins_the_memory_format(monkeypatch, value, channels_last):
-    used = _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
-    monkeypatch.setenv(_structured.CONV_FORMAT_VARIABLE, value)
-    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
-    x = torch.randn(40, 2, 5, 5)
-    kernel = empirical_ntk(model, x, implementation="materialised", batch_size=8, dtype=torch.float64)
-    assert used == [channels_last] * 7 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
-    assert relative_error(kernel, reference_ntk(model, x)) < 1e-10
-    monkeypatch.setenv(_structured.CONV_FORMAT_VARIABLE, "nhwc")
-    with pytest.raises(ConfigurationError, match="AFTERKERNEL_CONV_FORMAT='nhwc'.*contiguous, channels_last"):
-        empirical_ntk(model, x, implementation="materialised")
-
-
-def test_chunks_below_the_timing_minimum_are_not_timed(monkeypatch):
-    used = _timed_formats(monkeypatch, {False: 2.0, True: 1.0})
-    model = seeded(0, nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 1))
-    empirical_ntk(model, torch.randn(20, 2, 5, 5), implementation="materialised", batch_size=4)
-    assert used == [False] * 7 and not _structured._CHANNELS_LAST and not _structured._FORMAT_TIMES
-
-
 @pytest.mark.parametrize("allow", [False, True])
 def test_tf32_is_off_on_cuda_unless_asked_and_restored(allow):
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     before = (matmul.fp32_precision, conv.fp32_precision)
-    with empirical._tf32(torch.device("cuda"), allow):
+    with _settings.tf32(torch.device("cuda"), allow):
         assert matmul.fp32_precision == conv.fp32_precision == ("tf32" if allow else "ieee")
     assert (matmul.fp32_precision, conv.fp32_precision) == before
-    with empirical._tf32(torch.device("cpu"), allow):
+    with _settings.tf32(torch.device("cpu"), allow):
         assert (matmul.fp32_precision, conv.fp32_precision) == before
 
 
@@ -349,7 +192,6 @@ def test_tiles_and_panels_smaller_than_the_data_give_the_same_kernel(monkeypatch
     whole_cross = empirical_ntk(model, x1, x2, implementation=implementation, dtype=torch.float64)
     monkeypatch.setattr(empirical, "TILE", 4)
     monkeypatch.setattr(_gram, "TILE_TEMP_BYTES", 1)
-    monkeypatch.setattr(_gram, "COLUMN_BLOCK", 3)  # T = 1 layers in column blocks, the last one partial
     calls = []
     options = dict(implementation=implementation, dtype=torch.float64, batch_size=3, memory_budget=2_000)
     tiled = empirical_ntk(model, x1, progress=lambda done, total: calls.append((done, total)), **options)
@@ -626,7 +468,6 @@ def test_inputs_in_any_memory_format_give_the_contiguous_inputs_kernel(monkeypat
     kernel whatever the caller's strides."""
     from lightning_afterkernel.models import VGGClassifier
 
-    monkeypatch.setenv("AFTERKERNEL_CONV_FORMAT", "contiguous")  # bitwise-repeatable per-example gradients
     torch.manual_seed(0)
     model = VGGClassifier(input_shape=shape)
     x = torch.rand(40, *shape, generator=torch.Generator().manual_seed(1))
@@ -650,7 +491,7 @@ def test_paper_vgg_float32_on_real_mnist_is_as_accurate_as_the_tutorial(real_mni
     model = VGGClassifier(input_shape=(1, 28, 28)).eval()
     expected = reference_ntk(model, x_test, x_train)
     model, x_train, x_test = model.to(device), x_train.to(device), x_test.to(device)
-    with empirical._tf32(torch.device(device), allow=False):
+    with _settings.tf32(torch.device(device), allow=False):
         tutorial = relative_error(reference_ntk(model, x_test, x_train, dtype=torch.float32), expected)
     error = relative_error(empirical_ntk(model, x_test, x_train), expected)
     assert error < max(2e-7, 3 * tutorial)
@@ -789,7 +630,7 @@ def _concurrent(monkeypatch, workers: int = 2) -> list[str]:
     """Capture with ``workers`` threads; the first capture in each worker thread waits (up to 10 s) until two
     threads are capturing at once, so a test fails unless chunks really run side by side. Returns the names
     of the threads that captured each chunk."""
-    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, str(workers))
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, str(workers))
     barrier, seen, names = threading.Barrier(2, timeout=10), set(), []
     original = empirical._Engine._capture
 
@@ -890,7 +731,7 @@ class _FailsOnMarker(nn.Module):
 
 
 def test_an_error_in_a_worker_is_raised_and_the_thread_count_restored(monkeypatch):
-    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "2")
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "2")
     threads = torch.get_num_threads()
     x = torch.randn(20, 3)
     x[13, 0] = 99
@@ -900,11 +741,11 @@ def test_an_error_in_a_worker_is_raised_and_the_thread_count_restored(monkeypatc
 
 
 def test_a_second_engine_captures_serially_while_one_captures_concurrently(monkeypatch):
-    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, "2")
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "2")
     names = _capture_threads(monkeypatch)
     make, shape = MODELS["batchnorm"]
     model, x = make(), torch.randn(10, *shape)
-    with empirical._CONCURRENT_CAPTURE:  # as if another thread's engine were capturing concurrently
+    with _cpu._CONCURRENT:  # as if another thread's engine were capturing concurrently
         kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
     assert names and not any(n.startswith("afterkernel-capture") for n in names)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
@@ -912,9 +753,50 @@ def test_a_second_engine_captures_serially_while_one_captures_concurrently(monke
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
 def test_a_bad_worker_count_is_refused(monkeypatch, value):
-    monkeypatch.setenv(empirical.CAPTURE_WORKERS_VARIABLE, value)
-    with pytest.raises(ConfigurationError, match=f"AFTERKERNEL_CAPTURE_WORKERS='{value}' must be a positive"):
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, value)
+    with pytest.raises(ConfigurationError, match=f"AFTERKERNEL_CPU_WORKERS='{value}' must be a positive"):
         empirical_ntk(MODELS["mlp"][0](), torch.randn(4, 3, 4))
+
+
+def test_the_former_variable_still_counts_the_workers_with_a_deprecation_warning(monkeypatch):
+    monkeypatch.delenv(_cpu.WORKERS_VARIABLE, raising=False)
+    monkeypatch.setenv(_cpu.DEPRECATED_VARIABLE, "2")
+    names = _capture_threads(monkeypatch)
+    model = _Stashes().double()  # a forward of its own: serial unless the user asks for workers
+    x = torch.randn(12, 6, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="AFTERKERNEL_CAPTURE_WORKERS is deprecated; set AFTERKERNEL_CPU_W"):
+        kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert any(n.startswith("afterkernel-capture") for n in names)
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+    names.clear()
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")  # the new name wins, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert names and not any(n.startswith("afterkernel-capture") for n in names)
+    monkeypatch.delenv(_cpu.WORKERS_VARIABLE)
+    monkeypatch.setenv(_cpu.DEPRECATED_VARIABLE, "two")
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigurationError, match="AFTERKERNEL_CAPTURE_WORKERS='two'"):
+        empirical_ntk(model, x)
+
+
+@pytest.mark.parametrize(("cache", "chunk"), [(1, _cpu.MIN_CPU_CHUNK), (10**15, 40)])
+def test_cpu_capture_chunks_keep_their_activations_within_the_cache(monkeypatch, cache, chunk):
+    monkeypatch.setattr(_cpu, "CPU_CHUNK_BYTES", cache)
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")
+    sizes = []
+    original = empirical._Engine._capture
+
+    def spy(self, model, layers, x, block):
+        sizes.append(len(x))
+        return original(self, model, layers, x, block)
+
+    monkeypatch.setattr(empirical._Engine, "_capture", spy)
+    make, shape = MODELS["conv_strided_padded"]
+    model, x = make(), torch.randn(40, *shape)
+    kernel = empirical_ntk(model, x, dtype=torch.float64)
+    assert max(sizes) == chunk and sum(sizes) == 40
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
 
 
 def test_a_replica_shares_the_tensors_and_owns_its_modules_and_hooks():
@@ -922,7 +804,7 @@ def test_a_replica_shares_the_tensors_and_owns_its_modules_and_hooks():
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 1))
     model.register_buffer("scale", torch.ones(1))
     layers = [_structured.Layer("3", model[3], "3.weight", "3.bias")]
-    replica, mapped = _structured.replicate(model, layers)
+    replica, mapped = _cpu.replicate(model, layers)
     assert type(replica) is nn.Sequential and replica is not model and replica[0] is replica[2]
     assert replica[0] is not shared and mapped[0].module is replica[3] and layers[0].module is model[3]
     assert replica[0].weight is shared.weight and replica.scale is model.scale
@@ -1018,7 +900,7 @@ class _HookStash(nn.Module):
     ids=["sequential", "paper_vgg", "own_forward", "subclass"],
 )
 def test_without_the_variable_only_known_stateless_models_are_captured_concurrently(monkeypatch, make, concurrent):
-    monkeypatch.delenv(empirical.CAPTURE_WORKERS_VARIABLE, raising=False)
+    monkeypatch.delenv(_cpu.WORKERS_VARIABLE, raising=False)
     names = _capture_threads(monkeypatch)
     model = make().double()
     shape = (2, 7, 8) if isinstance(model, nn.Sequential) else (6,) if isinstance(model, _HookStash) else (1, 8, 8)
@@ -1038,9 +920,9 @@ def _PaperVGG(subclass: bool = False) -> nn.Module:  # noqa: N802 (a factory nam
 
 def test_the_obstacle_names_the_module_and_its_hooks():
     def obstacle(model: nn.Module, x: torch.Tensor) -> str | None:
-        with _structured.recording_calls(model) as called:
+        with _cpu.recording_calls(model) as called:
             model(x)
-        return _structured.concurrency_obstacle(model, called)
+        return _cpu.concurrency_obstacle(model, called)
 
     model = seeded(0, nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
     model[2].spare = _HookStash()  # a submodule Linear.forward never calls: no obstacle
@@ -1095,7 +977,7 @@ def test_a_replica_that_fails_leaves_the_capture_serial(monkeypatch):
 def test_a_compiled_model_is_captured_serially_and_exactly(monkeypatch):
     """The probe's call recording must not trip ``torch.compile``'s tracer (it did, on hooks that kept module
     objects); the compiled wrapper is not a ``torch.nn`` class, so its chunks are captured one after another."""
-    monkeypatch.delenv(empirical.CAPTURE_WORKERS_VARIABLE, raising=False)
+    monkeypatch.delenv(_cpu.WORKERS_VARIABLE, raising=False)
     model = _PaperVGG().double()
     x = torch.randn(12, 1, 8, 8, dtype=torch.float64)
     with warnings.catch_warnings():
@@ -1133,7 +1015,7 @@ def test_overlapping_calls_hold_the_compile_stance_until_the_last_one_ends():
     entered, first_done, seen = threading.Barrier(2, timeout=10), threading.Event(), {}
 
     def call(name: str) -> None:
-        with empirical._eager():
+        with _settings.eager():
             entered.wait()
             if name == "second":
                 first_done.wait(10)
@@ -1153,7 +1035,7 @@ def test_overlapping_calls_hold_the_compile_stance_until_the_last_one_ends():
 
 
 def test_a_call_needing_another_setting_waits_for_the_holders_or_raises_when_nested():
-    setting, log = empirical._ProcessSetting("demo"), []
+    setting, log = _settings.ProcessSetting("demo"), []
 
     def apply(value):
         log.append(("set", value))
@@ -1185,7 +1067,7 @@ def test_a_call_needing_another_setting_waits_for_the_holders_or_raises_when_nes
 def _gram_threads(monkeypatch, wait: bool = True) -> list[str]:
     """Every factor matrix counts as wide; records the thread computing each strip, and (``wait``) makes the
     first strip of each of two workers wait (up to 10 s) until both run, so a test fails unless they do."""
-    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 1)
+    monkeypatch.setattr(_cpu, "CONCURRENT_GRAM_WIDTH", 1)
     barrier, seen, names = threading.Barrier(2, timeout=10), set(), []
     original = empirical._Engine._tile
 
@@ -1228,16 +1110,16 @@ def test_wide_factors_strips_side_by_side_give_the_exact_kernel(monkeypatch, two
 
 def test_narrow_factors_and_one_thread_keep_strips_serial(monkeypatch, two_threads):
     names = _gram_threads(monkeypatch, wait=False)
-    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 10**9)  # the MLP's structured layers: narrow
+    monkeypatch.setattr(_cpu, "CONCURRENT_GRAM_WIDTH", 10**9)  # the MLP's structured layers: narrow
     make, shape = MODELS["conv_strided_padded"]
     model, x = make(), torch.randn(12, *shape)
     force_forms(monkeypatch, "materialised")
     empirical_ntk(model, x, dtype=torch.float64)
-    monkeypatch.setattr(empirical, "CONCURRENT_GRAM_WIDTH", 1)
+    monkeypatch.setattr(_cpu, "CONCURRENT_GRAM_WIDTH", 1)
     torch.set_num_threads(1)
     empirical_ntk(model, x, dtype=torch.float64)
     torch.set_num_threads(2)
-    with empirical._CONCURRENT_CAPTURE:  # as if another thread's engine were working concurrently
+    with _cpu._CONCURRENT:  # as if another thread's engine were working concurrently
         kernel = empirical_ntk(model, x, dtype=torch.float64)
     assert names and not any(n.startswith("afterkernel-gram") for n in names)
     assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
@@ -1272,7 +1154,7 @@ def test_an_error_in_a_strip_is_raised_the_rest_cancelled_and_threads_and_lock_r
     assert names and all(name.startswith("afterkernel-gram") for name in names)
     assert len(names) < 8  # 4 strips cut in half: those not yet started when the first failed never ran
     assert torch.get_num_threads() == 2 and _new_threads_count() == 2
-    assert not empirical._CONCURRENT_CAPTURE.locked()
+    assert not _cpu._CONCURRENT.locked()
 
 
 def test_progress_that_raises_releases_the_strips_workers_and_lock(monkeypatch, two_threads):
@@ -1287,7 +1169,56 @@ def test_progress_that_raises_releases_the_strips_workers_and_lock(monkeypatch, 
 
     with pytest.raises(KeyboardInterrupt):
         empirical_ntk(make(), torch.randn(16, *shape), dtype=torch.float64, progress=stop)
-    assert not empirical._CONCURRENT_CAPTURE.locked() and _new_threads_count() == 2
+    assert not _cpu._CONCURRENT.locked() and _new_threads_count() == 2
+
+
+def test_strips_are_cut_into_a_part_per_worker_asked(monkeypatch, two_threads):
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "3")
+    names = _gram_threads(monkeypatch, wait=False)
+    force_forms(monkeypatch, "materialised")
+    monkeypatch.setattr(empirical, "TILE", 6)
+    make, shape = MODELS["conv_same_reflect_circular"]
+    model, x = make(), torch.randn(23, *shape)
+    kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=4)
+    assert sum(n.startswith("afterkernel-gram") for n in names) == 3 * 4  # 4 strips of 5-6 rows, in thirds
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12 and torch.equal(kernel, kernel.T)
+    parts = _cpu._row_parts(slice(10, 17), slice(10, 40), 3, upper=True)  # a strip from the diagonal on
+    assert parts == [(slice(10, 12), slice(10, 40)), (slice(12, 14), slice(12, 40)), (slice(14, 17), slice(14, 40))]
+    parts = _cpu._row_parts(slice(10, 12), slice(30, 40), 3, upper=True)  # off the diagonal; fewer rows than parts
+    assert parts == [(slice(10, 11), slice(30, 40)), (slice(11, 12), slice(30, 40))]
+
+
+def test_one_worker_keeps_the_capture_and_the_strips_in_the_calling_thread(monkeypatch, two_threads):
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")
+    strips = _gram_threads(monkeypatch, wait=False)  # every factor matrix counts as wide
+    captures = _capture_threads(monkeypatch)
+    force_forms(monkeypatch, "materialised")
+    make, shape = MODELS["conv_strided_padded"]
+    model, x = make(), torch.randn(12, *shape)
+    kernel = empirical_ntk(model, x, dtype=torch.float64, batch_size=2)
+    assert strips and captures and set(strips) == set(captures) == {threading.current_thread().name}
+    assert relative_error(kernel, reference_ntk(model, x)) < 1e-12
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_paper_vgg_kernel_is_bitwise_repeatable(threads):
+    """Every operation of the engine is deterministic for a thread count: repeated calls give the same bits,
+    side by side on workers (two threads) or not."""
+    from lightning_afterkernel.models import VGGClassifier
+
+    torch.manual_seed(0)
+    model = VGGClassifier(input_shape=(1, 28, 28), num_parameters=20_000)
+    x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = empirical_ntk(model, x, batch_size=8)
+        k_train, k_test = empirical_ntk_train_test(model, x[:20], x[20:], batch_size=8)
+        assert torch.equal(empirical_ntk(model, x, batch_size=8), first)
+        again = empirical_ntk_train_test(model, x[:20], x[20:], batch_size=8)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(again[0], k_train) and torch.equal(again[1], k_test)
 
 
 # ------------------------------------------------------------------ thin products of the factors

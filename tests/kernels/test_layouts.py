@@ -1,5 +1,5 @@
-"""The capture's operators: im2col convolutions and convolutions exact over all-zero patches, channels-last
-max-pooling bitwise the NCHW operator, NNPACK input gradients, each used only where it applies."""
+"""The capture's operators: im2col convolutions and convolutions exact over all-zero patches, and on CPU NNPACK
+input gradients, each used only where it applies."""
 
 from __future__ import annotations
 
@@ -9,128 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_afterkernel.kernels import _layouts, _structured, empirical, empirical_ntk, reference_ntk
-from lightning_afterkernel.kernels._layouts import CaptureMode, uses_max_pool
-
-CASES = [  # (shape, kernel, stride, padding, dilation, ceil_mode)
-    ((3, 8, 28, 28), 2, None, 0, 1, True),
-    ((3, 8, 7, 9), 3, 2, 1, 1, True),  # odd sizes: ceil_mode adds a partial window
-    ((2, 5, 11, 13), 3, 1, 1, 2, False),
-    ((2, 6, 10, 10), (2, 3), (1, 2), (1, 0), 1, False),
-    ((2, 4, 5, 5), 2, 2, 0, 1, False),
-]
-
-
-def _input(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    x[0, 0] = 0.0  # a plane of ties: the first index in each window must win in both layouts
-    x[1, 1, 0, :3] = 7.0  # ties at a maximum
-    x[1, 2, 2, 2] = float("nan")  # NaN propagates, and its index is taken
-    return x.requires_grad_(True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=[str(c[0]) for c in CASES])
-def test_channels_last_pooling_is_bitwise_the_nchw_operator(case, dtype):
-    shape, kernel, stride, padding, dilation, ceil_mode = case
-    x = _input(shape, dtype)
-    args = dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
-    expected, expected_indices = F.max_pool2d(x, return_indices=True, **args)
-    with CaptureMode(pool_channels_last=True):
-        pooled, indices = F.max_pool2d(x, return_indices=True, **args)
-        direct = F.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[0]
-        module = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)(x)
-    assert type(pooled.grad_fn).__name__ == "_MaxPool2dChannelsLastBackward"
-    assert pooled.is_contiguous() and indices.is_contiguous()
-    assert torch.equal(indices, expected_indices)
-    for result in (pooled, direct, module):
-        assert torch.equal(result.nan_to_num(), expected.nan_to_num()) and torch.equal(result.isnan(), expected.isnan())
-    upstream = torch.randn(expected.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    (want,) = torch.autograd.grad(expected, x, upstream)
-    (got,) = torch.autograd.grad(pooled, x, upstream)
-    assert torch.equal(got, want) and got.is_contiguous()
-
-
-@pytest.mark.parametrize(
-    "x",
-    [
-        torch.randn(2, 3, 8, 8),  # too few channels to gain
-        torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last),  # already channels-last
-        torch.randn(8, 8, 8),  # unbatched
-        torch.randn(2, 8, 8, 8, dtype=torch.float16),
-    ],
-    ids=["3_channels", "channels_last_input", "unbatched", "float16"],
-)
-def test_other_inputs_take_the_ordinary_operator(x):
-    x.requires_grad_(True)
-    with CaptureMode(pool_channels_last=True):
-        pooled = F.max_pool2d(x, 2)
-    assert "ChannelsLast" not in type(pooled.grad_fn).__name__
-    assert torch.equal(pooled, F.max_pool2d(x, 2))
-
-
-class _PoolNet(nn.Module):
-    def __init__(self, pool: bool) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.conv = nn.Conv2d(2, 6, 3, padding=1)
-        self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True) if pool else nn.Identity()
-        self.head = nn.Linear(6 * (3 if pool else 7) ** 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
-
-
-@pytest.mark.parametrize("pool", [True, False])
-def test_the_capture_pools_channels_last_only_in_models_with_max_pooling(monkeypatch, pool):
-    calls = []
-    original = CaptureMode.__torch_function__
-
-    def spy(self, func, types, args=(), kwargs=None):
-        calls.append((func, self.pool_channels_last))
-        return original(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(CaptureMode, "__torch_function__", spy)
-    model = _PoolNet(pool)
-    assert uses_max_pool(model) is pool
-    x = torch.randn(11, 2, 7, 7, dtype=torch.float64)
-    kernel = empirical_ntk(model, x, implementation="materialised", dtype=torch.float64)
-    assert ((F.max_pool2d, True) in calls) is pool and (len(calls) > 0) is pool  # on CPU: only to pool
-    assert float((kernel - reference_ntk(model, x)).norm() / kernel.norm()) < 1e-12
-
-
-def test_the_channel_threshold_is_documented_where_it_is_used():
-    x = torch.randn(1, _layouts.MIN_CHANNELS, 4, 4)
-    assert _layouts._eligible(x) and not _layouts._eligible(x[:, :-1].contiguous())
-
-
-class _VmappedPool(nn.Module):
-    """Pools each example through ``torch.vmap`` inside its forward: the channels-last Function has no functorch
-    rules, so such calls must take the ordinary operator."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(4)
-        self.conv, self.pool, self.head = nn.Conv2d(2, 6, 3, padding=1), nn.MaxPool2d(2), nn.Linear(6 * 3 * 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x))
-        return self.head(torch.vmap(lambda one: self.pool(one.unsqueeze(0)).squeeze(0))(h).flatten(1))
-
-
-def test_pooling_under_functorch_transforms_takes_the_ordinary_operator():
-    model = _VmappedPool().double()
-    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
-    kernel = empirical_ntk(model, x, dtype=torch.float64)
-    assert float((kernel - reference_ntk(model, x)).norm() / kernel.norm()) < 1e-12
-
+from lightning_afterkernel.kernels import _cpu, _layouts, _settings, _structured, empirical_ntk, reference_ntk
+from lightning_afterkernel.kernels._layouts import CaptureMode
 
 # ---------------------------------------------------------------- convolutions over all-zero patches
 needs_nnpack = pytest.mark.skipif(
-    not _layouts.nnpack_input_grads_available(), reason="this PyTorch has no NNPACK for this CPU"
+    not _cpu.nnpack_input_grads_available(), reason="this PyTorch has no NNPACK for this CPU"
 )
 needs_nnpack_forward = pytest.mark.skipif(
-    not (_layouts.nnpack_input_grads_available() and torch.backends.mkldnn.is_available()),
+    not (_cpu.nnpack_input_grads_available() and torch.backends.mkldnn.is_available()),
     reason="needs oneDNN (to switch off) and NNPACK (PyTorch's CPU convolutions without it)",
 )
 
@@ -297,7 +184,7 @@ def test_gemm_convolutions_of_an_empty_batch_are_empty():
 
 
 def _nnpack_calls() -> _Calls:
-    return _Calls(_layouts._Conv2dNNPACKInputGrad, "apply")
+    return _Calls(_cpu._Conv2dNNPACKInputGrad, "apply")
 
 
 class _Calls:
@@ -421,7 +308,7 @@ def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float6
     expected = reference_ntk(model, x[:m])
     on_cpu = relative(reference_ntk(model, x[:m], dtype=torch.float32), expected)  # oneDNN's direct convolutions
     model, x = model.to(device), x.to(device)
-    with empirical._tf32(torch.device(device), allow=False):  # cuDNN defaults to TF32: ~1e-3
+    with _settings.tf32(torch.device(device), allow=False):  # cuDNN defaults to TF32: ~1e-3
         tutorial = relative(reference_ntk(model, x[:m], dtype=torch.float32), expected)
     with _Calls(_layouts, "_conv2d_gemm") as calls:
         kernel = empirical_ntk(model, x, batch_size=n)
@@ -451,7 +338,7 @@ def test_nnpack_input_gradients_are_the_convolutions_and_the_forward_is_unchange
     x = torch.randn(*shape).requires_grad_(True)
     plain = F.conv2d(x, weight, b, padding=padding)
     upstream = torch.randn(plain.shape)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
+    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, b, padding=padding)
     assert len(calls) == 1 and torch.equal(out, plain)  # the forward is oneDNN's, bitwise
     (got,) = torch.autograd.grad(out, x, upstream)
@@ -502,10 +389,10 @@ def test_nnpack_input_gradients_only_where_they_apply(change):
     }
     eligible = torch.randn(2, 4, 14, 14).requires_grad_(True)
     weight_4 = torch.randn(4, 4, 3, 3)
-    geometry = _layouts._nnpack_geometry((eligible, weight_4), {"padding": 1, "bias": torch.zeros(4)})
+    geometry = _cpu._nnpack_geometry((eligible, weight_4), {"padding": 1, "bias": torch.zeros(4)})
     assert geometry is not None and geometry[0] == (1, 1) and geometry[1] is weight_4
-    assert _layouts._nnpack_geometry((x, weight), kwargs) is None
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
+    assert _cpu._nnpack_geometry((x, weight), kwargs) is None
+    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
         F.conv2d(x, weight, **kwargs)
     assert len(calls) == 0
 
@@ -522,7 +409,7 @@ def test_the_engine_takes_nnpack_input_gradients_only_on_one_thread_and_keeps_it
     x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     expected = reference_ntk(model, x)
     bound = max(2e-7, 3 * relative(reference_ntk(model, x, dtype=torch.float32), expected))  # the tutorial's
-    monkeypatch.setenv("AFTERKERNEL_CAPTURE_WORKERS", "1")
+    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")
     threads = torch.get_num_threads()
     try:
         for count, used in ((1, True), (2, False)):
@@ -531,11 +418,6 @@ def test_the_engine_takes_nnpack_input_gradients_only_on_one_thread_and_keeps_it
                 kernel = empirical_ntk(model, x)
             assert (len(calls) > 0) == used, count
             assert relative(kernel, expected) < bound
-        monkeypatch.setattr(_structured, "NNPACK_INPUT_GRADS", False)
-        torch.set_num_threads(1)
-        with _nnpack_calls() as calls:
-            empirical_ntk(model, x)
-        assert len(calls) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -543,7 +425,7 @@ def test_the_engine_takes_nnpack_input_gradients_only_on_one_thread_and_keeps_it
 def test_nnpack_takes_fft_tiles_by_its_own_rule():
     fft = {(28, 28), (14, 14), (42, 14), (56, 56), (14, 28)}
     winograd = {(16, 16), (32, 32), (10, 10), (20, 20), (6, 6), (8, 12)}
-    assert all(_layouts.fft_tiles(*size) for size in fft) and not any(_layouts.fft_tiles(*s) for s in winograd)
+    assert all(_cpu.fft_tiles(*size) for size in fft) and not any(_cpu.fft_tiles(*s) for s in winograd)
 
 
 @needs_nnpack
@@ -556,7 +438,7 @@ def test_a_refused_nnpack_call_falls_back_to_onednns_gradient(monkeypatch):
     upstream = torch.randn(3, 6, 14, 14)
     (want,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), x, upstream)
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
+    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, padding=1)
     (got,) = torch.autograd.grad(out, x, upstream)
     assert len(calls) == 1 and relative(got, want) < 1e-6
@@ -565,7 +447,7 @@ def test_a_refused_nnpack_call_falls_back_to_onednns_gradient(monkeypatch):
 @needs_nnpack
 def test_a_weight_changed_in_place_before_the_backward_is_an_error_as_in_pytorch():
     weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
-    with CaptureMode(nnpack_input_grads=True, exact_zero_patches=False), _nnpack_calls() as calls:
+    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
         out = F.conv2d(x, weight, padding=1)
     weight.mul_(2.0)
     assert len(calls) == 1
@@ -576,7 +458,7 @@ def test_a_weight_changed_in_place_before_the_backward_is_an_error_as_in_pytorch
 @needs_nnpack
 def test_autocast_keeps_pytorchs_convolution():
     weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), CaptureMode(nnpack_input_grads=True, exact_zero_patches=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16), CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d):
         with _nnpack_calls() as calls:
             F.conv2d(x, weight, padding=1)
     assert len(calls) == 0

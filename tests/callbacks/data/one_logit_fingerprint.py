@@ -8,7 +8,7 @@ script with later code writes that code's values, not 29f5081's.
 
 The runs: the paper's MLP and VGG (one logit, small widths) on the bundled MNIST 3-vs-8 subset (300 training
 images), 2 epochs, AfterKernelCallback(epochs=[0, 1], n_train=60, n_test=40, n_invariance=10, save_kernels=True),
-one thread, the convolution format pinned. The fingerprint holds every row (timings left out), every logged metric
+one thread. The fingerprint holds every row (timings left out), every logged metric
 with its step, the results file (timings left out), the names of the files written and a SHA-256 of every saved Gram
 matrix and label vector.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,6 @@ from pytorch_lightning.loggers.logger import Logger
 
 from lightning_afterkernel.callbacks import AfterKernelCallback
 from lightning_afterkernel.data import BinaryPairDataModule
-from lightning_afterkernel.kernels._structured import CONV_FORMAT_VARIABLE
 from lightning_afterkernel.models import MLPClassifier, VGGClassifier
 
 OUT = Path(__file__).with_name("one_logit_29f5081.json")
@@ -110,12 +108,9 @@ def _run(build: Callable[[], pl.LightningModule], folder: Path) -> dict[str, Any
 
 
 def fingerprint(folder: Path) -> dict[str, Any]:
-    """The fingerprints of the MLP and the VGG runs, written under ``folder``, with one intra-op thread and the
-    per-example convolution gradients in the contiguous memory format (the engine otherwise picks the format by
-    timing, and the two round differently)."""
-    threads, pinned = torch.get_num_threads(), os.environ.get(CONV_FORMAT_VARIABLE)
+    """The fingerprints of the MLP and the VGG runs, written under ``folder``, with one intra-op thread."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ[CONV_FORMAT_VARIABLE] = "contiguous"
     try:
         return {
             "mlp": _run(lambda: MLPClassifier(width=16), folder / "mlp"),
@@ -123,10 +118,6 @@ def fingerprint(folder: Path) -> dict[str, Any]:
         }
     finally:
         torch.set_num_threads(threads)
-        if pinned is None:
-            os.environ.pop(CONV_FORMAT_VARIABLE)
-        else:
-            os.environ[CONV_FORMAT_VARIABLE] = pinned
 
 
 if __name__ == "__main__":
