@@ -2,8 +2,8 @@
 
 Each variant switches ONE mechanism off (or all of them) and times ``empirical_ntk`` of the paper's models on random
 MNIST-shaped images beside the default engine, interleaved, median of ``--repeats``; ``cpu_workers_1`` is the
-one option, ``AFTERKERNEL_CPU_WORKERS=1`` (no workers side by side, hence no NNPACK input gradients on a
-multi-thread torch). Run on a quiet machine (no other process on the cores).
+one option, ``AFTERKERNEL_CPU_WORKERS=1`` (no workers side by side). Run on a quiet machine (no other process
+on the cores).
 
     python benchmarks/cpu_machinery.py [--repeats 5] [--sizes 1000 2000] [--variants ...]
 """
@@ -60,8 +60,6 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "default": contextlib.nullcontext,
     "serial_capture": lambda: _setting(_cpu, "MAX_AUTO_WORKERS", 1),
     "serial_gram": lambda: _setting(_cpu, "CONCURRENT_GRAM_WIDTH", 10**12),
-    "no_nnpack_input_grads": lambda: _setting(_cpu, "nnpack_input_grads_available", lambda: False),
-    "no_cache_sized_chunks": lambda: _setting(_cpu, "CPU_CHUNK_BYTES", 10**15),
     "cpu_workers_1": lambda: _env(_cpu.WORKERS_VARIABLE, "1"),
     "all_off": _all_off,
 }

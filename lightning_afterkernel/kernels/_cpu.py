@@ -4,15 +4,14 @@ A capture chunk's small convolutions, poolings and copies keep two intra-op thre
 product on one thread runs closer to a core's peak than one split between two. So on CPU the structured engine runs
 whole pieces of work side by side, each worker thread with its share of torch's threads (one on a 2-core CPU):
 
-- capture chunks, each on its own *replica* of the model (:class:`Replicas`), with the convolutions' input
-  gradients by NNPACK on workers with one intra-op thread (:func:`conv2d_input_grads`);
-- the strips of the Gram matrix of wide factors, cut by rows (:func:`strips`);
+- capture chunks, each on its own *replica* of the model (:class:`Replicas`);
+- the strips of the Gram matrix of wide factors, cut by rows (:func:`strips`).
 
-and it keeps a capture chunk's activations within the cache (:func:`cache_chunk`). On the 2-core AMD EPYC of
-``docs/benchmarks.md`` (the paper's VGG on MNIST-shaped images, ``empirical_ntk`` symmetric, n = 1,000 / 2,000,
-interleaved, median of 5), switching one of them off took 1.12x / 1.12x the time (serial capture), 1.04x / 1.04x
-(serial strips), 1.06x / 1.01x (no NNPACK) and 1.06-1.11x / 1.01-1.04x (larger chunks); all four, 1.26x / 1.20x.
-The paper's MLP is within noise either way.
+On the 2-core AMD EPYC of ``docs/benchmarks.md`` (the paper's VGG on MNIST-shaped images, ``empirical_ntk``
+symmetric, n = 1,000 / 2,000, interleaved, median of 5, 2026-12-08), switching one of them off took 1.10x / 1.16x
+the time (serial capture) and 1.03x / 1.11x (serial strips); the paper's MLP is within noise either way. Two more
+mechanisms were measured there and removed for paying less than 10%: convolutions' input gradients by NNPACK on
+the one-thread workers (1.05x / 1.06x) and capture chunks sized to the cache (1.06x / 0.99x).
 
 One option, the environment variable :data:`WORKERS_VARIABLE`: unset, automatic (capture workers for models that
 :func:`concurrency_obstacle` clears, strips side by side for wide factors); ``1``, everything in the calling thread
@@ -25,7 +24,6 @@ the caller's count is set again afterwards.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import queue
 import threading
@@ -37,12 +35,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from lightning_afterkernel.errors import ConfigurationError
-from lightning_afterkernel.kernels._layouts import _conv_call, _pair, _under_functorch
 from lightning_afterkernel.kernels._model import autograd_enabled
 
 if TYPE_CHECKING:
@@ -66,13 +62,6 @@ CONCURRENT_GRAM_WIDTH = 8192
 95) have their strips cut by rows and computed side by side: a 1,000 x 95,267 factor matrix's upper triangle took
 0.64 s that way against 0.76 s in 256-row strips on both threads (2 cores, median of 7, interleaved), and the
 diagonal blocks' unneeded triangles shrink. Narrow factors (many small products per strip) were slower."""
-CPU_CHUNK_BYTES = 32 * 2**20
-"""A capture chunk's activations and output gradients are kept within about this many bytes (the last-level
-cache's size), so that each layer's forward, backward and per-example gradients find their operands in the cache:
-the paper's VGG (~0.9 MB of activations per example) gets 35-example chunks; the MLP's stay as large as the memory
-budget allows."""
-MIN_CPU_CHUNK = 8
-"""Smallest capture chunk chosen for the cache (per-call overheads dominate below it)."""
 _CONCURRENT = threading.Lock()
 """Held while an engine works side by side (see the module docstring)."""
 
@@ -106,12 +95,6 @@ def capture_workers(obstacle: str | None) -> int:
         return asked
     threads = min(MAX_AUTO_WORKERS, torch.get_num_threads())
     return 1 if threads < 2 or obstacle is not None else threads
-
-
-def cache_chunk(activation_bytes: int) -> int:
-    """Most examples per capture chunk on CPU for ``activation_bytes`` of activations and output gradients per
-    example: :data:`CPU_CHUNK_BYTES` of them, at least :data:`MIN_CPU_CHUNK` examples."""
-    return max(MIN_CPU_CHUNK, CPU_CHUNK_BYTES // max(1, activation_bytes))
 
 
 def plain_thread_state(x: Tensor) -> bool:
@@ -363,107 +346,3 @@ def _row_parts(rows: slice, cols: slice, count: int, upper: bool) -> list[tuple[
         on_diagonal = upper and cols.start == rows.start and k > 0
         parts.append((part, slice(part.start, cols.stop) if on_diagonal else cols))
     return parts
-
-
-# ------------------------------------------------------------------ NNPACK input gradients
-def nnpack_input_grads_available() -> bool:
-    """Whether this PyTorch has NNPACK for this CPU (which this call also initialises)."""
-    try:
-        return bool(torch._nnpack_available())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def conv2d_input_grads(x: Tensor) -> Callable[[Callable, tuple, dict], Tensor | None] | None:
-    """What the capture of the chunk ``x`` in this thread hands ``_layouts.CaptureMode`` for ``F.conv2d``:
-    :func:`nnpack_conv2d` for a float32 CPU chunk on a thread with one intra-op thread (a worker on a 2-core CPU,
-    or a process on one thread) where NNPACK is available; else None.
-
-    The forward convolutions stay oneDNN's: their rounding decides which ReLU gates and max-pool choices flip
-    between float32 and float64, and it is the tutorial method's rounding too. The backward only carries gradients
-    through decisions already made, so there any accurate algorithm will do. NNPACK's FFT convolution of the output
-    gradient with the flipped, transposed kernel took 0.6x the time of oneDNN's input gradient for the paper's VGG
-    layers on MNIST (35 examples, one thread: 38 -> 38 channels at 28 x 28 7.1-7.6 ms against 12.0 ms; 38 -> 76
-    and 76 -> 76 at 14 x 14 2.4 and 4.4-4.9 ms against 4.4 and 7.3 ms; oneDNN pads channels to blocks of 16),
-    with the same error against float64 (2.2-2.5e-7 against 2.0-2.1e-7, relative Frobenius; the FFT's error is
-    relative to the largest values in each 16 x 16 tile, so an entry 1e4 times smaller than its tile's largest
-    came out 2e-4 from float64, normwise nothing). NNPACK has one thread pool per process, sized by the thread
-    count of its first caller and locked while it runs: on threads with one intra-op thread the pool, created
-    there, runs each call in its caller's thread."""
-    one_thread = x.device.type == "cpu" and x.dtype == torch.float32 and torch.get_num_threads() == 1
-    return nnpack_conv2d if one_thread and nnpack_input_grads_available() else None
-
-
-def nnpack_conv2d(func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
-    """``func`` (``F.conv2d``) with its input gradient by NNPACK (:class:`_Conv2dNNPACKInputGrad`), or None for a
-    call :func:`_nnpack_geometry` does not take, under autocast (NNPACK takes float32 gradients only) or under a
-    functorch transform inside the forward (the Function has no functorch rules)."""
-    if not args or _under_functorch() or torch.is_autocast_enabled("cpu"):
-        return None
-    geometry = _nnpack_geometry(args, kwargs)
-    if geometry is None:
-        return None
-    pads, weight = geometry
-    return _Conv2dNNPACKInputGrad.apply(func, args, kwargs, pads, args[0], weight)
-
-
-def _nnpack_geometry(args: tuple, kwargs: dict) -> tuple[tuple[int, int], Tensor] | None:
-    """The input-gradient padding and the weight of an ``F.conv2d`` call that :class:`_Conv2dNNPACKInputGrad`
-    handles, or None: a float32 CPU input of two examples or more that requires a gradient, a frozen 3 x 3
-    weight and bias, stride 1, dilation 1, one group, padding 0-2 (so the input gradient is a 3 x 3 convolution
-    with padding 2 - p, as large as the input), and an input size for which NNPACK picks its 16 x 16 FFT tiles
-    (:func:`fft_tiles`)."""
-    a = _conv_call(args, kwargs)
-    x, weight, bias = a["input"], a["weight"], a["bias"]
-    if not (
-        type(x) is Tensor
-        and x.ndim == 4
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.requires_grad
-        and len(x) >= 2  # one example: NNPACK's per-image path, whose tiles were 13x less accurate (2.7e-6)
-        and type(weight) is Tensor
-        and tuple(weight.shape[-2:]) == (3, 3)
-        and not weight.requires_grad
-        and (bias is None or not bias.requires_grad)
-        and a["groups"] == 1
-        and _pair(a["stride"]) == (1, 1)
-        and _pair(a["dilation"]) == (1, 1)
-    ):
-        return None
-    padding = a["padding"]
-    pads = {"valid": (0, 0), "same": (1, 1)}.get(padding) if isinstance(padding, str) else _pair(padding)
-    if pads is None or not all(0 <= p <= 2 for p in pads) or not fft_tiles(*x.shape[-2:]):
-        return None
-    return (2 - pads[0], 2 - pads[1]), weight
-
-
-def fft_tiles(height: int, width: int) -> bool:
-    """Whether NNPACK computes a 3 x 3 convolution with an output of this size by 16 x 16 FFT tiles (its rule:
-    when 8 x 8 tiles would be more than 4 times as many) rather than by Winograd's 8 x 8 ones. Only the FFT's
-    gradients are as accurate as oneDNN's: 1.6-3.1e-7 against 0.9-2.2e-7 from float64 (relative Frobenius;
-    sizes 14-56, 3-128 channels), where the Winograd tiles gave 1.6-3.2e-6 (sizes 6-20)."""
-    return math.ceil(height / 6) * math.ceil(width / 6) > 4 * math.ceil(height / 14) * math.ceil(width / 14)
-
-
-class _Conv2dNNPACKInputGrad(torch.autograd.Function):
-    """``F.conv2d`` itself (oneDNN) forward; its input gradient by NNPACK's FFT convolution of the output
-    gradient with the flipped, transposed kernel (see :func:`conv2d_input_grads`)."""
-
-    @staticmethod
-    def forward(ctx, func, args: tuple, kwargs: dict, pads: tuple[int, int], x: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(weight)  # (so that a change in place before the backward is an error, as in PyTorch's)
-        ctx.pads = pads
-        return func(x.detach(), *args[1:], **kwargs)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (weight,) = ctx.saved_tensors
-        flipped = weight.transpose(0, 1).flip(-2, -1).contiguous()
-        try:
-            grad_input = torch._nnpack_spatial_convolution(
-                grad.contiguous(), flipped, grad.new_zeros(flipped.shape[0]), list(ctx.pads), [1, 1]
-            )
-        except RuntimeError:  # NNPACK refused (e.g. out of memory for its workspace): oneDNN's
-            grad_input = F.conv_transpose2d(grad, weight, padding=(2 - ctx.pads[0], 2 - ctx.pads[1]))
-        return (None, None, None, None, grad_input, None)

@@ -1,6 +1,5 @@
 """Operators re-done inside the capture for accuracy: convolutions computed directly (im2col times the weight) where
-PyTorch's may not be direct ones, or made exact over all-zero patches (see :class:`CaptureMode`, which also takes
-the CPU's NNPACK input gradients from :mod:`._cpu`).
+PyTorch's may not be direct ones, or made exact over all-zero patches (see :class:`CaptureMode`).
 
 *Convolutions where PyTorch's may not be direct.* The float32 kernel of a ReLU network is only as close to the
 float64 one as its forward pass's rounding lets ReLU gates and max-pool choices agree, and convolution
@@ -39,7 +38,6 @@ convolutions are direct and return the bias exactly over all-zero patches, as a 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -191,19 +189,12 @@ def _conv2d_gemm(args: tuple, kwargs: dict) -> Tensor | None:
 class CaptureMode(TorchFunctionMode):
     """The capture's operators: with ``gemm_convolutions``, ``F.conv2d`` (and so ``nn.Conv2d``) on 4-D
     float32/float64 inputs as im2col patches times the weight (:func:`_conv2d_gemm`), outside autocast; with
-    ``exact_zero_patches``, the other such convolutions exact over all-zero patches (:func:`_conv2d`); with
-    ``conv2d`` (used without the other two: on CPU, :func:`._cpu.nnpack_conv2d`), ``conv2d(func, args, kwargs)``
-    for every ``F.conv2d`` call, which returns the output, or None to leave the call to PyTorch. Every other call,
-    and every call under ``vmap``/``grad`` inside the forward, is PyTorch's own."""
+    ``exact_zero_patches``, the other such convolutions exact over all-zero patches (:func:`_conv2d`). Every other
+    call, and every call under ``vmap``/``grad`` inside the forward, is PyTorch's own."""
 
-    def __init__(
-        self,
-        exact_zero_patches: bool = True,
-        gemm_convolutions: bool = False,
-        conv2d: Callable[[Callable, tuple, dict], Tensor | None] | None = None,
-    ) -> None:
+    def __init__(self, exact_zero_patches: bool = True, gemm_convolutions: bool = False) -> None:
         super().__init__()
-        self.exact_zero_patches, self.gemm_convolutions, self.conv2d = exact_zero_patches, gemm_convolutions, conv2d
+        self.exact_zero_patches, self.gemm_convolutions = exact_zero_patches, gemm_convolutions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -216,10 +207,6 @@ class CaptureMode(TorchFunctionMode):
                         return out
                 if self.exact_zero_patches:
                     return _conv2d(func, args, kwargs)
-            if self.conv2d is not None:
-                out = self.conv2d(func, args, kwargs)
-                if out is not None:
-                    return out
         return func(*args, **kwargs)
 
 

@@ -51,7 +51,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_afterkernel.errors import ConfigurationError
-from lightning_afterkernel.kernels._cpu import conv2d_input_grads
 from lightning_afterkernel.kernels._layouts import CaptureMode, inexact_convolutions, uses_conv
 from lightning_afterkernel.kernels._model import check_logits
 
@@ -281,10 +280,8 @@ def capture_logits(
         conv = uses_conv(model)
         exact_zero_patches = conv and inexact_convolutions(x.device)
         gemm = exact_zero_patches and GEMM_CONVOLUTIONS and x.device.type not in LIBRARY_CONVOLUTION_DEVICES
-        input_grads = conv2d_input_grads(x) if conv and not exact_zero_patches else None  # (CPU speed)
         # (the mode intercepts every torch call of the forward, a few microseconds each: only when it has work)
-        work = exact_zero_patches or input_grads is not None
-        mode = CaptureMode(exact_zero_patches, gemm, input_grads) if work else None
+        mode = CaptureMode(exact_zero_patches, gemm) if exact_zero_patches else None
         with mode or nullcontext():
             out = functional_call(model, state, (inp,))
         k = check_logits(out, x)

@@ -121,8 +121,7 @@ def empirical_ntk(
         implementation: see above.
         paired: return the vector :math:`K(x_1[i], x_2[i])` (needs n1 == n2) instead of a matrix, at the cost
             of n1 + n2 per-example gradients (n1 when ``x2`` is None: the diagonal).
-        batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget (and, on
-            CPU, from the cache: ``_cpu.CPU_CHUNK_BYTES``).
+        batch_size: examples per forward/backward chunk; ``None`` sizes it from the memory budget.
         memory_budget: working memory in bytes, or a string such as ``"1GiB"``; ``None``: half the free
             GPU memory, or a quarter of the available RAM on CPU.
         dtype: floating dtype of the computation, its accumulation and the result (float32 by default).
@@ -429,8 +428,6 @@ class _Engine:
             )
             work = 2 * (activations + patches) * itemsize + 2 * self.example_bytes
         chunk = min(MAX_CHUNK, max(1, sizes.budget * CAPTURE_SHARE // (work * workers)))  # chunks side by side
-        if structured is not None and x1.device.type == "cpu":
-            chunk = min(chunk, _cpu.cache_chunk(activations * itemsize))
         self.chunk = sizes.batch_size or int(chunk)
         self.resident = max(1, int(sizes.budget * RESIDENT_SHARE // max(1, self.example_bytes)))
 

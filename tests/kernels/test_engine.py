@@ -780,25 +780,6 @@ def test_the_former_variable_still_counts_the_workers_with_a_deprecation_warning
         empirical_ntk(model, x)
 
 
-@pytest.mark.parametrize(("cache", "chunk"), [(1, _cpu.MIN_CPU_CHUNK), (10**15, 40)])
-def test_cpu_capture_chunks_keep_their_activations_within_the_cache(monkeypatch, cache, chunk):
-    monkeypatch.setattr(_cpu, "CPU_CHUNK_BYTES", cache)
-    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")
-    sizes = []
-    original = empirical._Engine._capture
-
-    def spy(self, model, layers, x, block):
-        sizes.append(len(x))
-        return original(self, model, layers, x, block)
-
-    monkeypatch.setattr(empirical._Engine, "_capture", spy)
-    make, shape = MODELS["conv_strided_padded"]
-    model, x = make(), torch.randn(40, *shape)
-    kernel = empirical_ntk(model, x, dtype=torch.float64)
-    assert max(sizes) == chunk and sum(sizes) == 40
-    assert relative_error(kernel, reference_ntk(model, x)) < 1e-9
-
-
 def test_a_replica_shares_the_tensors_and_owns_its_modules_and_hooks():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 1))

@@ -1,5 +1,5 @@
-"""The capture's operators: im2col convolutions and convolutions exact over all-zero patches, and on CPU NNPACK
-input gradients, each used only where it applies."""
+"""The capture's operators: im2col convolutions and convolutions exact over all-zero patches, each used only where
+it applies."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_afterkernel.kernels import _cpu, _layouts, _settings, _structured, empirical_ntk, reference_ntk
+from lightning_afterkernel.kernels import _layouts, _settings, _structured, empirical_ntk, reference_ntk
 from lightning_afterkernel.kernels._layouts import CaptureMode
 
 # ---------------------------------------------------------------- convolutions over all-zero patches
-needs_nnpack = pytest.mark.skipif(
-    not _cpu.nnpack_input_grads_available(), reason="this PyTorch has no NNPACK for this CPU"
-)
 needs_nnpack_forward = pytest.mark.skipif(
-    not (_cpu.nnpack_input_grads_available() and torch.backends.mkldnn.is_available()),
+    not (torch._nnpack_available() and torch.backends.mkldnn.is_available()),
     reason="needs oneDNN (to switch off) and NNPACK (PyTorch's CPU convolutions without it)",
 )
 
@@ -183,10 +180,6 @@ def test_gemm_convolutions_of_an_empty_batch_are_empty():
     assert _layouts._conv2d_gemm((x, weight), {"padding": 1}).shape == (0, 4, 5, 5)
 
 
-def _nnpack_calls() -> _Calls:
-    return _Calls(_cpu._Conv2dNNPACKInputGrad, "apply")
-
-
 class _Calls:
     """Records, for each call of ``owner.name`` (a module's function, or an autograd Function's ``apply``) within
     the block, whether it returned something other than None."""
@@ -316,149 +309,3 @@ def test_float32_vgg_kernel_of_flat_images_is_the_tutorials_distance_from_float6
     assert not calls  # oneDNN's direct convolutions on CPU, cuDNN's with the correction on a GPU
     if device == "cuda":
         assert relative(kernel[:m, :m], expected) < max(1e-5, 3 * on_cpu)
-
-
-NNPACK_CASES = [  # (input shape, out channels, padding, bias): input sizes where NNPACK takes FFT tiles
-    ((5, 38, 28, 28), 38, 1, True),
-    ((4, 6, 14, 28), 11, "same", False),  # non-square
-    ((3, 4, 14, 14), 7, 0, True),
-    ((3, 4, 42, 14), 5, "valid", False),
-    ((2, 3, 28, 14), 4, 2, True),
-    ((2, 3, 14, 42), 4, (0, 2), False),
-]
-
-
-@needs_nnpack
-@pytest.mark.parametrize("case", NNPACK_CASES, ids=[str(c[:3]) for c in NNPACK_CASES])
-def test_nnpack_input_gradients_are_the_convolutions_and_the_forward_is_unchanged(case):
-    shape, c_out, padding, bias = case
-    torch.manual_seed(3)
-    weight = torch.randn(c_out, shape[1], 3, 3) / 3
-    b = torch.randn(c_out) if bias else None
-    x = torch.randn(*shape).requires_grad_(True)
-    plain = F.conv2d(x, weight, b, padding=padding)
-    upstream = torch.randn(plain.shape)
-    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
-        out = F.conv2d(x, weight, b, padding=padding)
-    assert len(calls) == 1 and torch.equal(out, plain)  # the forward is oneDNN's, bitwise
-    (got,) = torch.autograd.grad(out, x, upstream)
-    (want,) = torch.autograd.grad(plain, x, upstream)
-    x64 = x.detach().double().requires_grad_(True)
-    out64 = F.conv2d(x64, weight.double(), None if b is None else b.double(), padding=padding)
-    (exact,) = torch.autograd.grad(out64, x64, upstream.double())
-    assert relative(got, exact) < 1e-6 and relative(got, exact) < 3 * relative(want, exact) + 1e-7
-
-
-@needs_nnpack
-@pytest.mark.parametrize(
-    "change",
-    [
-        "stride",
-        "dilation",
-        "groups",
-        "kernel 5",
-        "padding 3",
-        "float64",
-        "weight requires grad",
-        "input needs none",
-        "bias requires grad",
-        "one example",
-        "Winograd tiles",
-    ],
-)
-def test_nnpack_input_gradients_only_where_they_apply(change):
-    """Only where NNPACK's gradients are oneDNN's up to rounding of the same size: not for its Winograd tiles
-    (input sizes such as 16 or 10 x 10: 1.6-3.2e-6 from float64 against oneDNN's 1-2e-7)."""
-    size = 16 if change == "Winograd tiles" else 14
-    x = torch.randn(
-        1 if change == "one example" else 2,
-        4,
-        size,
-        size,
-        dtype=torch.float64 if change == "float64" else torch.float32,
-    )
-    x.requires_grad_(change != "input needs none")
-    weight = torch.randn(4, 4 // (2 if change == "groups" else 1), 5 if change == "kernel 5" else 3, 3)
-    weight = weight.to(x.dtype).requires_grad_(change == "weight requires grad")
-    kwargs = {
-        "bias": torch.zeros(4, dtype=x.dtype, requires_grad=change == "bias requires grad"),
-        "stride": 2 if change == "stride" else 1,
-        "dilation": 2 if change == "dilation" else 1,
-        "groups": 2 if change == "groups" else 1,
-        "padding": 3 if change == "padding 3" else 1,
-    }
-    eligible = torch.randn(2, 4, 14, 14).requires_grad_(True)
-    weight_4 = torch.randn(4, 4, 3, 3)
-    geometry = _cpu._nnpack_geometry((eligible, weight_4), {"padding": 1, "bias": torch.zeros(4)})
-    assert geometry is not None and geometry[0] == (1, 1) and geometry[1] is weight_4
-    assert _cpu._nnpack_geometry((x, weight), kwargs) is None
-    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
-        F.conv2d(x, weight, **kwargs)
-    assert len(calls) == 0
-
-
-@needs_nnpack
-def test_the_engine_takes_nnpack_input_gradients_only_on_one_thread_and_keeps_its_accuracy(monkeypatch):
-    """NNPACK's thread pool is one per process, sized by its first caller's thread count and locked while it
-    runs, so the capture uses it only where the calling thread has one intra-op thread (each concurrent worker
-    on a 2-core CPU, or OMP_NUM_THREADS=1)."""
-    from lightning_afterkernel.models import VGGClassifier
-
-    torch.manual_seed(0)
-    model = VGGClassifier(input_shape=(1, 28, 28), num_parameters=20_000)
-    x = torch.rand(30, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    expected = reference_ntk(model, x)
-    bound = max(2e-7, 3 * relative(reference_ntk(model, x, dtype=torch.float32), expected))  # the tutorial's
-    monkeypatch.setenv(_cpu.WORKERS_VARIABLE, "1")
-    threads = torch.get_num_threads()
-    try:
-        for count, used in ((1, True), (2, False)):
-            torch.set_num_threads(count)
-            with _nnpack_calls() as calls:
-                kernel = empirical_ntk(model, x)
-            assert (len(calls) > 0) == used, count
-            assert relative(kernel, expected) < bound
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_nnpack_takes_fft_tiles_by_its_own_rule():
-    fft = {(28, 28), (14, 14), (42, 14), (56, 56), (14, 28)}
-    winograd = {(16, 16), (32, 32), (10, 10), (20, 20), (6, 6), (8, 12)}
-    assert all(_cpu.fft_tiles(*size) for size in fft) and not any(_cpu.fft_tiles(*s) for s in winograd)
-
-
-@needs_nnpack
-def test_a_refused_nnpack_call_falls_back_to_onednns_gradient(monkeypatch):
-    def refuse(*args):
-        raise RuntimeError("NNPACK SpatialConvolution_updateOutput failed")
-
-    torch.manual_seed(5)
-    weight, x = torch.randn(6, 4, 3, 3), torch.randn(3, 4, 14, 14).requires_grad_(True)
-    upstream = torch.randn(3, 6, 14, 14)
-    (want,) = torch.autograd.grad(F.conv2d(x, weight, padding=1), x, upstream)
-    monkeypatch.setattr(torch, "_nnpack_spatial_convolution", refuse)
-    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
-        out = F.conv2d(x, weight, padding=1)
-    (got,) = torch.autograd.grad(out, x, upstream)
-    assert len(calls) == 1 and relative(got, want) < 1e-6
-
-
-@needs_nnpack
-def test_a_weight_changed_in_place_before_the_backward_is_an_error_as_in_pytorch():
-    weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
-    with CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d), _nnpack_calls() as calls:
-        out = F.conv2d(x, weight, padding=1)
-    weight.mul_(2.0)
-    assert len(calls) == 1
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out.sum().backward()
-
-
-@needs_nnpack
-def test_autocast_keeps_pytorchs_convolution():
-    weight, x = torch.randn(4, 4, 3, 3), torch.randn(2, 4, 14, 14).requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), CaptureMode(exact_zero_patches=False, conv2d=_cpu.nnpack_conv2d):
-        with _nnpack_calls() as calls:
-            F.conv2d(x, weight, padding=1)
-    assert len(calls) == 0
