@@ -128,17 +128,44 @@ def callback(**kwargs) -> AfterKernelCallback:
 
 
 # ---------------------------------------------------------------- one logit: as before, bit for bit
+def _close(now, before, rel: float, where: str = "") -> None:
+    """``now`` equals ``before`` in structure and every non-float; floats within ``rel`` (NaN equals NaN)."""
+    if isinstance(before, float) or isinstance(now, float):
+        if not (math.isnan(before) and math.isnan(now)):
+            assert abs(now - before) <= rel * abs(before), (where, now, before)
+    elif isinstance(before, dict):
+        assert now.keys() == before.keys(), where
+        for key in before:
+            _close(now[key], before[key], rel, f"{where}/{key}")
+    elif isinstance(before, list):
+        assert len(now) == len(before), where
+        for i, (a, b) in enumerate(zip(now, before, strict=True)):
+            _close(a, b, rel, f"{where}[{i}]")
+    else:
+        assert now == before, (where, now, before)
+
+
 def test_a_one_logit_run_is_what_it_was_before_multi_class_models_bit_for_bit(tmp_path):
     """The rows, logged metrics, results file, files written, saved kernels and summary table of one-logit MLP and VGG
-    runs equal those the code of commit 29f5081 wrote (data/one_logit_fingerprint.py says how)."""
+    runs equal those the code of commit 29f5081 wrote (data/one_logit_fingerprint.py says how): the MLP's bit for
+    bit. The VGG's NTK changed its float32 rounding since (b544c38 took the convolutions' input gradients back
+    from NNPACK to oneDNN: 1.3e-7 relative at most in its rows), so its saved NTK files' hashes differ and its
+    floats agree to 1e-6 relative; everything else (CK files, labels, files written, summary table) bit for bit."""
     spec = importlib.util.spec_from_file_location("one_logit_fingerprint", DATA / "one_logit_fingerprint.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)
     before = json.loads(maker.OUT.read_text())
     now = json.loads(json.dumps(maker.fingerprint(tmp_path)))
-    for model in ("mlp", "vgg"):
-        for part in before[model]:
-            assert now[model][part] == before[model][part], (model, part)
+    assert now["mlp"] == before["mlp"]
+    vgg_now, vgg_before = now["vgg"], before["vgg"]
+    ntk_files = {name for name in vgg_before["kernels"] if name.endswith("_ntk.pt")}
+    for name, hashes in vgg_before["kernels"].items():
+        for key, digest in hashes.items():
+            if not (name in ntk_files and key.startswith("k_")):
+                assert vgg_now["kernels"][name][key] == digest, (name, key)
+    assert vgg_now["kernels"].keys() == vgg_before["kernels"].keys()
+    for part in ("rows", "logged", "results_file", "files", "summary"):
+        _close(vgg_now[part], vgg_before[part], rel=1e-6, where=part)
 
 
 # ---------------------------------------------------------------- arguments and the checks at fit start
