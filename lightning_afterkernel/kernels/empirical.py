@@ -461,8 +461,8 @@ class _Engine:
         st.factors(layers, captured, block)
 
     def _probe_tensors(self, model: nn.Module, layers: list[st.Layer]) -> list[Tensor]:
-        """The factors of the probe's examples captured now on ``model`` (the original or a replica) in the
-        engine's dtype, for :class:`~._cpu.Replicas`' check."""
+        """The factors of the probe's examples captured on ``model`` (the original or a replica) in the engine's
+        dtype, for :class:`~._cpu.Replicas`' check."""
         block = st.empty_factors(self.sample, len(self.sample))
         self._capture(model, layers, self.probe_x, block)
         return _tensors(block)
